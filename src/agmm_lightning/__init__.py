@@ -1,0 +1,1 @@
+"""Weakly-supervised semantic segmentation with adaptive Gaussian mixtures."""

@@ -1,0 +1,420 @@
+"""Class-wise diagonal Gaussian mixtures refitted by Online EM (METHOD §3.2-3.4).
+
+Pure torch: no Lightning here, so the algorithm can be tested and benchmarked alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ClassMixtures", "MixtureStatistics"]
+
+# Weight below which a class counts as unobserved in a batch.
+_MIN_OBSERVED = 1e-6
+_LLOYD_ITERATIONS = 5
+
+
+@dataclass
+class MixtureStatistics:
+    """Sufficient statistics of one E-step.
+
+    The first three fields are plain sums, so statistics of several batches or ranks add up to
+    those of the whole batch. The candidates are a small per-class sample of fitting features
+    used only to seed new classes' components and re-seed dead ones; merging concatenates them.
+
+    Attributes:
+        weight: ``[C, K]`` sum of fitting weight times responsibility, ``S0``.
+        sum: ``[C, K, D]`` weighted sum of features, ``S1``.
+        square_sum: ``[C, K, D]`` weighted sum of squared features, ``S2``.
+        candidates: ``[C, M, D]`` sampled fitting features of each class.
+        candidate_valid: ``[C, M]`` which candidate slots hold a feature.
+        candidate_score: ``[C, M]`` class log-likelihood of each candidate under the mixture that
+            computed the statistics (the lowest is the worst explained).
+    """
+
+    weight: Tensor
+    sum: Tensor
+    square_sum: Tensor
+    candidates: Tensor
+    candidate_valid: Tensor
+    candidate_score: Tensor
+
+    _SUMMED = ("weight", "sum", "square_sum")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fields by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __add__(self, other: MixtureStatistics) -> MixtureStatistics:
+        """Sum the statistics and pool the candidates."""
+        merged = {
+            name: a + b if name in self._SUMMED else torch.cat([a, b], dim=1)
+            for (name, a), b in zip(self.tensors().items(), other.tensors().values(), strict=True)
+        }
+        return MixtureStatistics(**merged)
+
+
+class ClassMixtures(nn.Module):
+    """One diagonal Gaussian mixture per class, fitted by Online EM.
+
+    The state is four buffers, so checkpoints carry it and only :meth:`update` changes it:
+    ``means`` ``[C, K, D]``, ``variances`` ``[C, K, D]``, ``weights`` ``[C, K]`` and
+    ``initialized`` ``[C]``. The running normalised statistics of the online update are
+    recovered from them (``s0 = w``, ``s1 = w·mu``, ``s2 = w·(sigma^2 + mu^2)``), so they need no
+    buffers of their own; the variance floor is the only information this loses.
+
+    Args:
+        num_classes: Number of classes C.
+        dim: Feature dimension D.
+        mixture_count: Components per class K.
+        momentum: OEM momentum m in ``[0, 1)``; 0 refits every class from each batch alone.
+        min_variance: Floor of every variance.
+        candidates_per_class: Features per class kept in the statistics for seeding.
+    """
+
+    means: Tensor
+    variances: Tensor
+    weights: Tensor
+    initialized: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        mixture_count: int = 1,
+        momentum: float = 0.9,
+        min_variance: float = 1e-4,
+        candidates_per_class: int = 32,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+        if mixture_count < 1:
+            raise ValueError(f"mixture_count must be >= 1, got {mixture_count}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if min_variance <= 0:
+            raise ValueError(f"min_variance must be > 0, got {min_variance}")
+        if candidates_per_class < 1:
+            raise ValueError(f"candidates_per_class must be >= 1, got {candidates_per_class}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.mixture_count = mixture_count
+        self.momentum = momentum
+        self.min_variance = min_variance
+        self.candidates_per_class = candidates_per_class
+        shape = (num_classes, mixture_count)
+        self.register_buffer("means", torch.zeros(*shape, dim))
+        self.register_buffer("variances", torch.ones(*shape, dim))
+        self.register_buffer("weights", torch.full(shape, 1.0 / mixture_count))
+        self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"num_classes={self.num_classes}, dim={self.dim}, "
+            f"mixture_count={self.mixture_count}, momentum={self.momentum}"
+        )
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _check_features(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.dim or not x.is_floating_point():
+            raise ValueError(
+                f"features must be a float [N, {self.dim}] tensor, got {tuple(x.shape)}"
+            )
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
+
+        The quadratic form is three matrix products, never an ``[N, C, K, D]`` broadcast.
+
+        Args:
+            x: ``[N, D]`` features.
+
+        Returns:
+            ``[N, C, K]`` joint log-densities.
+        """
+        self._check_features(x)
+        x = x.to(self.means.dtype)
+        precision = self.variances.reciprocal().flatten(0, 1)  # [CK, D]
+        scaled_means = self.means.flatten(0, 1) * precision
+        quadratic = (
+            (x * x) @ precision.T
+            - 2 * (x @ scaled_means.T)
+            + (self.means.flatten(0, 1) * scaled_means).sum(1)
+        ).clamp_min(0)
+        log_norm = self.variances.log().sum(-1).flatten() + self.dim * math.log(2 * math.pi)
+        log_density = -0.5 * (quadratic + log_norm)
+        log_density = log_density + self.weights.clamp_min(1e-30).log().flatten()
+        return log_density.view(-1, self.num_classes, self.mixture_count)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        """``log p(x | c)`` of every feature under every class's mixture.
+
+        Args:
+            x: ``[N, D]`` features.
+
+        Returns:
+            ``[N, C]`` log-likelihoods.
+        """
+        return self.component_log_prob(x).logsumexp(-1)
+
+    def posterior(
+        self,
+        x: Tensor,
+        prior: Tensor | None = None,
+        allowed: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> Tensor:
+        """GMM class posterior ``G ∝ prior · exp(log p(x|c) / T)`` (METHOD §3.3).
+
+        Only initialised classes allowed for a feature get mass; a feature with none gets an
+        all-zero row.
+
+        Args:
+            x: ``[N, D]`` features.
+            prior: ``[N, C]`` class prior (e.g. the detached prediction); uniform if None.
+            allowed: ``[N, C]`` bool, classes each feature may take; all if None.
+            temperature: T; defaults to D (the per-dimension average log-likelihood).
+
+        Returns:
+            ``[N, C]`` posterior, exactly zero on classes that are not allowed.
+        """
+        scores = self.log_likelihood(x) / (temperature or self.dim)
+        valid = self.initialized.expand_as(scores)
+        if allowed is not None:
+            valid = valid & allowed.bool()
+        if prior is not None:
+            scores = scores + prior.to(scores.dtype).log()
+        scores = scores.masked_fill(~valid, float("-inf"))
+        has_class = torch.isfinite(scores).any(1, keepdim=True)
+        return scores.masked_fill(~has_class, 0).softmax(1) * has_class
+
+    # -------------------------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def sufficient_statistics(self, x: Tensor, weights: Tensor) -> MixtureStatistics:
+        """E-step: responsibilities and the sufficient statistics of the fitting set.
+
+        Args:
+            x: ``[N, D]`` features (detached here).
+            weights: ``[N, C]`` fitting weight of each feature for each class (1 for a labelled
+                pixel's class, G for a confident pseudo-labelled one, 0 elsewhere).
+
+        Returns:
+            The statistics: plain sums over the features, plus candidate features per class.
+        """
+        self._check_features(x)
+        if weights.shape != (x.shape[0], self.num_classes):
+            raise ValueError(
+                f"weights must be [N, C] = {(x.shape[0], self.num_classes)}, "
+                f"got {tuple(weights.shape)}"
+            )
+        x = x.detach().to(self.means.dtype)
+        weights = weights.detach().to(self.means.dtype)
+        fitting = weights.sum(1) > 0
+        x, weights = x[fitting], weights[fitting]
+        if x.shape[0] == 0:
+            return self._empty_statistics(x)
+
+        log_joint = self.component_log_prob(x)
+        log_likelihood = log_joint.logsumexp(-1)
+        weighted = (weights[..., None] * (log_joint - log_likelihood[..., None]).exp()).flatten(1)
+        shape = (self.num_classes, self.mixture_count)
+        candidates, valid, index = self._sample_candidates(x, weights > 0)
+        score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
+        return MixtureStatistics(
+            weight=weighted.sum(0).view(shape),
+            sum=(weighted.T @ x).view(*shape, self.dim),
+            square_sum=(weighted.T @ (x * x)).view(*shape, self.dim),
+            candidates=candidates,
+            candidate_valid=valid,
+            candidate_score=score,
+        )
+
+    def _empty_statistics(self, x: Tensor) -> MixtureStatistics:
+        shape = (self.num_classes, self.mixture_count)
+        slots = (self.num_classes, self.candidates_per_class)
+        return MixtureStatistics(
+            weight=x.new_zeros(shape),
+            sum=x.new_zeros(*shape, self.dim),
+            square_sum=x.new_zeros(*shape, self.dim),
+            candidates=x.new_zeros(*slots, self.dim),
+            candidate_valid=torch.zeros(slots, dtype=torch.bool, device=x.device),
+            candidate_score=x.new_zeros(slots),
+        )
+
+    def _sample_candidates(self, x: Tensor, member: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Evenly strided features of each class: deterministic, so ranks and resumes agree.
+
+        Returns:
+            ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
+        """
+        slots = self.candidates_per_class
+        count = member.sum(0)
+        stride = (count + slots - 1).div(slots, rounding_mode="floor").clamp_min(1)
+        rank = member.long().cumsum(0) - 1
+        chosen = member & (rank % stride == 0)
+        row, cls = chosen.nonzero(as_tuple=True)
+        slot = rank[row, cls] // stride[cls]
+        index = torch.zeros(self.num_classes, slots, dtype=torch.long, device=x.device)
+        valid = torch.zeros(self.num_classes, slots, dtype=torch.bool, device=x.device)
+        index[cls, slot] = row
+        valid[cls, slot] = True
+        candidates = x[index] * valid[..., None]
+        return candidates, valid, index
+
+    @torch.no_grad()
+    def update(self, stats: MixtureStatistics) -> None:
+        """M-step with the online update of METHOD §3.4, for the classes observed in ``stats``.
+
+        ``s <- m·s + (1 - m)·s_hat`` on statistics normalised per class; a class seen for the first
+        time is initialised from the batch alone (k-means++-style seeding for K > 1); a component
+        whose weight falls below ``1/(10K)`` is re-seeded at the class's worst-explained candidate.
+
+        Args:
+            stats: Statistics from :meth:`sufficient_statistics` (summed over ranks under DDP).
+        """
+        total = stats.weight.sum(1)
+        observed = total > _MIN_OBSERVED
+        if not observed.any():
+            return
+        norm = total.clamp_min(_MIN_OBSERVED)
+        batch_s0 = stats.weight / norm[:, None]
+        batch_s1 = stats.sum / norm[:, None, None]
+        batch_s2 = stats.square_sum / norm[:, None, None]
+
+        fresh = observed & ~self.initialized
+        keep = torch.where(fresh, 0.0, self.momentum)[:, None]
+        s0 = keep * self.weights + (1 - keep) * batch_s0
+        s1 = (
+            keep[..., None] * self.weights[..., None] * self.means
+            + (1 - keep[..., None]) * batch_s1
+        )
+        old_s2 = self.weights[..., None] * (self.variances + self.means.square())
+        s2 = keep[..., None] * old_s2 + (1 - keep[..., None]) * batch_s2
+        safe_s0 = s0.clamp_min(1e-12)[..., None]
+        means = torch.where(s0[..., None] > 0, s1 / safe_s0, self.means)
+        variances = (s2 / safe_s0 - means.square()).clamp_min(self.min_variance)
+        variances = torch.where(s0[..., None] > 0, variances, self.variances)
+        weights = s0 / s0.sum(1, keepdim=True).clamp_min(1e-12)
+
+        class_mean = batch_s1.sum(1)
+        class_variance = (batch_s2.sum(1) - class_mean.square()).clamp_min(self.min_variance)
+        if self.mixture_count > 1:
+            means, variances, weights = self._seed_fresh(
+                fresh, stats, class_mean, class_variance, means, variances, weights
+            )
+            means, variances, weights = self._reseed_dead(
+                observed & ~fresh, stats, class_variance, means, variances, weights
+            )
+
+        rows = observed[:, None]
+        self.means.copy_(torch.where(rows[..., None], means, self.means))
+        self.variances.copy_(torch.where(rows[..., None], variances, self.variances))
+        self.weights.copy_(torch.where(rows, weights, self.weights))
+        self.initialized |= observed
+
+    def _seed_fresh(
+        self,
+        fresh: Tensor,
+        stats: MixtureStatistics,
+        class_mean: Tensor,
+        class_variance: Tensor,
+        means: Tensor,
+        variances: Tensor,
+        weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Initialise new classes: seeded means, the class variance, equal weights."""
+        if not fresh.any():
+            return means, variances, weights
+        seeds = _kmeans_seeds(
+            stats.candidates[fresh],
+            stats.candidate_valid[fresh],
+            class_mean[fresh],
+            class_variance[fresh],
+            self.mixture_count,
+        )
+        means = means.clone()
+        means[fresh] = seeds
+        variances = torch.where(fresh[:, None, None], class_variance[:, None], variances)
+        weights = torch.where(fresh[:, None], 1.0 / self.mixture_count, weights)
+        return means, variances, weights
+
+    def _reseed_dead(
+        self,
+        refitted: Tensor,
+        stats: MixtureStatistics,
+        class_variance: Tensor,
+        means: Tensor,
+        variances: Tensor,
+        weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Move components whose weight fell below ``1/(10K)`` to the worst-explained features."""
+        dead = refitted[:, None] & (weights < 0.1 / self.mixture_count)
+        if not dead.any():
+            return means, variances, weights
+        score = stats.candidate_score.masked_fill(~stats.candidate_valid, float("inf"))
+        order = score.argsort(1)  # worst explained first
+        dead_rank = (dead.long().cumsum(1) - 1).clamp(0, order.shape[1] - 1)
+        slot = order.gather(1, dead_rank)
+        usable = dead & stats.candidate_valid.gather(1, slot)
+        target = stats.candidates.gather(1, slot[..., None].expand(-1, -1, self.dim))
+        means = torch.where(usable[..., None], target, means)
+        variances = torch.where(usable[..., None], class_variance[:, None], variances)
+        weights = torch.where(usable, 1.0 / self.mixture_count, weights)
+        return means, variances, weights / weights.sum(1, keepdim=True)
+
+
+def _kmeans_seeds(
+    candidates: Tensor,
+    valid: Tensor,
+    class_mean: Tensor,
+    class_variance: Tensor,
+    count: int,
+) -> Tensor:
+    """Deterministic k-means++-style seeds, refined by a few Lloyd steps, for several classes.
+
+    The first seed is the candidate nearest the class mean, each next one the candidate farthest
+    from the seeds so far (the greedy limit of D^2 sampling, so every rank picks the same seeds).
+    A class with fewer distinct candidates than seeds gets the duplicates spread by a fixed
+    fraction of its standard deviation so that EM can separate them.
+
+    Args:
+        candidates: ``[n, M, D]`` candidate features of n classes.
+        valid: ``[n, M]`` which candidates exist.
+        class_mean: ``[n, D]`` class means.
+        class_variance: ``[n, D]`` class variances.
+        count: Seeds per class K.
+
+    Returns:
+        ``[n, K, D]`` component means.
+    """
+    n, _, dim = candidates.shape
+    batch = torch.arange(n, device=candidates.device)
+    to_mean = (candidates - class_mean[:, None]).square().sum(-1).masked_fill(~valid, float("inf"))
+    first = to_mean.argmin(1)
+    seeds = [candidates[batch, first]]
+    nearest = (candidates - seeds[0][:, None]).square().sum(-1)
+    for _ in range(1, count):
+        farthest = nearest.masked_fill(~valid, -1.0).argmax(1)
+        seeds.append(candidates[batch, farthest])
+        nearest = torch.minimum(nearest, (candidates - seeds[-1][:, None]).square().sum(-1))
+    centers = torch.stack(seeds, 1)
+    members = valid.to(candidates.dtype)
+    for _ in range(_LLOYD_ITERATIONS):
+        assignment = torch.cdist(candidates, centers).argmin(-1)
+        one_hot = torch.nn.functional.one_hot(assignment, count).to(candidates.dtype)
+        one_hot = one_hot * members[..., None]
+        size = one_hot.sum(1)[..., None]
+        moved = one_hot.transpose(1, 2) @ candidates / size.clamp_min(1)
+        centers = torch.where(size > 0, moved, centers)
+    # Fixed +-1 pattern (same on every rank) to split coinciding seeds.
+    pattern = torch.arange(count * dim, device=candidates.device).view(count, dim)
+    pattern = ((pattern * 2654435761) % 7 < 4).to(candidates.dtype) * 2 - 1
+    spread = 0.5 * class_variance.sqrt()[:, None] * pattern
+    duplicate = torch.cdist(centers, centers) + torch.eye(count, device=centers.device) > 0
+    duplicate = ~duplicate.all(-1, keepdim=True)
+    return torch.where(duplicate, centers + spread, centers)

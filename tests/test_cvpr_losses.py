@@ -1,0 +1,204 @@
+"""cvpr_agmm_losses against a deliberately plain loop implementation of METHOD §2."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agmm_lightning.losses import cvpr_agmm_losses
+
+EPS = 1e-6
+
+
+def _mean_or_zero(values):
+    return values.mean() if values.numel() else values.sum() * 0
+
+
+def reference_losses(features, logits, target, num_classes, image_classes=None):
+    """METHOD §2 written out with loops over images, classes and pairs, as the paper's code does."""
+    batch, channels, h, w = features.shape
+    height, width = target.shape[-2:]
+    upsampled = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
+    present = torch.zeros(batch, num_classes, dtype=features.dtype)
+    centers = []
+    for b in range(batch):
+        row = []
+        for k in range(num_classes):
+            pixels = target[b] == k
+            if pixels.any():
+                present[b, k] = 1
+                row.append(upsampled[b][:, pixels].sum(1) / (pixels.sum().to(features.dtype) + EPS))
+            else:
+                row.append(features.new_zeros(channels))
+        centers.append(torch.stack(row))
+    centers = torch.stack(centers)
+    if image_classes is None:
+        image_classes = present
+
+    preserve = (target < 255).to(features.dtype)[:, None]
+    preserve = F.interpolate(preserve, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    kernels = []
+    for b in range(batch):
+        per_class = []
+        for k in range(num_classes):
+            diff = (features[b] - centers[b, k][:, None, None]).abs().mean(0)
+            diff = diff * present[b, k] * preserve[b]
+            per_class.append(torch.exp(-diff * diff))
+        kernels.append(torch.stack(per_class))
+    kernel = F.interpolate(
+        torch.stack(kernels), size=(height, width), mode="bilinear", align_corners=False
+    )
+    kernel = kernel * present[:, :, None, None]
+
+    probs = logits.softmax(1)
+    one_hot = torch.stack([(target == k).to(features.dtype) for k in range(num_classes)], 1)
+
+    def bce(p, q):
+        return -q * torch.log(p + EPS) - (1 - q) * torch.log(1 - p + EPS)
+
+    def class_average(values):
+        total = sum(values[:, k] * present[:, k, None, None] for k in range(num_classes))
+        return total / (present.sum(1)[:, None, None] + EPS)
+
+    gmm_to_pred = class_average(bce(probs, kernel) / 2)[target != 255]
+    label_to_gmm = class_average(bce(kernel, one_hot) / 2)[target < num_classes]
+
+    counts = present.sum(0)
+    vectors = centers.sum(0) * counts[:, None] / (counts[:, None] + EPS)
+    separation, pairs = features.new_zeros(()), 0
+    for k in range(num_classes):
+        for j in range(k + 1, num_classes):
+            if counts[k] > 0 and counts[j] > 0:
+                pairs += 1
+                gap = (vectors[k] - vectors[j]).abs().mean()
+                separation = separation + torch.exp(-gap * gap)
+    separation = separation / (pairs + EPS)
+
+    absent = sum(
+        -(1 - image_classes[:, k, None, None]) * torch.log(1 - probs[:, k] + EPS)
+        for k in range(num_classes)
+    )[target != 255]
+
+    ce = F.cross_entropy(
+        logits, target.masked_fill(target >= num_classes, 255), ignore_index=255, reduction="none"
+    )[target < num_classes]
+    losses = {
+        "seg": _mean_or_zero(ce),
+        "gmm_to_pred": _mean_or_zero(gmm_to_pred),
+        "label_to_gmm": _mean_or_zero(label_to_gmm),
+        "separation": separation,
+        "absent": _mean_or_zero(absent),
+    }
+    losses["total"] = sum(losses.values())
+    return losses
+
+
+def make_case(seed, batch, channels, feat_size, label_size, num_classes, kind):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, channels, *feat_size, generator=gen, dtype=torch.float64)
+    logits = torch.randn(batch, num_classes, *label_size, generator=gen, dtype=torch.float64)
+    target = torch.full((batch, *label_size), num_classes, dtype=torch.long)
+    if kind == "clicks":
+        for _ in range(6 * batch):
+            b = int(torch.randint(batch, (1,), generator=gen))
+            y = int(torch.randint(label_size[0], (1,), generator=gen))
+            x = int(torch.randint(label_size[1], (1,), generator=gen))
+            target[b, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = int(
+                torch.randint(num_classes, (1,), generator=gen)
+            )
+    elif kind == "dense":
+        target = torch.randint(num_classes, (batch, *label_size), generator=gen)
+    elif kind == "one_class":
+        target[:, : label_size[0] // 2] = 1
+    elif kind == "void_padding":
+        target = torch.randint(num_classes + 1, (batch, *label_size), generator=gen)
+        target[:, :, -label_size[1] // 3 :] = 255
+        target[0, -2:] = 255
+    elif kind == "unlabelled":
+        target[:, :2] = 255
+    return features.requires_grad_(), logits.requires_grad_(), target
+
+
+CASES = [
+    (0, 2, 4, (6, 6), (11, 11), 3, "clicks"),
+    (1, 3, 5, (7, 5), (13, 17), 4, "dense"),
+    (2, 2, 3, (5, 5), (9, 9), 3, "one_class"),
+    (3, 2, 6, (6, 8), (21, 31), 5, "void_padding"),
+    (4, 2, 4, (4, 4), (8, 8), 3, "unlabelled"),
+    (5, 1, 8, (9, 9), (9, 9), 6, "clicks"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] + str(c[0]) for c in CASES])
+@pytest.mark.parametrize("with_tags", [False, True])
+def test_equals_plain_reference_values_and_gradients(case, with_tags):
+    seed, batch, channels, feat_size, label_size, num_classes, kind = case
+    features, logits, target = make_case(*case)
+    tags = None
+    if with_tags:
+        gen = torch.Generator().manual_seed(seed + 100)
+        tags = (torch.rand(batch, num_classes, generator=gen) > 0.5).double()
+    ours = cvpr_agmm_losses(features, logits, target, num_classes, tags)
+    ref_features = features.detach().clone().requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    theirs = reference_losses(ref_features, ref_logits, target, num_classes, tags)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.isfinite(ours[name]), name
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-10, msg=name)
+    # Weighted sum so that every term's gradient is checked, not only the total's.
+    weights = torch.arange(1, 6, dtype=torch.float64)
+    names = ["seg", "gmm_to_pred", "label_to_gmm", "separation", "absent"]
+    sum(w * ours[n] for w, n in zip(weights, names, strict=True)).backward()
+    sum(w * theirs[n] for w, n in zip(weights, names, strict=True)).backward()
+    torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_float32_matches_reference():
+    features, logits, target = make_case(7, 2, 16, (8, 8), (31, 31), 4, "clicks")
+    ours = cvpr_agmm_losses(features.float(), logits.float(), target, 4)
+    theirs = reference_losses(features.detach(), logits.detach(), target, 4)
+    for name in ours:
+        torch.testing.assert_close(ours[name].double(), theirs[name].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_no_labelled_pixel_keeps_losses_finite_and_differentiable():
+    features, logits, target = make_case(4, 2, 4, (4, 4), (8, 8), 3, "unlabelled")
+    losses = cvpr_agmm_losses(features, logits, target, 3)
+    for name, value in losses.items():
+        assert torch.isfinite(value), name
+    assert losses["seg"] == 0 and losses["label_to_gmm"] == 0 and losses["separation"] == 0
+    losses["total"].backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(features.grad).all()
+
+
+def test_absent_classes_are_pushed_down():
+    features, logits, target = make_case(0, 2, 4, (6, 6), (11, 11), 3, "one_class")
+    losses = cvpr_agmm_losses(features, logits, target, 3)
+    losses["absent"].backward()
+    # Class 1 is the only class present: the absent loss raises its logit everywhere.
+    assert (logits.grad[:, 1] < 0).all()
+    everything_present = cvpr_agmm_losses(features, logits, target, 3, torch.ones(2, 3))
+    assert everything_present["absent"] == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda f, z, t: (f, z, t.masked_fill(t == 0, 7)), "target values"),
+        (lambda f, z, t: (f, z, t.float()), "integer"),
+        (lambda f, z, t: (f, z[:, :2], t), "logits must be"),
+        (lambda f, z, t: (f[0], z, t), "features must be"),
+        (lambda f, z, t: (f, z, t[:, :-1]), "target must be"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(mutate, match):
+    features, logits, target = make_case(1, 3, 5, (7, 5), (13, 17), 4, "dense")
+    with pytest.raises(ValueError, match=match):
+        cvpr_agmm_losses(*mutate(features, logits, target), 4)
+
+
+def test_wrong_image_classes_shape():
+    features, logits, target = make_case(1, 3, 5, (7, 5), (13, 17), 4, "dense")
+    with pytest.raises(ValueError, match="image_classes"):
+        cvpr_agmm_losses(features, logits, target, 4, torch.ones(3, 5))

@@ -1,0 +1,107 @@
+"""OEM-mode losses (METHOD §3.5) and partial cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agmm_lightning.losses import (
+    absent_class_loss,
+    maximization_loss,
+    partial_cross_entropy,
+    pseudo_label_loss,
+)
+
+
+def make_batch(seed=0, num_classes=4):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, num_classes, 5, 6, generator=gen, requires_grad=True)
+    target = torch.randint(num_classes + 1, (2, 5, 6), generator=gen)
+    target[0, 0] = 255
+    return logits, target
+
+
+def test_partial_cross_entropy_ignores_unlabelled_and_void():
+    logits, target = make_batch()
+    labelled = target < 4
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[labelled], target[labelled])
+    torch.testing.assert_close(partial_cross_entropy(logits, target), expected)
+    weights = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    expected = F.cross_entropy(
+        logits.permute(0, 2, 3, 1)[labelled], target[labelled], weight=weights
+    )
+    torch.testing.assert_close(partial_cross_entropy(logits, target, weights), expected)
+
+
+def test_hard_fraction_keeps_the_largest_losses():
+    logits, target = make_batch(1)
+    labelled = target < 4
+    per_pixel = F.cross_entropy(
+        logits.permute(0, 2, 3, 1)[labelled], target[labelled], reduction="none"
+    )
+    keep = int(0.5 * per_pixel.numel())
+    expected = per_pixel.sort(descending=True).values[:keep].mean()
+    torch.testing.assert_close(partial_cross_entropy(logits, target, hard_fraction=0.5), expected)
+
+
+def test_losses_stay_finite_without_labels():
+    logits, _ = make_batch()
+    target = torch.full((2, 5, 6), 4)
+    assert partial_cross_entropy(logits, target) == 0
+    assert partial_cross_entropy(logits, target, hard_fraction=0.3) == 0
+    posterior = torch.zeros(2, 4, 5, 6)
+    assert pseudo_label_loss(logits, posterior, target) == 0
+    void = torch.full((2, 5, 6), 255)
+    assert absent_class_loss(logits, torch.ones(2, 4), void) == 0
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
+    logits, target = make_batch(2)
+    gen = torch.Generator().manual_seed(3)
+    posterior = (torch.randn(2, 4, 5, 6, generator=gen) * 2).softmax(1)
+    posterior[1, :, 0, 0] = 0  # no valid class there
+    loss = pseudo_label_loss(logits, posterior, target, mode=mode, confidence=0.6)
+    log_probs = logits.log_softmax(1)
+    counted = (target == 4) & (posterior.sum(1) > 0)
+    if mode == "soft":
+        per_pixel = -(posterior * log_probs).sum(1)
+    else:
+        counted &= posterior.max(1).values >= 0.6
+        per_pixel = -log_probs.gather(1, posterior.argmax(1, keepdim=True))[:, 0]
+    assert counted.any()
+    torch.testing.assert_close(loss, per_pixel[counted].mean())
+    loss.backward()
+    assert (logits.grad.abs().sum(1)[~counted] == 0).all()
+
+
+def test_pseudo_label_loss_rejects_unknown_mode():
+    logits, target = make_batch()
+    with pytest.raises(ValueError, match="mode"):
+        pseudo_label_loss(logits, torch.zeros(2, 4, 5, 6), target, mode="median")
+
+
+def test_absent_class_loss_with_a_pixel_allowed_map():
+    logits, target = make_batch(4)
+    gen = torch.Generator().manual_seed(5)
+    allowed = torch.rand(2, 4, 5, 6, generator=gen) > 0.5
+    probs = logits.softmax(1)
+    per_pixel = -((~allowed).float() * torch.log(1 - probs + 1e-6)).sum(1)
+    expected = per_pixel[target != 255].mean()
+    torch.testing.assert_close(absent_class_loss(logits, allowed, target), expected)
+
+
+def test_maximization_loss_is_cross_entropy_over_valid_classes():
+    gen = torch.Generator().manual_seed(6)
+    log_lik = torch.randn(8, 3, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    valid = torch.ones(8, 3, dtype=torch.bool)
+    valid[0, 2] = False  # an excluded rival
+    valid[1, 1] = False  # own class invalid: skipped
+    loss = maximization_loss(log_lik, labels, temperature=2.0, valid=valid)
+    scores = (log_lik / 2).masked_fill(~valid, float("-inf"))
+    keep = torch.arange(8) != 1
+    torch.testing.assert_close(loss, F.cross_entropy(scores[keep], labels[keep]))
+    loss.backward()
+    assert log_lik.grad[1].abs().sum() == 0 and log_lik.grad[0, 2] == 0
+    nothing = maximization_loss(log_lik, labels, 2.0, torch.zeros(8, 3, dtype=torch.bool))
+    assert nothing == 0
