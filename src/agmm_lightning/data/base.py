@@ -1,0 +1,407 @@
+"""Shared dataset and DataModule machinery: weak-label simulation, sample assembly, loaders.
+
+A concrete dataset only says how to read image ``index`` (its name, RGB image and dense mask);
+:class:`WeakLabelDataset` turns that into the sample dicts of METHOD §1, simulating the weak label
+from the dense mask with a generator seeded by (seed, image name), so an image keeps the same
+weak label in every epoch, worker and split order. A concrete DataModule only says how to build
+the dataset of each split.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Any, Literal, cast, get_args
+
+import albumentations as A
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from agmm_lightning.data.transforms import (
+    build_eval_sample,
+    build_train_sample,
+    eval_transform,
+    seed_worker,
+    train_transform,
+)
+from agmm_lightning.weak_labels import (
+    VOID,
+    boxes_from_mask,
+    sample_points,
+    simulate_blocks,
+    simulate_scribbles,
+    tags_from_mask,
+)
+
+WeakLabelForm = Literal["full", "point", "scribble", "block", "box", "image"]
+Split = Literal["train", "val", "test", "predict"]
+Mode = Literal["train", "eval", "predict"]
+
+__all__ = [
+    "AGMMDataModule",
+    "Mode",
+    "Split",
+    "WeakLabel",
+    "WeakLabelDataset",
+    "WeakLabelForm",
+    "simulate_weak_label",
+    "weak_label_rng",
+]
+
+
+@dataclass(frozen=True)
+class WeakLabel:
+    """One image's weak label, in the form the augmentation carries it.
+
+    Exactly one of ``target``, ``points`` and ``boxes`` is set.
+
+    Attributes:
+        target: Raster [H,W] (0..C-1 labelled, C unlabelled, 255 void).
+        points: Clicks, float32 [N,3] rows of (x, y, class).
+        boxes: Boxes, float32 [N,5] rows of (x0, y0, x1, y1, class).
+        tags: Classes known present, float32 [C]; None derives them from the label itself.
+    """
+
+    target: np.ndarray | None = None
+    points: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    tags: np.ndarray | None = None
+
+
+def weak_label_rng(seed: int, name: str) -> np.random.Generator:
+    """Return the generator that simulates the weak label of image ``name``.
+
+    Args:
+        seed: The experiment's data seed.
+        name: The image's identifier (stable across split files, unlike its index).
+
+    Returns:
+        A generator that depends only on ``(seed, name)``.
+    """
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def simulate_weak_label(
+    mask: np.ndarray,
+    form: WeakLabelForm,
+    num_classes: int,
+    rng: np.random.Generator,
+    *,
+    points_per_segment: int = 1,
+) -> WeakLabel:
+    """Simulate a weak label of the given form from a dense mask (METHOD §4).
+
+    Void pixels of the mask become unlabelled (C), as in every simulated form: in a target map
+    255 is left to crop padding.
+
+    Args:
+        mask: Dense class-index mask [H,W] (255 void).
+        form: The weak-label form. "image" gives tags and an all-unlabelled target (the CAM
+            pseudo labels of METHOD §5 replace that target in the second stage).
+        num_classes: Number of classes C.
+        rng: Generator for the random parts of the simulation.
+        points_per_segment: Clicks per connected segment for the "point" form.
+
+    Returns:
+        The simulated weak label.
+
+    Raises:
+        ValueError: If ``form`` is not a known weak-label form.
+    """
+    if form == "full":
+        return WeakLabel(target=np.where(mask == VOID, num_classes, mask).astype(np.uint8))
+    if form == "point":
+        points = sample_points(
+            mask, rng, points_per_segment=points_per_segment, num_classes=num_classes
+        )
+        return WeakLabel(points=points)
+    if form == "scribble":
+        return WeakLabel(target=simulate_scribbles(mask, rng, num_classes))
+    if form == "block":
+        return WeakLabel(target=simulate_blocks(mask, rng, num_classes))
+    if form == "box":
+        return WeakLabel(boxes=boxes_from_mask(mask, num_classes))
+    if form == "image":
+        unlabelled = np.full(mask.shape, num_classes, np.uint8)
+        return WeakLabel(target=unlabelled, tags=tags_from_mask(mask, num_classes))
+    raise ValueError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
+
+
+class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
+    """Base dataset that turns (name, image, dense mask) into the sample dicts of METHOD §1.
+
+    Subclasses implement :meth:`__len__` and :meth:`load`; datasets with ready-made weak-label
+    files override :meth:`weak_label`.
+
+    Args:
+        num_classes: Number of classes C.
+        mode: "train" (augmented, weak label), "eval" (full image and dense mask) or "predict"
+            (full image only).
+        transform: The albumentations pipeline (see :mod:`agmm_lightning.data.transforms`).
+        weak_label: Form of the training label.
+        seed: Seed of the weak-label simulation.
+        points_per_segment: Clicks per connected segment for the "point" form.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mode: Mode,
+        transform: A.BaseCompose,
+        weak_label: WeakLabelForm = "point",
+        seed: int = 0,
+        points_per_segment: int = 1,
+    ) -> None:
+        if weak_label not in get_args(WeakLabelForm):
+            raise ValueError(
+                f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
+            )
+        self.num_classes = num_classes
+        self.mode = mode
+        self.transform = transform
+        self.weak_label_form = weak_label
+        self.seed = seed
+        self.points_per_segment = points_per_segment
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Return the number of images."""
+
+    @abstractmethod
+    def load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None]:
+        """Read one image.
+
+        Args:
+            index: Position in the split.
+
+        Returns:
+            The image's name, its uint8 RGB array [H,W,3] and its dense class-index mask [H,W]
+            (255 void) or None when the split has no dense ground truth.
+        """
+
+    def weak_label(self, name: str, mask: np.ndarray | None) -> WeakLabel:
+        """Return the training weak label of an image (default: simulated from its dense mask).
+
+        Args:
+            name: The image's identifier.
+            mask: Its dense mask, or None.
+
+        Returns:
+            The weak label.
+
+        Raises:
+            ValueError: If there is no dense mask to simulate from.
+        """
+        if mask is None:
+            raise ValueError(
+                f"Image {name!r} has no dense mask to simulate a {self.weak_label_form!r} label "
+                "from; provide ready-made weak labels or dense masks."
+            )
+        return simulate_weak_label(
+            mask,
+            self.weak_label_form,
+            self.num_classes,
+            weak_label_rng(self.seed, name),
+            points_per_segment=self.points_per_segment,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return the sample dict of image ``index`` for this dataset's mode."""
+        name, image, mask = self.load(index)
+        if self.mode == "predict":
+            return build_eval_sample(self.transform, image, name=name)
+        if self.mode == "eval":
+            if mask is None:
+                raise ValueError(f"Evaluation needs a dense mask, but image {name!r} has none.")
+            return build_eval_sample(self.transform, image, name=name, mask=mask)
+        label = self.weak_label(name, mask)
+        return build_train_sample(
+            self.transform,
+            image,
+            self.num_classes,
+            name=name,
+            target=label.target,
+            points=label.points,
+            boxes=label.boxes,
+            mask=mask,
+            image_classes=label.tags,
+        )
+
+
+class AGMMDataModule(LightningDataModule, ABC):
+    """Base DataModule: builds one dataset per split and the DataLoaders around them.
+
+    Subclasses implement :meth:`build_dataset`, :attr:`num_classes` and :attr:`class_names`, and
+    override :attr:`eval_batch_size` when all evaluation images share one size.
+
+    Args:
+        batch_size: Training images per batch (per device).
+        crop_size: Side of the square training crop, in pixels.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        seed: Seed of shuffling, augmentation and weak-label simulation.
+        weak_label: Form of the training label (METHOD §4).
+
+    Raises:
+        ValueError: If a size or count is out of range or ``weak_label`` is unknown.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        crop_size: int = 321,
+        num_workers: int = 0,
+        seed: int = 0,
+        weak_label: WeakLabelForm = "point",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or crop_size < 1 or num_workers < 0:
+            raise ValueError(
+                "Expected batch_size >= 1, crop_size >= 1 and num_workers >= 0, got "
+                f"{batch_size}, {crop_size} and {num_workers}."
+            )
+        if weak_label not in get_args(WeakLabelForm):
+            raise ValueError(
+                f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
+            )
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.crop_size = crop_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.weak_label = weak_label
+        self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int:
+        """Number of classes C (the target map's unlabelled value)."""
+
+    @property
+    @abstractmethod
+    def class_names(self) -> list[str]:
+        """Name of each class, index i = class i."""
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Validation/test/predict batch size: 1, since image sizes may differ."""
+        return 1
+
+    @abstractmethod
+    def build_dataset(self, split: Split) -> Dataset[dict[str, Any]]:
+        """Build the dataset of one split.
+
+        Args:
+            split: "train", "val", "test" or "predict"; use :meth:`mode` and :meth:`transform`
+                to configure it.
+
+        Returns:
+            A dataset yielding the sample dicts of METHOD §1.
+        """
+
+    @staticmethod
+    def mode(split: Split) -> Mode:
+        """Return the sample mode of a split.
+
+        Args:
+            split: The split.
+
+        Returns:
+            "train", "predict" or (for val and test) "eval".
+        """
+        modes: dict[Split, Mode] = {
+            "train": "train",
+            "val": "eval",
+            "test": "eval",
+            "predict": "predict",
+        }
+        return modes[split]
+
+    def transform(self, split: Split) -> A.Compose:
+        """Return the augmentation pipeline of a split.
+
+        Args:
+            split: The split.
+
+        Returns:
+            The seeded training pipeline for "train", normalisation only otherwise.
+        """
+        if split == "train":
+            return train_transform(self.crop_size, seed=self.seed)
+        return eval_transform()
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets the stage needs.
+
+        Args:
+            stage: "fit", "validate", "test" or "predict".
+        """
+        splits: dict[str, tuple[Split, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
+        for split in splits[stage]:
+            self._dataset(split)
+
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Shuffled, seeded training batches of ``batch_size`` (incomplete last batch dropped).
+
+        Returns:
+            The training DataLoader.
+
+        Raises:
+            ValueError: If the training split has fewer images than one batch.
+        """
+        dataset = self._dataset("train")
+        size = len(cast(Sized, dataset))
+        if size < self.batch_size:
+            raise ValueError(
+                f"The training split has {size} images, fewer than one batch "
+                f"(batch_size={self.batch_size}); lower batch_size or add images."
+            )
+        return self._loader(dataset, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Return the validation DataLoader (full images, in order)."""
+        return self._loader(self._dataset("val"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Return the test DataLoader (full images, in order)."""
+        return self._loader(self._dataset("test"), self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Return the prediction DataLoader (full images without masks, in order)."""
+        return self._loader(self._dataset("predict"), self.eval_batch_size)
+
+    def _dataset(self, split: Split) -> Dataset[dict[str, Any]]:
+        """Return the dataset of a split, building it if ``setup`` has not."""
+        if split not in self.datasets:
+            self.datasets[split] = self.build_dataset(split)
+        return self.datasets[split]
+
+    def _loader(
+        self,
+        dataset: Dataset[dict[str, Any]],
+        batch_size: int,
+        *,
+        train: bool = False,
+    ) -> DataLoader[dict[str, Any]]:
+        """Wrap a dataset in a DataLoader; training loaders shuffle (seeded) and drop_last."""
+        # The generator also draws the workers' base seed, so augmentations follow `seed` too.
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+        )

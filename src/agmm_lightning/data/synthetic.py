@@ -1,0 +1,382 @@
+"""Embedded default dataset: procedurally generated, seeded scenes of textured shapes.
+
+Every scene is rendered on the fly from ``(seed, split, index)``; nothing is stored on disk.
+Objects of several shape classes (disc, square, triangle, ring, bar, ...) lie on a textured
+background and occlude each other. Every instance draws its colours from one distribution shared
+by all classes, background included, so colour alone cannot tell classes apart: a class is
+defined by its shape and by the frequency and orientation of its stripe texture. Illumination
+gradients and noise complete the scene. Point labels thus give a clearly weaker model than full
+supervision, which makes the dataset a small but meaningful test bed for the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from agmm_lightning.data.base import (
+    AGMMDataModule,
+    Mode,
+    Split,
+    WeakLabelDataset,
+    WeakLabelForm,
+)
+
+__all__ = ["SHAPE_NAMES", "SyntheticDataModule", "SyntheticDataset", "render_scene"]
+
+Polygon = tuple[np.ndarray, int]
+"""A polygon [P,2] of (x, y) around the origin and its fill value (1 = shape, 0 = hole)."""
+
+
+def _ellipse(radius_x: float, radius_y: float, vertices: int = 48) -> np.ndarray:
+    angles = np.linspace(0.0, 2 * np.pi, vertices, endpoint=False)
+    return np.stack([radius_x * np.cos(angles), radius_y * np.sin(angles)], axis=1)
+
+
+def _rectangle(half_width: float, half_height: float) -> np.ndarray:
+    return np.array(
+        [
+            [-half_width, -half_height],
+            [half_width, -half_height],
+            [half_width, half_height],
+            [-half_width, half_height],
+        ]
+    )
+
+
+def _disc(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    return [(_ellipse(radius, radius * rng.uniform(0.7, 1.0)), 1)]
+
+
+def _square(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    half = 0.85 * radius
+    return [(_rectangle(half, half * rng.uniform(0.75, 1.0)), 1)]
+
+
+def _triangle(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    angles = np.pi / 2 + 2 * np.pi / 3 * np.arange(3) + rng.uniform(-0.2, 0.2, 3)
+    radii = radius * rng.uniform(0.85, 1.15, 3)
+    return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), 1)]
+
+
+def _ring(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    inner = radius * rng.uniform(0.45, 0.6)
+    return [(_ellipse(radius, radius), 1), (_ellipse(inner, inner), 0)]
+
+
+def _bar(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    return [(_rectangle(1.2 * radius, radius * rng.uniform(0.2, 0.3)), 1)]
+
+
+def _blob(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    angles = np.linspace(0.0, 2 * np.pi, 64, endpoint=False)
+    harmonics = np.arange(2, 5)[:, None]
+    amplitudes = rng.uniform(0.0, 0.18, (3, 1))
+    phases = rng.uniform(0.0, 2 * np.pi, (3, 1))
+    radii = radius * (1 + (amplitudes * np.cos(harmonics * angles + phases)).sum(0))
+    return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), 1)]
+
+
+def _star(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    angles = np.pi / 2 + np.pi / 5 * np.arange(10)
+    radii = np.where(np.arange(10) % 2 == 0, radius, radius * rng.uniform(0.4, 0.5))
+    return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), 1)]
+
+
+def _cross(rng: np.random.Generator, radius: float) -> list[Polygon]:
+    half_width = radius * rng.uniform(0.22, 0.32)
+    return [(_rectangle(radius, half_width), 1), (_rectangle(half_width, radius), 1)]
+
+
+_SHAPES: dict[str, Callable[[np.random.Generator, float], list[Polygon]]] = {
+    "disc": _disc,
+    "square": _square,
+    "triangle": _triangle,
+    "ring": _ring,
+    "bar": _bar,
+    "blob": _blob,
+    "star": _star,
+    "cross": _cross,
+}
+SHAPE_NAMES: tuple[str, ...] = tuple(_SHAPES)
+"""Foreground class names in class order (class i + 1); class 0 is the background."""
+
+_SUBPIXEL_BITS = 4
+_SPLIT_CODES: dict[Split, int] = {"train": 0, "val": 1, "test": 2, "predict": 2}
+
+
+def _draw_shape(polygons: list[Polygon], angle: float, center: np.ndarray, size: int) -> np.ndarray:
+    """Rasterise a shape's polygons, rotated by ``angle`` and moved to ``center``, as bool [S,S]."""
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    canvas = np.zeros((size, size), np.uint8)
+    for polygon, value in polygons:
+        vertices = polygon @ rotation.T + center
+        fixed = np.round(vertices * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+        cv2.fillPoly(canvas, [fixed], color=value, shift=_SUBPIXEL_BITS)
+    return canvas.astype(bool)
+
+
+def _random_colors(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Draw ``count`` RGB colours in [0,1] from the distribution every class shares."""
+    hsv = np.stack(
+        [rng.uniform(0, 180, count), rng.uniform(60, 230, count), rng.uniform(90, 240, count)],
+        axis=1,
+    ).astype(np.uint8)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0].astype(np.float32) / 255
+
+
+def _stripes(rng: np.random.Generator, grid: np.ndarray, period: float, angle: float) -> np.ndarray:
+    """A [0,1] sinusoidal stripe pattern with random phase over a (y, x) grid [2,S,S]."""
+    y, x = grid
+    cycles = (x * np.cos(angle) + y * np.sin(angle)) / period + rng.uniform(0, 1)
+    phase = 2 * np.pi * cycles
+    return (0.5 + 0.5 * np.sin(phase)).astype(np.float32)
+
+
+def _paint(
+    rng: np.random.Generator, pattern: np.ndarray, contrast: tuple[float, float]
+) -> np.ndarray:
+    """Blend two random colours with a [0,1] pattern, as float32 RGB [S,S,3]."""
+    first, second = _random_colors(rng, 2)
+    weight = rng.uniform(*contrast) * pattern[..., None]
+    return first * (1 - weight) + second * weight
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth, blotchy random texture, as float32 [S,S] in [0,1]."""
+    coarse = rng.uniform(0, 1, (6, 6)).astype(np.float32)
+    return np.clip(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def _class_texture(cls: int, num_classes: int) -> tuple[float, float]:
+    """Stripe period (pixels, for a 96-px scene) and orientation (radians) of a class."""
+    foreground = num_classes - 1
+    period = 4.0 + 6.0 * (cls - 1) / max(foreground - 1, 1)
+    angle = np.pi * (cls - 1) / foreground
+    return period, angle
+
+
+def _illumination(rng: np.random.Generator, grid: np.ndarray) -> np.ndarray:
+    """A random linear illumination ramp (gain in about [0.65, 1.35]) over a grid, [S,S,1]."""
+    y, x = grid
+    size = x.shape[0]
+    direction = rng.uniform(0, 2 * np.pi)
+    ramp = ((x - size / 2) * np.cos(direction) + (y - size / 2) * np.sin(direction)) / size
+    return (1 + rng.uniform(0.2, 0.7) * ramp)[..., None].astype(np.float32)
+
+
+def render_scene(
+    rng: np.random.Generator, image_size: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one scene of occluding textured shapes and its dense ground truth.
+
+    Args:
+        rng: Generator that decides everything in the scene.
+        image_size: Side of the square scene, in pixels.
+        num_classes: Number of classes C (background + ``C - 1`` shape classes).
+
+    Returns:
+        The uint8 RGB image [S,S,3] and the uint8 class-index mask [S,S] (no void).
+
+    Raises:
+        ValueError: If ``image_size`` < 16 or ``num_classes`` is not in 2..``len(SHAPE_NAMES) + 1``.
+    """
+    _check_scene_args(image_size, num_classes)
+    grid = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
+    scale = image_size / 96
+    image = _paint(rng, _background(rng, image_size), contrast=(0.3, 0.8))
+    mask = np.zeros((image_size, image_size), np.uint8)
+    for _ in range(rng.integers(3, 7)):
+        cls = int(rng.integers(1, num_classes))
+        radius = image_size * rng.uniform(0.09, 0.26)
+        polygons = _SHAPES[SHAPE_NAMES[cls - 1]](rng, radius)
+        center = rng.uniform(0.1, 0.9, 2) * image_size
+        region = _draw_shape(polygons, rng.uniform(0, 2 * np.pi), center, image_size)
+        period, angle = _class_texture(cls, num_classes)
+        period *= scale * rng.uniform(0.85, 1.15)
+        angle += rng.uniform(-0.25, 0.25)
+        texture = _paint(rng, _stripes(rng, grid, period, angle), contrast=(0.4, 1.0))
+        image[region] = texture[region]
+        mask[region] = cls
+    image = image * _illumination(rng, grid) + rng.normal(0, 0.04, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
+
+
+def _check_scene_args(image_size: int, num_classes: int) -> None:
+    """Raise a ValueError unless the scene size and class count are supported."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
+    if not 2 <= num_classes <= len(SHAPE_NAMES) + 1:
+        raise ValueError(
+            f"num_classes must be in 2..{len(SHAPE_NAMES) + 1} (background + shapes "
+            f"{SHAPE_NAMES}), got {num_classes}."
+        )
+
+
+class SyntheticDataset(WeakLabelDataset):
+    """One split of synthetic scenes, rendered on the fly from ``(seed, split, index)``.
+
+    Args:
+        split: Which split; "predict" renders the test scenes.
+        length: Number of scenes.
+        image_size: Side of each square scene, in pixels.
+        num_classes: Number of classes C.
+        mode: Sample mode (see :class:`WeakLabelDataset`).
+        transform: The albumentations pipeline.
+        weak_label: Form of the training label.
+        seed: Seed of the scenes and of the weak-label simulation.
+        points_per_segment: Clicks per connected segment for the "point" form.
+
+    Raises:
+        ValueError: If ``length`` is negative or the scene arguments are unsupported.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        length: int,
+        image_size: int,
+        num_classes: int,
+        *,
+        mode: Mode,
+        transform: A.BaseCompose,
+        weak_label: WeakLabelForm = "point",
+        seed: int = 0,
+        points_per_segment: int = 1,
+    ) -> None:
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}.")
+        _check_scene_args(image_size, num_classes)
+        super().__init__(
+            num_classes,
+            mode=mode,
+            transform=transform,
+            weak_label=weak_label,
+            seed=seed,
+            points_per_segment=points_per_segment,
+        )
+        self.split = split
+        self.length = length
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        """Return the number of scenes."""
+        return self.length
+
+    def load(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """Render scene ``index``.
+
+        Args:
+            index: Position in the split.
+
+        Returns:
+            Its name (``<split>_<index>``), RGB image and dense mask.
+
+        Raises:
+            IndexError: If ``index`` is out of range.
+        """
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} scenes.")
+        code = _SPLIT_CODES[self.split]
+        rng = np.random.default_rng([self.seed, code, index])
+        image, mask = render_scene(rng, self.image_size, self.num_classes)
+        prefix = "test" if self.split == "predict" else self.split
+        return f"{prefix}_{index:05d}", image, mask
+
+
+class SyntheticDataModule(AGMMDataModule):
+    """The embedded default dataset: seeded synthetic scenes with simulated weak labels.
+
+    Args:
+        num_train: Number of training scenes.
+        num_val: Number of validation scenes.
+        num_test: Number of test scenes (also used for prediction).
+        image_size: Side of each square scene, in pixels.
+        num_classes: Number of classes: background + ``num_classes - 1`` shapes, at most
+            ``len(SHAPE_NAMES) + 1``.
+        points_per_segment: Clicks per connected segment for the "point" form.
+        weak_label: Form of the training label.
+        batch_size: Training (and evaluation) images per batch.
+        crop_size: Side of the square training crop, in pixels.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the scenes, weak labels, shuffling and augmentation.
+
+    Raises:
+        ValueError: If a count is negative or the scene arguments are unsupported.
+    """
+
+    def __init__(
+        self,
+        num_train: int = 200,
+        num_val: int = 50,
+        num_test: int = 50,
+        image_size: int = 96,
+        num_classes: int = 6,
+        points_per_segment: int = 1,
+        weak_label: WeakLabelForm = "point",
+        batch_size: int = 8,
+        crop_size: int = 80,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            crop_size=crop_size,
+            num_workers=num_workers,
+            seed=seed,
+            weak_label=weak_label,
+        )
+        if min(num_train, num_val, num_test) < 0:
+            raise ValueError(
+                "Scene counts must be >= 0, got "
+                f"num_train={num_train}, num_val={num_val}, num_test={num_test}."
+            )
+        _check_scene_args(image_size, num_classes)
+        self.lengths: dict[Split, int] = {
+            "train": num_train,
+            "val": num_val,
+            "test": num_test,
+            "predict": num_test,
+        }
+        self.image_size = image_size
+        self._num_classes = num_classes
+        self.points_per_segment = points_per_segment
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """``background`` followed by the shape names in class order."""
+        return ["background", *SHAPE_NAMES[: self._num_classes - 1]]
+
+    @property
+    def eval_batch_size(self) -> int:
+        """All scenes share one size, so evaluation batches like training."""
+        return self.batch_size
+
+    def build_dataset(self, split: Split) -> SyntheticDataset:
+        """Build the synthetic dataset of one split.
+
+        Args:
+            split: "train", "val", "test" or "predict".
+
+        Returns:
+            The split's dataset.
+        """
+        return SyntheticDataset(
+            split,
+            self.lengths[split],
+            self.image_size,
+            self._num_classes,
+            mode=self.mode(split),
+            transform=self.transform(split),
+            weak_label=self.weak_label,
+            seed=self.seed,
+            points_per_segment=self.points_per_segment,
+        )

@@ -1,0 +1,356 @@
+"""Augmentation pipelines, worker seeding and sample assembly (albumentations 2.0.8).
+
+Weak labels are carried through geometry in the form they were given: rasters (full, scribble,
+block, image) as masks with nearest interpolation, clicks as keypoints and boxes as bounding
+boxes. Clicks and boxes are rasterised *after* the geometric transform, so a 3-pixel click
+stays 3 pixels wide at any scale instead of vanishing when the image shrinks. Every padding
+transform fills masks with 255, so crop padding is void in the target and in the dense mask.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from agmm_lightning.weak_labels import (
+    VOID,
+    rasterize_boxes,
+    rasterize_points,
+    tags_from_target,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_POINT_LABELS = "point_classes"
+_BOX_LABELS = "box_classes"
+_DENSE_MASK = "dense_mask"
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "build_eval_sample",
+    "build_train_sample",
+    "eval_transform",
+    "reseed_transform",
+    "seed_worker",
+    "train_transform",
+]
+
+
+def train_transform(
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    *,
+    flip_probability: float = 0.5,
+    color_jitter: float = 0.2,
+    seed: int | None = None,
+) -> A.Compose:
+    """Build the training pipeline: scale jitter, pad, random crop, flip, colour jitter, normalise.
+
+    The pipeline takes ``image`` (uint8 [H,W,3]), ``mask`` (the weak-label raster), optionally
+    ``dense_mask`` (dense ground truth), ``keypoints`` ("xy") with ``point_classes`` and
+    ``bboxes`` ("pascal_voc") with ``box_classes``. Use :func:`build_train_sample` to call it.
+
+    Args:
+        crop_size: Side of the square training crop, in pixels.
+        scale_range: Inclusive range ``(low, high)`` of the uniform random rescale factor.
+        flip_probability: Probability of a horizontal flip.
+        color_jitter: Strength of brightness, contrast and saturation jitter (hue gets a tenth).
+        seed: Seed of the pipeline's random generators; None draws fresh entropy.
+
+    Returns:
+        The albumentations pipeline, with one shared random generator (see
+        :func:`reseed_transform`).
+
+    Raises:
+        ValueError: If ``crop_size`` is not positive or ``scale_range`` is not ``0 < low <= high``.
+    """
+    if crop_size < 1:
+        raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}.")
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}.")
+    transform = A.Compose(
+        [
+            A.RandomScale(
+                scale_limit=(low - 1.0, high - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.PadIfNeeded(
+                min_height=crop_size,
+                min_width=crop_size,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=VOID,
+            ),
+            A.RandomCrop(height=crop_size, width=crop_size),
+            A.HorizontalFlip(p=flip_probability),
+            A.ColorJitter(
+                brightness=color_jitter,
+                contrast=color_jitter,
+                saturation=color_jitter,
+                hue=color_jitter / 10,
+                p=0.8,
+            ),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ],
+        keypoint_params=A.KeypointParams(
+            format="xy", label_fields=[_POINT_LABELS], remove_invisible=True
+        ),
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=[_BOX_LABELS]),
+        additional_targets={_DENSE_MASK: "mask"},
+        mask_interpolation=cv2.INTER_NEAREST,
+    )
+    reseed_transform(transform, seed)
+    return transform
+
+
+def eval_transform() -> A.Compose:
+    """Build the evaluation pipeline: normalisation only, at full resolution.
+
+    Returns:
+        The albumentations pipeline; it takes ``image`` and optionally ``mask``.
+    """
+    return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+def reseed_transform(transform: A.BaseCompose, seed: int | None) -> None:
+    """Give every transform of a pipeline one shared pair of generators seeded from ``seed``.
+
+    ``Compose(seed=...)`` and ``Compose.set_random_seed`` in albumentations 2.0.8 seed every
+    transform with the *same* seed but separate generators, so their draws are correlated (two
+    flips with p=0.5 always fire together). ``set_random_state`` with one shared pair avoids that.
+
+    Args:
+        transform: The pipeline to reseed (changed in place).
+        seed: Seed of the generators; None draws fresh entropy.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def seed_worker(worker_id: int) -> None:
+    """Reseed numpy, ``random`` and the dataset's albumentations pipelines in a DataLoader worker.
+
+    Use it as ``worker_init_fn``. Workers inherit copies of the parent's generators, so without
+    it every worker (and every epoch of non-persistent workers) replays the same augmentations.
+    The seed is ``torch.initial_seed()``, which the DataLoader sets to its base seed (drawn from
+    the loader's generator each time its workers start) plus ``worker_id``, mixed with the
+    distributed rank: different per worker and rank, and reproducible under a fixed loader
+    generator. Non-persistent workers restart (and reseed) every epoch; persistent ones keep
+    drawing from their generators, so epochs differ either way.
+
+    Args:
+        worker_id: Index of the worker (already part of ``torch.initial_seed()``).
+    """
+    del worker_id
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    global_seed, pipeline_seed = (
+        int(seed) for seed in np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(2)
+    )
+    np.random.seed(global_seed)
+    random.seed(global_seed)
+    info = get_worker_info()
+    if info is None:
+        return
+    for transform in _pipelines(info.dataset):
+        reseed_transform(transform, pipeline_seed)
+
+
+def _pipelines(dataset: Dataset | Any) -> Iterator[A.BaseCompose]:
+    """Yield the albumentations pipelines of a dataset, looking inside Subset/ConcatDataset."""
+    transform = getattr(dataset, "transform", None)
+    if isinstance(transform, A.BaseCompose):
+        yield transform
+    if hasattr(dataset, "dataset"):
+        yield from _pipelines(dataset.dataset)
+    for child in getattr(dataset, "datasets", ()):
+        yield from _pipelines(child)
+
+
+def build_train_sample(
+    transform: A.BaseCompose,
+    image: np.ndarray,
+    num_classes: int,
+    *,
+    name: str,
+    target: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    image_classes: np.ndarray | None = None,
+    point_radius: int = 1,
+    box_core_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """Augment one training image with its weak label and assemble the sample dict.
+
+    Exactly one weak-label form is given: a ``target`` raster, ``points`` or ``boxes``. The image
+    classes are taken from that label on the whole image, before any crop (METHOD §1), unless
+    ``image_classes`` (e.g. tags) is given.
+
+    Args:
+        transform: A pipeline from :func:`train_transform`.
+        image: RGB image, uint8 [H,W,3].
+        num_classes: Number of classes C (the unlabelled value).
+        name: Identifier of the image.
+        target: Weak-label raster [H,W] (0..C-1 labelled, C unlabelled, 255 void).
+        points: Clicks, float [N,3] rows of (x, y, class) in pixel coordinates.
+        boxes: Boxes, float [N,5] rows of (x0, y0, x1, y1, class).
+        mask: Dense ground truth [H,W] (255 void), carried for pseudo-label quality only.
+        image_classes: Classes known present, float [C]; default: from the weak label.
+        point_radius: Radius of the disc each click is rasterised to.
+        box_core_fraction: Central fraction of each box labelled with its class.
+
+    Returns:
+        ``image`` float32 [3,h,w], ``target`` int64 [h,w], ``image_classes`` float32 [C],
+        ``name``; ``mask`` int64 [h,w] when ``mask`` is given; ``allowed`` bool [C,h,w] for boxes.
+
+    Raises:
+        ValueError: If not exactly one weak-label form is given or the shapes do not match.
+    """
+    forms = {"target": target, "points": points, "boxes": boxes}
+    given = [form for form, value in forms.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError(
+            f"Give exactly one weak-label form (target, points or boxes); got {given or 'none'}."
+        )
+    _check_inputs(image, num_classes, target=target, mask=mask)
+    shape = image.shape[:2]
+    points_array = _rows(points, 3, "points")
+    boxes_array = _rows(boxes, 5, "boxes")
+    if image_classes is None:
+        image_classes = _weak_label_classes(
+            given[0], target, points_array, boxes_array, shape, num_classes
+        )
+    carrier = np.full(shape, num_classes, np.uint8) if target is None else target.astype(np.uint8)
+    inputs: dict[str, Any] = {
+        "image": image,
+        "mask": carrier,
+        "keypoints": points_array[:, :2],
+        _POINT_LABELS: points_array[:, 2],
+        "bboxes": boxes_array[:, :4],
+        _BOX_LABELS: boxes_array[:, 4],
+    }
+    if mask is not None:
+        inputs[_DENSE_MASK] = mask.astype(np.uint8)
+    out = transform(**inputs)
+    sample = {
+        "image": _image_tensor(out["image"]),
+        "image_classes": torch.as_tensor(image_classes, dtype=torch.float32),
+        "name": name,
+    }
+    void = out["mask"] == VOID
+    if points is not None:
+        kept = np.column_stack([out["keypoints"], out[_POINT_LABELS]]).astype(np.float32)
+        target_out = rasterize_points(kept, void.shape, num_classes, radius=point_radius)
+    elif boxes is not None:
+        kept = np.column_stack([out["bboxes"], out[_BOX_LABELS]]).astype(np.float32)
+        target_out, allowed = rasterize_boxes(
+            kept.reshape(-1, 5), void.shape, num_classes, core_fraction=box_core_fraction
+        )
+        allowed[:, void] = False
+        sample["allowed"] = torch.from_numpy(np.ascontiguousarray(allowed, dtype=bool))
+    else:
+        target_out = out["mask"]
+    target_out = np.where(void, VOID, target_out)
+    sample["target"] = torch.from_numpy(target_out.astype(np.int64))
+    if mask is not None:
+        sample["mask"] = torch.from_numpy(out[_DENSE_MASK].astype(np.int64))
+    return sample
+
+
+def build_eval_sample(
+    transform: A.BaseCompose,
+    image: np.ndarray,
+    *,
+    name: str,
+    mask: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Normalise one evaluation or prediction image and assemble the sample dict.
+
+    Args:
+        transform: A pipeline from :func:`eval_transform` (no geometry).
+        image: RGB image, uint8 [H,W,3].
+        name: Identifier of the image.
+        mask: Dense ground truth [H,W] (255 void); omitted for prediction.
+
+    Returns:
+        ``image`` float32 [3,H,W] and ``name``; ``mask`` int64 [H,W] when ``mask`` is given.
+
+    Raises:
+        ValueError: If the image or mask has the wrong shape.
+    """
+    _check_inputs(image, None, mask=mask)
+    out = transform(image=image) if mask is None else transform(image=image, mask=mask)
+    sample: dict[str, Any] = {"image": _image_tensor(out["image"]), "name": name}
+    if mask is not None:
+        sample["mask"] = torch.from_numpy(out["mask"].astype(np.int64))
+    return sample
+
+
+def _check_inputs(
+    image: np.ndarray,
+    num_classes: int | None,
+    *,
+    target: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> None:
+    """Raise a ValueError unless the image is uint8 [H,W,3] and the rasters are [H,W]."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"Expected a uint8 RGB image of shape [H, W, 3], got {image.dtype} {image.shape}."
+        )
+    if num_classes is not None and not 1 <= num_classes < VOID:
+        raise ValueError(f"num_classes must be in 1..{VOID - 1}, got {num_classes}.")
+    for label, raster in (("target", target), ("mask", mask)):
+        if raster is not None and raster.shape != image.shape[:2]:
+            raise ValueError(
+                f"Expected {label} of shape {image.shape[:2]} (the image's), got {raster.shape}."
+            )
+
+
+def _rows(array: np.ndarray | None, width: int, label: str) -> np.ndarray:
+    """Return ``array`` as float32 [N, width] (empty when None), or raise a ValueError."""
+    if array is None:
+        return np.zeros((0, width), np.float32)
+    array = np.asarray(array, dtype=np.float32)
+    if array.size == 0:
+        return array.reshape(0, width)
+    if array.ndim != 2 or array.shape[1] != width:
+        raise ValueError(f"Expected {label} of shape [N, {width}], got {array.shape}.")
+    return array
+
+
+def _weak_label_classes(
+    form: str,
+    target: np.ndarray | None,
+    points: np.ndarray,
+    boxes: np.ndarray,
+    shape: tuple[int, int],
+    num_classes: int,
+) -> np.ndarray:
+    """Classes present in the weak label (of the given ``form``) of the whole image, float32 [C]."""
+    if target is not None:
+        return tags_from_target(target, num_classes)
+    classes = np.zeros(num_classes, np.float32)
+    if form == "points":
+        classes[points[:, 2].astype(np.int64)] = 1.0
+        return classes
+    classes[boxes[:, 4].astype(np.int64)] = 1.0
+    # Pixels outside every box are labelled background: add it when there are any.
+    box_target, _ = rasterize_boxes(boxes, shape, num_classes)
+    return np.maximum(classes, tags_from_target(box_target, num_classes))
+
+
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    """Convert a normalised float image [H,W,3] to a float32 tensor [3,H,W]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
