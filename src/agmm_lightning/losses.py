@@ -241,16 +241,16 @@ def partial_cross_entropy(
         raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
     num_classes = logits.shape[1]
     labelled = target < num_classes
-    ce_target = target.masked_fill(~labelled, VOID).long()
-    loss = F.cross_entropy(logits, ce_target, ignore_index=VOID, reduction="none")
+    # Gather the labelled pixels first: with sparse labels this is a tiny fraction of the map.
+    pixel_logits = logits.permute(0, 2, 3, 1)[labelled]
+    labels = target[labelled].long()
+    if labels.numel() == 0:
+        return logits.sum() * 0
     if hard_fraction < 1:
-        values = loss[labelled]
-        keep = max(1, int(hard_fraction * values.numel())) if values.numel() else 0
-        return values.topk(keep).values.mean() if keep else loss.sum() * 0
-    if class_weights is None:
-        return _masked_mean(loss, labelled)
-    weight = class_weights.to(logits.dtype)[ce_target.clamp(max=num_classes - 1)] * labelled
-    return (loss * weight).sum() / weight.sum().clamp_min(_EPS)
+        loss = F.cross_entropy(pixel_logits, labels, reduction="none")
+        keep = max(1, int(hard_fraction * loss.numel()))
+        return loss.topk(keep).values.mean()
+    return F.cross_entropy(pixel_logits, labels, weight=class_weights)
 
 
 def maximization_loss(

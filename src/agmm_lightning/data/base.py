@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
@@ -19,7 +19,7 @@ import albumentations as A
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agmm_lightning.data.transforms import (
     build_eval_sample,
@@ -92,6 +92,7 @@ def simulate_weak_label(
     rng: np.random.Generator,
     *,
     points_per_segment: int = 1,
+    block_fraction: float = 0.1,
 ) -> WeakLabel:
     """Simulate a weak label of the given form from a dense mask (METHOD §4).
 
@@ -105,6 +106,7 @@ def simulate_weak_label(
         num_classes: Number of classes C.
         rng: Generator for the random parts of the simulation.
         points_per_segment: Clicks per connected segment for the "point" form.
+        block_fraction: Fraction of the image covered by blocks for the "block" form.
 
     Returns:
         The simulated weak label.
@@ -122,7 +124,7 @@ def simulate_weak_label(
     if form == "scribble":
         return WeakLabel(target=simulate_scribbles(mask, rng, num_classes))
     if form == "block":
-        return WeakLabel(target=simulate_blocks(mask, rng, num_classes))
+        return WeakLabel(target=simulate_blocks(mask, rng, num_classes, fraction=block_fraction))
     if form == "box":
         return WeakLabel(boxes=boxes_from_mask(mask, num_classes))
     if form == "image":
@@ -145,6 +147,8 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         weak_label: Form of the training label.
         seed: Seed of the weak-label simulation.
         points_per_segment: Clicks per connected segment for the "point" form.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class.
     """
 
     def __init__(
@@ -156,6 +160,8 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         weak_label: WeakLabelForm = "point",
         seed: int = 0,
         points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
     ) -> None:
         if weak_label not in get_args(WeakLabelForm):
             raise ValueError(
@@ -167,6 +173,8 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         self.weak_label_form = weak_label
         self.seed = seed
         self.points_per_segment = points_per_segment
+        self.block_fraction = block_fraction
+        self.box_core_fraction = box_core_fraction
 
     @abstractmethod
     def __len__(self) -> int:
@@ -208,6 +216,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             self.num_classes,
             weak_label_rng(self.seed, name),
             points_per_segment=self.points_per_segment,
+            block_fraction=self.block_fraction,
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -230,7 +239,36 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             boxes=label.boxes,
             mask=mask,
             image_classes=label.tags,
+            box_core_fraction=self.box_core_fraction,
         )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, so a resumed run replays its order.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (under DDP it substitutes its
+    own distributed sampler, which is seeded the same way).
+
+    Args:
+        size: Number of samples.
+        seed: Seed of the permutations.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class AGMMDataModule(LightningDataModule, ABC):
@@ -245,6 +283,8 @@ class AGMMDataModule(LightningDataModule, ABC):
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: Seed of shuffling, augmentation and weak-label simulation.
         weak_label: Form of the training label (METHOD §4).
+        augment: Random scale, flip and colour jitter on training crops (False keeps only the
+            random crop and normalisation).
 
     Raises:
         ValueError: If a size or count is out of range or ``weak_label`` is unknown.
@@ -257,6 +297,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         num_workers: int = 0,
         seed: int = 0,
         weak_label: WeakLabelForm = "point",
+        augment: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or crop_size < 1 or num_workers < 0:
@@ -274,6 +315,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         self.num_workers = num_workers
         self.seed = seed
         self.weak_label = weak_label
+        self.augment = augment
         self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
 
     @property
@@ -330,6 +372,10 @@ class AGMMDataModule(LightningDataModule, ABC):
         Returns:
             The seeded training pipeline for "train", normalisation only otherwise.
         """
+        if split == "train" and not self.augment:
+            return train_transform(
+                self.crop_size, (1.0, 1.0), flip_probability=0, color_jitter=0, seed=self.seed
+            )
         if split == "train":
             return train_transform(self.crop_size, seed=self.seed)
         return eval_transform()
@@ -395,10 +441,11 @@ class AGMMDataModule(LightningDataModule, ABC):
         """Wrap a dataset in a DataLoader; training loaders shuffle (seeded) and drop_last."""
         # The generator also draws the workers' base seed, so augmentations follow `seed` too.
         generator = torch.Generator().manual_seed(self.seed) if train else None
+        sampler = EpochShuffleSampler(len(cast(Sized, dataset)), self.seed) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             generator=generator,
             num_workers=self.num_workers,

@@ -303,6 +303,7 @@ class SyntheticDataModule(AGMMDataModule):
         crop_size: Side of the square training crop, in pixels.
         num_workers: DataLoader worker processes.
         seed: Seed of the scenes, weak labels, shuffling and augmentation.
+        augment: Random scale, flip and colour jitter of training crops.
 
     Raises:
         ValueError: If a count is negative or the scene arguments are unsupported.
@@ -321,6 +322,7 @@ class SyntheticDataModule(AGMMDataModule):
         crop_size: int = 80,
         num_workers: int = 0,
         seed: int = 0,
+        augment: bool = True,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -328,6 +330,7 @@ class SyntheticDataModule(AGMMDataModule):
             num_workers=num_workers,
             seed=seed,
             weak_label=weak_label,
+            augment=augment,
         )
         if min(num_train, num_val, num_test) < 0:
             raise ValueError(

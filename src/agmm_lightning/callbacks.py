@@ -1,0 +1,177 @@
+"""Callbacks: the online-EM refit of the class mixtures, and image panels."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.mixtures import MixtureStatistics
+
+__all__ = ["AGMMPseudoLabeler", "PredictionWriter", "SegmentationPanels", "colorize"]
+
+
+def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStatistics:
+    """Sum the statistics and pool the candidates of every rank (every rank must call)."""
+    if trainer.world_size == 1:
+        return stats
+    reduced = {}
+    for field in fields(stats):
+        value = getattr(stats, field.name)
+        if field.name in MixtureStatistics._SUMMED:
+            reduced[field.name] = trainer.strategy.reduce(value, reduce_op="sum")
+        else:  # [world, C, M, ...] -> [C, world * M, ...]
+            gathered = trainer.strategy.all_gather(value)
+            reduced[field.name] = gathered.transpose(0, 1).flatten(1, 2)
+    return MixtureStatistics(**reduced)
+
+
+class AGMMPseudoLabeler(Callback):
+    """Refit the module's :class:`ClassMixtures` after every training batch (METHOD §3.4).
+
+    ``training_step`` returns the detached E-step statistics as ``mixture_stats``; this callback
+    sums them across ranks, so every rank applies the same update and holds identical mixtures,
+    then logs the mixtures' mean variance and number of live components.
+    """
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Apply the OEM update with this step's statistics."""
+        stats = outputs.get("mixture_stats") if isinstance(outputs, dict) else None
+        if stats is None:
+            return
+        mixtures = pl_module.mixtures
+        mixtures.update(reduce_statistics(stats, trainer))
+        initialized = mixtures.initialized
+        if initialized.any():
+            live = (mixtures.weights[initialized] >= 0.1 / mixtures.mixture_count).sum()
+            pl_module.log("mixture_mean_variance", mixtures.variances[initialized].mean())
+            pl_module.log("mixture_live_components", live.float())
+            pl_module.log("mixture_classes_seen", initialized.sum().float())
+
+
+def _voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map: class bits spread over the high bits of R, G and B."""
+    index = np.arange(256)
+    palette = np.zeros((256, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+_PALETTE = _voc_palette()
+
+
+def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """RGB image of a class-index map in the VOC palette; unlabelled grey, void white."""
+    palette = _PALETTE.copy()
+    palette[num_classes] = (96, 96, 96)
+    palette[255] = 255
+    return palette[labels]
+
+
+def _denormalize(image: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    rgb = (image * std + mean).clamp(0, 1) * 255
+    return rgb.permute(1, 2, 0).byte().cpu().numpy()
+
+
+class SegmentationPanels(Callback):
+    """Write image | weak label | GMM pseudo label | prediction | ground truth panels.
+
+    Panels of the first training batch of every ``every_n_epochs``-th epoch go to
+    ``<log_dir>/panels/epoch_<n>.png`` and, when the logger is TensorBoard or W&B, to it too.
+
+    Args:
+        every_n_epochs: Epoch interval.
+        max_images: Images per panel.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, max_images: int = 4) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.max_images = max_images
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Draw the panel of the epoch's first batch."""
+        first_batch = batch_idx == 0 and trainer.current_epoch % self.every_n_epochs == 0
+        if not (first_batch and trainer.is_global_zero):
+            return
+        if not isinstance(outputs, dict) or "prediction" not in outputs:
+            return
+        num_classes = pl_module.hparams["num_classes"]
+        count = min(self.max_images, batch["image"].shape[0])
+        maps = [batch["target"], outputs.get("pseudo_label"), outputs["prediction"]]
+        maps.append(batch.get("mask"))
+        rows = []
+        for i in range(count):
+            columns = [_denormalize(batch["image"][i])]
+            columns += [colorize(m[i].cpu().numpy(), num_classes) for m in maps if m is not None]
+            rows.append(np.concatenate(columns, axis=1))
+        self._write(trainer, np.concatenate(rows, axis=0))
+
+    def _write(self, trainer: Trainer, panel: np.ndarray) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        path = log_dir / "panels" / f"epoch_{trainer.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(panel).save(path)
+        for logger in trainer.loggers:
+            experiment = logger.experiment
+            if hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("panels", panel, trainer.global_step, dataformats="HWC")
+            elif hasattr(logger, "log_image"):  # W&B
+                logger.log_image("panels", [panel], step=trainer.global_step)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each prediction as an index PNG and a colour-palette PNG.
+
+    Files go to ``<output_dir>/<name>.png`` (class indices) and ``<output_dir>/<name>_color.png``.
+
+    Args:
+        output_dir: Folder of the predictions; None uses ``<log_dir>/predictions``.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Save the batch's predictions."""
+        folder = Path(self.output_dir or Path(trainer.log_dir or ".") / "predictions")
+        folder.mkdir(parents=True, exist_ok=True)
+        num_classes = pl_module.hparams["num_classes"]
+        for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
+            indices = labels.to(torch.uint8).cpu().numpy()
+            Image.fromarray(indices).save(folder / f"{name}.png")
+            Image.fromarray(colorize(indices, num_classes)).save(folder / f"{name}_color.png")

@@ -1,0 +1,124 @@
+"""AGMMSegmenter and the OEM callback: training steps, sampling, mixtures and resuming."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agmm_lightning import AGMMSegmenter
+from agmm_lightning.data import SyntheticDataModule
+
+
+def tiny_data(**kwargs):
+    args = dict(num_train=8, num_val=4, num_test=4, image_size=32, crop_size=32, batch_size=4)
+    return SyntheticDataModule(**(args | kwargs))
+
+
+def tiny_model(**kwargs):
+    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=1)
+    return AGMMSegmenter(**(args | kwargs))
+
+
+def trainer(tmp_path, **kwargs):
+    args = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    return pl.Trainer(**(args | kwargs))
+
+
+def test_mixtures_change_after_training_steps_and_stay_finite(tmp_path):
+    model = tiny_model(mixture_count=2)
+    before = {k: v.clone() for k, v in model.mixtures.state_dict().items()}
+    trainer(tmp_path, max_steps=3).fit(model, tiny_data())
+    after = model.mixtures.state_dict()
+    assert after["initialized"].any()
+    for name in ("means", "variances", "weights"):
+        assert torch.isfinite(after[name]).all()
+        assert not torch.equal(after[name], before[name])
+    assert "train_pseudo_coverage" in trainer_metrics(tmp_path, model)
+
+
+def trainer_metrics(tmp_path, model):
+    run = trainer(tmp_path, max_steps=1)
+    run.fit(model, tiny_data())
+    return run.callback_metrics
+
+
+class StopAfterEpochs(pl.Callback):
+    """Interrupt a run at the end of an epoch, as a crash or a time limit would."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_restores_the_mixtures_exactly(tmp_path):
+    def fit(root, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny_model(mixture_count=2, oem_momentum=0.5)
+        run = trainer(root, max_epochs=3, enable_checkpointing=True, callbacks=list(callbacks))
+        run.fit(model, tiny_data(augment=False), ckpt_path=ckpt_path)
+        return model, run
+
+    straight, _ = fit(tmp_path / "straight")
+    interrupted, first = fit(tmp_path / "interrupted", [StopAfterEpochs(2)])
+    assert first.current_epoch == 2
+    assert not torch.equal(interrupted.mixtures.means, straight.mixtures.means)
+    checkpoint = first.checkpoint_callback.best_model_path
+    resumed, _ = fit(tmp_path / "resumed", ckpt_path=checkpoint)
+    for name, value in straight.mixtures.state_dict().items():
+        torch.testing.assert_close(resumed.mixtures.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert straight.mixtures.initialized.any()
+
+
+def test_labelled_features_are_the_upsampled_embeddings_at_the_labels():
+    model = tiny_model()
+    embeddings = torch.randn(2, 64, 8, 10)
+    target = torch.full((2, 32, 40), 6)
+    target[0, 3, 5] = 1
+    target[1, 30, 39] = 4
+    target[1, 0, 0] = 2
+    batch = {"target": target, "image_classes": torch.ones(2, 6)}
+    samples, labels, allowed = model._labelled_samples(batch, embeddings, target)
+    upsampled = F.interpolate(embeddings, size=(32, 40), mode="bilinear", align_corners=False)
+    expected = torch.stack([upsampled[0, :, 3, 5], upsampled[1, :, 0, 0], upsampled[1, :, 30, 39]])
+    torch.testing.assert_close(samples, expected)
+    assert labels.tolist() == [1, 2, 4] and allowed.all()
+
+
+@pytest.mark.parametrize("method", ["agmm", "cvpr", "baseline"])
+def test_a_crop_without_labels_keeps_the_loss_finite(method):
+    model = tiny_model(method=method, warmup_steps=0)
+    batch = {
+        "image": torch.randn(2, 3, 32, 32),
+        "target": torch.full((2, 32, 32), 6),
+        "image_classes": torch.zeros(2, 6),
+    }
+    batch["target"][:, :, 20:] = 255
+    losses, _ = model.compute_losses(batch)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_label_values_are_rejected():
+    model = tiny_model()
+    batch = {"image": torch.randn(1, 3, 32, 32), "target": torch.full((1, 32, 32), 9)}
+    with pytest.raises(ValueError, match="target values"):
+        model.compute_losses(batch)
+
+
+def test_forward_crops_padding_back_for_any_size():
+    model = tiny_model(arch="DeepLabV3Plus").eval()
+    logits, features = model(torch.randn(1, 3, 37, 45))
+    assert logits.shape == (1, 6, 37, 45)
+    assert features.shape[-2:] == (10, 12)
