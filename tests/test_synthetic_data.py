@@ -189,8 +189,8 @@ def test_module_metadata_and_validation() -> None:
         _module(num_train=2).train_dataloader()
 
 
-def test_simulated_full_label_turns_void_into_unlabelled() -> None:
+def test_simulated_full_label_keeps_void() -> None:
     mask = np.array([[0, 1], [255, 2]], np.uint8)
     label = simulate_weak_label(mask, "full", 3, weak_label_rng(0, "a"))
     assert label.target is not None
-    assert label.target.tolist() == [[0, 1], [3, 2]]
+    assert label.target.tolist() == [[0, 1], [255, 2]]

@@ -115,7 +115,8 @@ def simulate_weak_label(
         ValueError: If ``form`` is not a known weak-label form.
     """
     if form == "full":
-        return WeakLabel(target=np.where(mask == VOID, num_classes, mask).astype(np.uint8))
+        # Dense supervision has no unlabelled pixels: the dataset's "don't care" stays void.
+        return WeakLabel(target=mask.astype(np.uint8))
     if form == "point":
         points = sample_points(
             mask, rng, points_per_segment=points_per_segment, num_classes=num_classes

@@ -1,0 +1,365 @@
+"""ADE20K scene parsing (ADEChallengeData2016, 150 classes).
+
+Layout (``root`` = ``ADEChallengeData2016``)::
+
+    images/{training,validation}/<stem>.jpg
+    annotations/{training,validation}/<stem>.png    0 = "other" -> void, k -> class k - 1
+    train/sparse_label/block{10,20,50}/<stem>.png   Tree-Energy-Loss blocks, same raw encoding
+                                                    (0 = not annotated -> unlabelled)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from agmm_lightning.data.base import WeakLabelForm
+from agmm_lightning.data.files import (
+    FileDataModule,
+    ImageRecord,
+    LabelDecoder,
+    WeakLabelReader,
+    index_files,
+    match_images,
+    require_directory,
+)
+from agmm_lightning.weak_labels import VOID
+
+__all__ = ["ADE20K_CLASSES", "ADE20KDataModule", "reduce_zero_label"]
+
+ADE20K_CLASSES: tuple[str, ...] = tuple(
+    name.replace(" ", "_")
+    for name in (
+        "wall",
+        "building",
+        "sky",
+        "floor",
+        "tree",
+        "ceiling",
+        "road",
+        "bed",
+        "windowpane",
+        "grass",
+        "cabinet",
+        "sidewalk",
+        "person",
+        "earth",
+        "door",
+        "table",
+        "mountain",
+        "plant",
+        "curtain",
+        "chair",
+        "car",
+        "water",
+        "painting",
+        "sofa",
+        "shelf",
+        "house",
+        "sea",
+        "mirror",
+        "rug",
+        "field",
+        "armchair",
+        "seat",
+        "fence",
+        "desk",
+        "rock",
+        "wardrobe",
+        "lamp",
+        "bathtub",
+        "railing",
+        "cushion",
+        "base",
+        "box",
+        "column",
+        "signboard",
+        "chest of drawers",
+        "counter",
+        "sand",
+        "sink",
+        "skyscraper",
+        "fireplace",
+        "refrigerator",
+        "grandstand",
+        "path",
+        "stairs",
+        "runway",
+        "case",
+        "pool table",
+        "pillow",
+        "screen door",
+        "stairway",
+        "river",
+        "bridge",
+        "bookcase",
+        "blind",
+        "coffee table",
+        "toilet",
+        "flower",
+        "book",
+        "hill",
+        "bench",
+        "countertop",
+        "stove",
+        "palm",
+        "kitchen island",
+        "computer",
+        "swivel chair",
+        "boat",
+        "bar",
+        "arcade machine",
+        "hovel",
+        "bus",
+        "towel",
+        "light",
+        "truck",
+        "tower",
+        "chandelier",
+        "awning",
+        "streetlight",
+        "booth",
+        "television receiver",
+        "airplane",
+        "dirt track",
+        "apparel",
+        "pole",
+        "land",
+        "bannister",
+        "escalator",
+        "ottoman",
+        "bottle",
+        "buffet",
+        "poster",
+        "stage",
+        "van",
+        "ship",
+        "fountain",
+        "conveyer belt",
+        "canopy",
+        "washer",
+        "plaything",
+        "swimming pool",
+        "stool",
+        "barrel",
+        "basket",
+        "waterfall",
+        "tent",
+        "bag",
+        "minibike",
+        "cradle",
+        "oven",
+        "ball",
+        "food",
+        "step",
+        "tank",
+        "trade name",
+        "microwave",
+        "pot",
+        "animal",
+        "bicycle",
+        "lake",
+        "dishwasher",
+        "screen",
+        "blanket",
+        "sculpture",
+        "hood",
+        "sconce",
+        "vase",
+        "traffic light",
+        "tray",
+        "ashcan",
+        "fan",
+        "pier",
+        "crt screen",
+        "plate",
+        "monitor",
+        "bulletin board",
+        "shower",
+        "radiator",
+        "glass",
+        "clock",
+        "flag",
+    )  # fmt: skip
+)
+"""The 150 ADE20K class names in class order (spaces replaced by underscores)."""
+
+
+def reduce_zero_label(raw: np.ndarray, path: Path, *, zero_value: int) -> np.ndarray:
+    """Decode ADE20K's raw labels: 0 -> ``zero_value``, k -> k - 1.
+
+    Args:
+        raw: The PNG's values (0..150).
+        path: Its file (unused).
+        zero_value: What 0 ("other", or "not annotated" in block files) becomes: 255 (void) in
+            masks, C (unlabelled) in weak labels.
+
+    Returns:
+        The decoded map (values above 150 stay out of range for the caller's check).
+    """
+    del path
+    return np.where(raw == 0, zero_value, raw.astype(np.int64) - 1)
+
+
+class ADE20KDataModule(FileDataModule):
+    """ADE20K with block labels, or simulated ones (see the module docstring).
+
+    Args:
+        root: The ``ADEChallengeData2016`` folder; other paths are relative to it.
+        weak_label: Form of the training label (METHOD §4): "block" reads ``block_dir``,
+            "image" ``cam_dir`` and the masks' tags; other forms need ``simulate``.
+        simulate: Derive the weak label from the dense masks (seeded) instead of reading files.
+        train_split: Training folder under ``images/`` and ``annotations/``.
+        val_split: Validation folder.
+        test_split: Test folder; None evaluates on ``val_split``.
+        block_dir: Folder of block PNGs in the raw encoding.
+        unlabeled_value: Value marking unlabelled pixels in CAM PNGs; None detects it per file.
+        cam_dir: Folder of CAM pseudo-label PNGs for ``weak_label="image"``.
+        points_per_segment: Clicks per connected segment for simulated points.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class.
+        batch_size: Training images per batch.
+        crop_size: Side of the square training crop, in pixels.
+        num_workers: DataLoader worker processes.
+        seed: Seed of shuffling, augmentation and weak-label simulation.
+        augment: Random scale, flip and colour jitter of training crops.
+
+    Raises:
+        ValueError: If an option is out of range.
+    """
+
+    layout = "images/{training,validation}/ and annotations/{training,validation}/"
+    mask_fix = "Annotations must be raw ADE20K PNGs (0 = other, 1..150 = classes)."
+
+    def __init__(
+        self,
+        root: str,
+        weak_label: WeakLabelForm = "block",
+        simulate: bool = False,
+        train_split: str = "training",
+        val_split: str = "validation",
+        test_split: str | None = None,
+        block_dir: str = "train/sparse_label/block10",
+        unlabeled_value: int | None = None,
+        cam_dir: str | None = None,
+        points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
+        batch_size: int = 16,
+        crop_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
+        super().__init__(
+            root,
+            weak_label=weak_label,
+            simulate=simulate,
+            unlabeled_value=unlabeled_value,
+            cam_dir=cam_dir,
+            points_per_segment=points_per_segment,
+            block_fraction=block_fraction,
+            box_core_fraction=box_core_fraction,
+            batch_size=batch_size,
+            crop_size=crop_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+        )
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self.block_dir = block_dir
+
+    @property
+    def num_classes(self) -> int:
+        """150 classes."""
+        return len(ADE20K_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The ADE20K class names."""
+        return list(ADE20K_CLASSES)
+
+    def mask_decoder(self) -> LabelDecoder:
+        """Reduce zero label: 0 -> void, k -> k - 1.
+
+        Returns:
+            The decoder.
+        """
+        return partial(reduce_zero_label, zero_value=VOID)
+
+    def find_images(self) -> dict[str, Path]:
+        """Index ``images/<split>/`` for every configured split.
+
+        Returns:
+            ``stem -> image file``.
+
+        Raises:
+            FileNotFoundError: If ``images/`` does not exist.
+        """
+        folder = require_directory(self.root / "images", "root", "images/<split>/<stem>.jpg")
+        index: dict[str, Path] = {}
+        for name in self.split_names.values():
+            if name is not None:
+                index.update(index_files(folder / name, (".jpg",)))
+        return index
+
+    def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
+        """List ``images/<split>/`` and pair each image with its annotation.
+
+        Args:
+            split: "train", "val" or "test" (``val_split`` when ``test_split`` is None).
+
+        Returns:
+            The split's records.
+
+        Raises:
+            FileNotFoundError: If the split's folder does not exist.
+            ValueError: If it holds no image.
+        """
+        if split == "test" and self.split_names["test"] is None:
+            split = "val"
+        folder_name = str(self.split_names[split])
+        option = f"{split}_split"
+        folder = require_directory(self.root / "images" / folder_name, option, "<stem>.jpg images")
+        images = index_files(folder, (".jpg",))
+        if not images:
+            raise ValueError(
+                f"{folder}: no .jpg image; expected the {split} images. Check `{option}`."
+            )
+        annotations = self.root / "annotations" / folder_name
+        return match_images(
+            list(images),
+            images,
+            source=f"{folder} (`{option}`)",
+            expected_image=lambda stem: folder / f"{stem}.jpg",
+            mask_path=lambda stem: annotations / f"{stem}.png",
+        )
+
+    def native_weak_labels(
+        self, form: WeakLabelForm, names: Sequence[str]
+    ) -> WeakLabelReader | None:
+        """Read ``block_dir`` ("block").
+
+        Args:
+            form: The weak-label form.
+            names: The training stems.
+
+        Returns:
+            The reader.
+
+        Raises:
+            ValueError: For forms without files.
+        """
+        if form == "block":
+            return self.png_weak_labels(
+                self.path(self.block_dir),
+                "block_dir",
+                names,
+                decode=partial(reduce_zero_label, zero_value=self.num_classes),
+                fix="Block labels must use the raw ADE20K encoding (0 = not annotated, 1..150).",
+            )
+        return super().native_weak_labels(form, names)

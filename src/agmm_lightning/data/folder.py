@@ -1,0 +1,291 @@
+"""Bring your own data: a generic folder of images, masks, split lists and weak labels.
+
+Layout (``root``)::
+
+    images/<stem>.png|.jpg          RGB (grey is converted to RGB)
+    masks/<stem>.png                dense class-index masks, 255 = void (optional for training)
+    splits/train.txt, val.txt, test.txt   one stem per line (test optional: val is used)
+    classes.txt                     optional, one class name per line (line i = class i)
+    weak/<form>/<stem>.png          optional ready-made weak labels (point|scribble|block|box|image)
+    weak/box/<stem>.json            optional boxes: [{"label": int, "box": [x0, y0, x1, y1]}, ...]
+
+Without ``weak/<form>/`` the weak label is simulated from ``masks/`` (seeded, the same every
+epoch). Validation and test always use ``masks/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from agmm_lightning.data.base import WeakLabel, WeakLabelForm
+from agmm_lightning.data.files import (
+    IMAGE_SUFFIXES,
+    FileDataModule,
+    ImageRecord,
+    LabelFiles,
+    MaskTags,
+    TagReader,
+    WeakLabelReader,
+    index_files,
+    index_label_files,
+    match_images,
+    read_id_list,
+    read_json,
+    require_directory,
+)
+
+__all__ = ["FolderDataModule", "read_box_file"]
+
+
+def read_box_file(path: Path, num_classes: int) -> np.ndarray:
+    """Read a box file: ``[{"label": int, "box": [x0, y0, x1, y1]}, ...]`` in pixel edges.
+
+    ``x1`` and ``y1`` are exclusive (a box covering only pixel (0, 0) is ``[0, 0, 1, 1]``).
+
+    Args:
+        path: JSON file.
+        num_classes: C.
+
+    Returns:
+        float32 [N,5] rows ``(x0, y0, x1, y1, class)``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a list of such objects, or a label is out of range.
+    """
+    expected = 'a JSON list of {"label": int, "box": [x0, y0, x1, y1]}'
+    entries = read_json(path, "weak/box", expected)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected {expected}, got {type(entries).__name__}.")
+    rows = []
+    for entry in entries:
+        try:
+            label = int(entry["label"])
+            x0, y0, x1, y1 = (float(value) for value in entry["box"])
+        except (TypeError, KeyError, ValueError) as error:
+            raise ValueError(f"{path}: entry {entry!r} is not {expected}.") from error
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"{path}: box label {label} is out of range; expected 0..{num_classes - 1}."
+            )
+        rows.append((x0, y0, x1, y1, label))
+    return np.asarray(rows, np.float32).reshape(-1, 5)
+
+
+@dataclass(frozen=True)
+class BoxFileWeakLabels:
+    """Boxes read from one ``<stem>.json`` per image.
+
+    Attributes:
+        files: The box folder.
+        num_classes: C.
+        needs_mask: Always False.
+    """
+
+    files: LabelFiles
+    num_classes: int
+    needs_mask: bool = field(default=False, init=False)
+
+    def __call__(
+        self, record: ImageRecord, shape: tuple[int, int], mask: np.ndarray | None
+    ) -> WeakLabel:
+        """Return the boxes of an image (a ``WeakLabelReader``)."""
+        del shape, mask
+        return WeakLabel(boxes=read_box_file(self.files.path(record.name), self.num_classes))
+
+
+class FolderDataModule(FileDataModule):
+    """Images, masks and weak labels in the generic folder layout (see the module docstring).
+
+    Args:
+        root: The dataset folder.
+        weak_label: Form of the training label (METHOD §4).
+        simulate: Simulate the weak label from ``masks/`` even where ``weak/<form>/`` exists.
+        num_classes: Number of classes C; None reads it from ``classes.txt``.
+        train_split: Name of the training list in ``splits/``.
+        val_split: Name of the validation list in ``splits/``.
+        test_split: Name of the test list in ``splits/`` (the validation list if it is missing).
+        unlabeled_value: Value marking unlabelled pixels in ``weak/`` and CAM PNGs; None
+            detects it per file (C if the file holds C, else 255).
+        cam_dir: Folder of CAM pseudo labels for ``weak_label="image"`` (relative to ``root``);
+            None uses ``weak/image/`` when it exists, else trains on the tags of the masks.
+        points_per_segment: Clicks per connected segment for simulated points.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class.
+        batch_size: Training images per batch.
+        crop_size: Side of the square training crop, in pixels.
+        num_workers: DataLoader worker processes.
+        seed: Seed of shuffling, augmentation and weak-label simulation.
+        augment: Random scale, flip and colour jitter of training crops.
+
+    Raises:
+        FileNotFoundError: If ``num_classes`` is None and ``root`` or ``classes.txt`` does not
+            exist.
+        ValueError: If ``num_classes`` disagrees with ``classes.txt`` or an option is out of
+            range.
+    """
+
+    layout = "images/, masks/, splits/{train,val}.txt and optionally classes.txt and weak/"
+    mask_fix = "Masks in masks/ must be class-index PNGs (0..C-1, 255 = void)."
+
+    def __init__(
+        self,
+        root: str,
+        weak_label: WeakLabelForm = "point",
+        simulate: bool = False,
+        num_classes: int | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        unlabeled_value: int | None = None,
+        cam_dir: str | None = None,
+        points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
+        batch_size: int = 8,
+        crop_size: int = 321,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
+        super().__init__(
+            root,
+            weak_label=weak_label,
+            simulate=simulate,
+            unlabeled_value=unlabeled_value,
+            cam_dir=cam_dir,
+            points_per_segment=points_per_segment,
+            block_fraction=block_fraction,
+            box_core_fraction=box_core_fraction,
+            batch_size=batch_size,
+            crop_size=crop_size,
+            num_workers=num_workers,
+            seed=seed,
+            augment=augment,
+        )
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self._class_names = self._read_class_names(num_classes)
+
+    def _read_class_names(self, num_classes: int | None) -> list[str]:
+        """Class names from ``classes.txt``, or ``class_<i>`` when only ``num_classes`` is given."""
+        path = self.root / "classes.txt"
+        if not path.is_file():
+            if num_classes is None:
+                require_directory(self.root, "root", self.layout)
+                raise FileNotFoundError(
+                    f"{path}: file not found; expected one class name per line. Add it, or set "
+                    "the `num_classes` option."
+                )
+            return [f"class_{index}" for index in range(num_classes)]
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if num_classes is not None and num_classes != len(names):
+            raise ValueError(
+                f"{path}: lists {len(names)} classes but num_classes={num_classes}. Fix one of "
+                "them (or leave `num_classes` unset)."
+            )
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self._class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names from ``classes.txt`` (``class_<i>`` without it)."""
+        return list(self._class_names)
+
+    def find_images(self) -> dict[str, Path]:
+        """Index ``images/``.
+
+        Returns:
+            ``stem -> image file``.
+
+        Raises:
+            FileNotFoundError: If ``images/`` does not exist.
+        """
+        folder = require_directory(self.root / "images", "root", "images/<stem>.png|.jpg")
+        return index_files(folder, IMAGE_SUFFIXES)
+
+    def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
+        """Read ``splits/<name>.txt`` and pair each stem with its image and mask.
+
+        Args:
+            split: "train", "val" or "test" (the validation list when the test list is missing).
+
+        Returns:
+            The split's records.
+        """
+        name = self.split_names[split]
+        path = self.root / "splits" / f"{name}.txt"
+        if split == "test" and not path.is_file():
+            return self.split_records("val")
+        option = f"{split}_split"
+        names = read_id_list(path, option)
+        return match_images(
+            names,
+            self.image_index(),
+            source=f"{path} (`{option}`)",
+            expected_image=lambda stem: self.root / "images" / f"{stem}.png",
+            mask_path=lambda stem: self.root / "masks" / f"{stem}.png",
+        )
+
+    def native_weak_labels(
+        self, form: WeakLabelForm, names: Sequence[str]
+    ) -> WeakLabelReader | None:
+        """Read ``weak/<form>/`` (JSON or PNG boxes for "box"); None simulates when it is missing.
+
+        Args:
+            form: "point", "scribble", "block" or "box".
+            names: The training stems.
+
+        Returns:
+            The reader, or None.
+        """
+        folder = self.root / "weak" / form
+        if not folder.is_dir():
+            return None
+        option = f"weak/{form}"
+        if form == "box" and any(folder.glob("*.json")):
+            files = index_label_files(
+                folder, (".json",), option=option, known=self.image_index(), needed=names
+            )
+            return BoxFileWeakLabels(files, self.num_classes)
+        return self.png_weak_labels(folder, option, names, as_points=form == "point")
+
+    def cam_folder(self) -> Path | None:
+        """``cam_dir``, else ``weak/image/`` when it exists.
+
+        Returns:
+            The folder of CAM pseudo labels, or None.
+        """
+        folder = super().cam_folder()
+        default = self.root / "weak" / "image"
+        return folder if folder is not None or not default.is_dir() else default
+
+    def image_tags(self, names: Sequence[str]) -> TagReader | None:
+        """Tags from the masks when ``masks/`` exists, else from the CAM pseudo labels.
+
+        Args:
+            names: The training stems.
+
+        Returns:
+            The tag reader, or None.
+
+        Raises:
+            ValueError: If there are neither masks nor CAM pseudo labels.
+        """
+        del names
+        if (self.root / "masks").is_dir():
+            return MaskTags(self.num_classes)
+        if self.cam_folder() is None:
+            raise ValueError(
+                f"{self.root}: weak_label='image' needs tags or pseudo labels, but there is "
+                "neither masks/ nor weak/image/. Add one of them, or set the `cam_dir` option."
+            )
+        return None
