@@ -29,7 +29,6 @@ from agmm_lightning.data.transforms import (
     train_transform,
 )
 from agmm_lightning.weak_labels import (
-    VOID,
     boxes_from_mask,
     sample_points,
     simulate_blocks,
