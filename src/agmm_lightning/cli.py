@@ -9,7 +9,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from agmm_lightning.data import AGMMDataModule
-from agmm_lightning.module import AGMMSegmenter
 
 __all__ = ["AGMMLightningCLI", "main"]
 
@@ -53,7 +52,7 @@ def main(args: list[str] | None = None) -> None:
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     AGMMLightningCLI(
-        AGMMSegmenter,
+        LightningModule,
         AGMMDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
