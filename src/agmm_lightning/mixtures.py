@@ -129,7 +129,8 @@ class ClassMixtures(nn.Module):
     def component_log_prob(self, x: Tensor) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
-        The quadratic form is three matrix products, never an ``[N, C, K, D]`` broadcast.
+        One matrix product of ``[x⊙x, x, 1]`` with the stacked natural parameters, never an
+        ``[N, C, K, D]`` broadcast and no further pass over the ``[N, C·K]`` result.
 
         Args:
             x: ``[N, D]`` features.
@@ -139,17 +140,27 @@ class ClassMixtures(nn.Module):
         """
         self._check_features(x)
         x = x.to(self.means.dtype)
-        precision = self.variances.reciprocal().flatten(0, 1)  # [CK, D]
-        scaled_means = self.means.flatten(0, 1) * precision
-        quadratic = (
-            (x * x) @ precision.T
-            - 2 * (x @ scaled_means.T)
-            + (self.means.flatten(0, 1) * scaled_means).sum(1)
-        ).clamp_min(0)
-        log_norm = self.variances.log().sum(-1).flatten() + self.dim * math.log(2 * math.pi)
-        log_density = -0.5 * (quadratic + log_norm)
-        log_density = log_density + self.weights.clamp_min(1e-30).log().flatten()
-        return log_density.view(-1, self.num_classes, self.mixture_count)
+        features = torch.cat([x * x, x, x.new_ones(x.shape[0], 1)], dim=1)
+        return (features @ self._natural_parameters()).view(
+            -1, self.num_classes, self.mixture_count
+        )
+
+    def _natural_parameters(self) -> Tensor:
+        """``[2D + 1, C·K]`` matrix M with ``[x⊙x, x, 1] @ M = log w + log N(x)``."""
+        precision = self.variances.reciprocal()
+        scaled_means = self.means * precision
+        constant = -0.5 * (
+            (self.means * scaled_means).sum(-1)
+            + self.variances.log().sum(-1)
+            + self.dim * math.log(2 * math.pi)
+        ) + self.weights.clamp_min(1e-30).log()
+        return torch.cat(
+            [
+                -0.5 * precision.flatten(0, 1).T,
+                scaled_means.flatten(0, 1).T,
+                constant.flatten()[None],
+            ]
+        )
 
     def log_likelihood(self, x: Tensor) -> Tensor:
         """``log p(x | c)`` of every feature under every class's mixture.
@@ -225,10 +236,11 @@ class ClassMixtures(nn.Module):
         shape = (self.num_classes, self.mixture_count)
         candidates, valid, index = self._sample_candidates(x, weights > 0)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
+        moments = (weighted.T @ torch.cat([x, x * x], dim=1)).view(*shape, 2 * self.dim)
         return MixtureStatistics(
             weight=weighted.sum(0).view(shape),
-            sum=(weighted.T @ x).view(*shape, self.dim),
-            square_sum=(weighted.T @ (x * x)).view(*shape, self.dim),
+            sum=moments[..., : self.dim],
+            square_sum=moments[..., self.dim :],
             candidates=candidates,
             candidate_valid=valid,
             candidate_score=score,
