@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Median wall time of ``fn`` after one warm-up call."""
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Fastest wall time of ``fn`` over ``repeats`` calls after a warm-up (as ``timeit``).
+
+    The minimum is the measurement least disturbed by other processes on a shared machine.
+    """
     fn()
     synchronize(device)
     times = []
@@ -26,7 +28,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _status_kib(field: str) -> int:

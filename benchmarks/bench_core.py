@@ -15,7 +15,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from _measure import median_seconds, peak_memory_mib
+from _measure import best_seconds, peak_memory_mib
 
 from agmm_lightning.losses import cvpr_agmm_losses
 from agmm_lightning.mixtures import ClassMixtures
@@ -92,9 +92,9 @@ def loss_block(device, repeats):
     ours = run(lambda f, z: cvpr_agmm_losses(f, z, target, num_classes)["total"])
     broadcast = run(lambda f, z: broadcast_cvpr_losses(f, z, target, num_classes))
     return {
-        "ours": (median_seconds(ours, device, repeats), peak_memory_mib(ours, device)),
+        "ours": (best_seconds(ours, device, repeats), peak_memory_mib(ours, device)),
         "broadcast": (
-            median_seconds(broadcast, device, repeats),
+            best_seconds(broadcast, device, repeats),
             peak_memory_mib(broadcast, device),
         ),
     }
@@ -114,8 +114,8 @@ def oem_step(device, repeats, num_classes, batch, size, components=4, dim=64):
         mixtures.update(mixtures.sufficient_statistics(x, fitting))
 
     weight = torch.randn(dim, num_classes * components, generator=gen).to(device)
-    seconds = median_seconds(step, device, repeats)
-    matmul = median_seconds(lambda: x @ weight, device, repeats * 4)
+    seconds = best_seconds(step, device, repeats)
+    matmul = best_seconds(lambda: x @ weight, device, repeats * 4)
     return seconds, matmul, count
 
 

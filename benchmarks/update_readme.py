@@ -1,0 +1,28 @@
+"""Copy the benchmark outputs in results/ into the README, between their markers.
+
+Each ``<!-- results/NAME.md -->`` ... ``<!-- end -->`` block is replaced by that file's content,
+so the README's tables are always the scripts' own output. Run: ``python benchmarks/update_readme.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"<!-- (results/[\w.-]+) -->\n.*?<!-- end -->", re.DOTALL)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+
+    def fill(match: re.Match[str]) -> str:
+        source = match.group(1)
+        body = (ROOT / source).read_text().strip()
+        return f"<!-- {source} -->\n{body}\n<!-- end -->"
+
+    readme.write_text(BLOCK.sub(fill, readme.read_text()))
+
+
+if __name__ == "__main__":
+    main()
