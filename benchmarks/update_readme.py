@@ -1,7 +1,9 @@
 """Copy the benchmark outputs in results/ into the README, between their markers.
 
 Each ``<!-- results/NAME.md -->`` ... ``<!-- end -->`` block is replaced by that file's content,
-so the README's tables are always the scripts' own output. Run: ``python benchmarks/update_readme.py``.
+so the README's tables are always the scripts' own output.
+
+Run: ``python benchmarks/update_readme.py``.
 """
 
 from __future__ import annotations
