@@ -149,11 +149,12 @@ class ClassMixtures(nn.Module):
         """``[2D + 1, C·K]`` matrix M with ``[x⊙x, x, 1] @ M = log w + log N(x)``."""
         precision = self.variances.reciprocal()
         scaled_means = self.means * precision
-        constant = -0.5 * (
+        quadratic_and_volume = (
             (self.means * scaled_means).sum(-1)
             + self.variances.log().sum(-1)
             + self.dim * math.log(2 * math.pi)
-        ) + self.weights.clamp_min(1e-30).log()
+        )
+        constant = self.weights.clamp_min(1e-30).log() - 0.5 * quadratic_and_volume
         return torch.cat(
             [
                 -0.5 * precision.flatten(0, 1).T,
