@@ -1,7 +1,14 @@
 """Weakly-supervised semantic segmentation with adaptive Gaussian mixtures."""
 
-from agmm_lightning.callbacks import AGMMPseudoLabeler
-from agmm_lightning.mixtures import ClassMixtures
-from agmm_lightning.module import AGMMSegmenter
+import os
 
-__all__ = ["AGMMPseudoLabeler", "AGMMSegmenter", "ClassMixtures"]
+# albumentations asks PyPI for a newer version at import: never phone home from a library.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+from agmm_lightning.callbacks import AGMMPseudoLabeler  # noqa: E402
+from agmm_lightning.cam import CAMClassifier  # noqa: E402
+from agmm_lightning.mixtures import ClassMixtures  # noqa: E402
+from agmm_lightning.module import AGMMSegmenter  # noqa: E402
+
+__all__ = ["AGMMPseudoLabeler", "AGMMSegmenter", "CAMClassifier", "ClassMixtures"]

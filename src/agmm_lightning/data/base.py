@@ -38,11 +38,13 @@ from agmm_lightning.weak_labels import (
 
 WeakLabelForm = Literal["full", "point", "scribble", "block", "box", "image"]
 Split = Literal["train", "val", "test", "predict"]
-Mode = Literal["train", "eval", "predict"]
+Mode = Literal["train", "eval", "predict", "tagged"]
+PredictSplit = Literal["test", "train"]
 
 __all__ = [
     "AGMMDataModule",
     "Mode",
+    "PredictSplit",
     "Split",
     "WeakLabel",
     "WeakLabelDataset",
@@ -141,8 +143,9 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
 
     Args:
         num_classes: Number of classes C.
-        mode: "train" (augmented, weak label), "eval" (full image and dense mask) or "predict"
-            (full image only).
+        mode: "train" (augmented, weak label), "eval" (full image and dense mask), "predict"
+            (full image only) or "tagged" (full image, its tags as ``image_classes`` and its dense
+            mask when there is one: what the CAM stage labels).
         transform: The albumentations pipeline (see :mod:`agmm_lightning.data.transforms`).
         weak_label: Form of the training label.
         seed: Seed of the weak-label simulation.
@@ -224,6 +227,16 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         name, image, mask = self.load(index)
         if self.mode == "predict":
             return build_eval_sample(self.transform, image, name=name)
+        if self.mode == "tagged":
+            tags = self.weak_label(name, mask).tags
+            if tags is None:
+                raise ValueError(
+                    f"Image {name!r} has no image-level tags; predicting on tagged training "
+                    "images needs weak_label='image'."
+                )
+            return build_eval_sample(
+                self.transform, image, name=name, mask=mask, image_classes=tags
+            )
         if self.mode == "eval":
             if mask is None:
                 raise ValueError(f"Evaluation needs a dense mask, but image {name!r} has none.")
@@ -246,8 +259,9 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on ``(seed, epoch)``, so a resumed run replays its order.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (under DDP it substitutes its
-    own distributed sampler, which is seeded the same way).
+    Lightning calls :meth:`set_epoch` at the start of every epoch. Under DDP it wraps this sampler
+    in a distributed one that shuffles again, seeded by ``seed_everything``: the order is still
+    reproducible, but it is not the single-device order.
 
     Args:
         size: Number of samples.
@@ -285,9 +299,14 @@ class AGMMDataModule(LightningDataModule, ABC):
         weak_label: Form of the training label (METHOD §4).
         augment: Random scale, flip and colour jitter on training crops (False keeps only the
             random crop and normalisation).
+        predict_split: Images of ``predict``: "test", or "train" with each image's tags as
+            ``image_classes`` (and its dense mask when there is one), which the CAM stage
+            (:class:`~agmm_lightning.cam.CAMClassifier`) turns into pseudo labels. "train" needs
+            ``weak_label="image"``.
 
     Raises:
-        ValueError: If a size or count is out of range or ``weak_label`` is unknown.
+        ValueError: If a size or count is out of range, ``weak_label`` is unknown, or
+            ``predict_split="train"`` comes without ``weak_label="image"``.
     """
 
     def __init__(
@@ -298,6 +317,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         seed: int = 0,
         weak_label: WeakLabelForm = "point",
         augment: bool = True,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__()
         if batch_size < 1 or crop_size < 1 or num_workers < 0:
@@ -309,6 +329,13 @@ class AGMMDataModule(LightningDataModule, ABC):
             raise ValueError(
                 f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
             )
+        if predict_split not in get_args(PredictSplit):
+            raise ValueError(f"predict_split must be 'test' or 'train', got {predict_split!r}.")
+        if predict_split == "train" and weak_label != "image":
+            raise ValueError(
+                "predict_split='train' predicts with the training images' tags, which "
+                f"weak_label='image' reads; got weak_label={weak_label!r}."
+            )
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.crop_size = crop_size
@@ -316,6 +343,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         self.seed = seed
         self.weak_label = weak_label
         self.augment = augment
+        self.predict_split = predict_split
         self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
 
     @property
@@ -345,21 +373,21 @@ class AGMMDataModule(LightningDataModule, ABC):
             A dataset yielding the sample dicts of METHOD §1.
         """
 
-    @staticmethod
-    def mode(split: Split) -> Mode:
+    def mode(self, split: Split) -> Mode:
         """Return the sample mode of a split.
 
         Args:
             split: The split.
 
         Returns:
-            "train", "predict" or (for val and test) "eval".
+            "train", "eval" (val and test), and for "predict": "predict", or "tagged" when
+            ``predict_split="train"``.
         """
         modes: dict[Split, Mode] = {
             "train": "train",
             "val": "eval",
             "test": "eval",
-            "predict": "predict",
+            "predict": "tagged" if self.predict_split == "train" else "predict",
         }
         return modes[split]
 
@@ -422,7 +450,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         return self._loader(self._dataset("test"), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
-        """Return the prediction DataLoader (full images without masks, in order)."""
+        """Return the prediction DataLoader (full images of ``predict_split``, in order)."""
         return self._loader(self._dataset("predict"), self.eval_batch_size)
 
     def _dataset(self, split: Split) -> Dataset[dict[str, Any]]:

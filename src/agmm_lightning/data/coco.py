@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from agmm_lightning.data.base import WeakLabelForm
+from agmm_lightning.data.base import PredictSplit, WeakLabelForm
 from agmm_lightning.data.files import (
     FileDataModule,
     ImageRecord,
@@ -151,6 +151,8 @@ class COCODataModule(FileDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of shuffling, augmentation and weak-label simulation.
         augment: Random scale, flip and colour jitter of training crops.
+        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
+            stage of ``weak_label="image"``).
 
     Raises:
         ValueError: If an option is out of range.
@@ -183,6 +185,7 @@ class COCODataModule(FileDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = True,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__(
             root,
@@ -198,6 +201,7 @@ class COCODataModule(FileDataModule):
             num_workers=num_workers,
             seed=seed,
             augment=augment,
+            predict_split=predict_split,
         )
         if tags_source not in ("masks", "onehot"):
             raise ValueError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from PIL import Image
 from agmm_lightning.data.base import (
     AGMMDataModule,
     Mode,
+    PredictSplit,
     Split,
     WeakLabel,
     WeakLabelDataset,
@@ -55,6 +57,7 @@ __all__ = [
     "WeakLabelReader",
     "check_label_values",
     "check_same_size",
+    "clip_boxes",
     "existing_files",
     "identity_mask",
     "image_size",
@@ -470,6 +473,33 @@ def points_from_target(target: np.ndarray, num_classes: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, 3), np.float32)
     return np.concatenate(rows).astype(np.float32)
+
+
+def clip_boxes(boxes: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndarray:
+    """Clip boxes to their image, with a warning counting those that stuck out.
+
+    Boxes left empty by the clipping (lying outside the image) are dropped.
+
+    Args:
+        boxes: float32 [N,5] rows ``(x0, y0, x1, y1, class)`` with exclusive far edges.
+        shape: The image's ``(height, width)``.
+        path: The file the boxes come from, named in the warning.
+
+    Returns:
+        float32 [M,5] boxes inside the image, M <= N.
+    """
+    height, width = shape
+    corners = np.clip(boxes[:, :4], 0, np.array([width, height, width, height], np.float32))
+    outside = int((corners != boxes[:, :4]).any(1).sum())
+    clipped = np.column_stack([corners, boxes[:, 4]]).astype(np.float32)
+    kept = clipped[(clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])]
+    if outside:
+        warnings.warn(
+            f"{path}: {outside} of {len(boxes)} box(es) extend beyond the {width}x{height} (WxH) "
+            f"image; clipped to it ({len(boxes) - len(kept)} left empty and dropped).",
+            stacklevel=2,
+        )
+    return kept
 
 
 def read_onehot_tags(path: Path, num_classes: int, option: str) -> dict[str, np.ndarray]:
@@ -965,6 +995,8 @@ class FileDataModule(AGMMDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of shuffling, augmentation and weak-label simulation.
         augment: Random scale, flip and colour jitter of training crops.
+        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
+            stage; see :class:`~agmm_lightning.data.base.AGMMDataModule`).
 
     Raises:
         ValueError: If an option is out of range.
@@ -992,6 +1024,7 @@ class FileDataModule(AGMMDataModule):
         num_workers: int,
         seed: int,
         augment: bool,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -1000,6 +1033,7 @@ class FileDataModule(AGMMDataModule):
             seed=seed,
             weak_label=weak_label,
             augment=augment,
+            predict_split=predict_split,
         )
         if unlabeled_value is not None and not 0 <= unlabeled_value <= VOID:
             raise ValueError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
@@ -1163,7 +1197,8 @@ class FileDataModule(AGMMDataModule):
         """Build the dataset of one split, checking its folders, lists and label files.
 
         Args:
-            split: "train", "val", "test" or "predict" (the test images without masks).
+            split: "train", "val", "test" or "predict" (the ``predict_split`` images: the test
+                images without masks, or the training images with their tags).
 
         Returns:
             The split's dataset.
@@ -1174,11 +1209,12 @@ class FileDataModule(AGMMDataModule):
             ValueError: If a split is empty or a weak-label file belongs to no image.
         """
         self.image_index()
-        records = self.split_records("test" if split == "predict" else split)
-        weak_labels = self._train_weak_labels(records) if split == "train" else None
+        records = self.split_records(self.predict_split if split == "predict" else split)
         mode = self.mode(split)
+        labelled = mode in ("train", "tagged")
+        weak_labels = self._train_weak_labels(records) if labelled else None
         masks_needed = mode == "eval" or (
-            split == "train" and (weak_labels is None or weak_labels.needs_mask)
+            labelled and (weak_labels is None or weak_labels.needs_mask)
         )
         return FileDataset(
             self._attach_masks(records, split, required=masks_needed),
@@ -1218,7 +1254,7 @@ class FileDataModule(AGMMDataModule):
             example = f"{mask}" if mask is not None else f"the dense mask of {missing[0].image}"
             if mask is not None and not mask.parent.is_dir():
                 example = f"{mask.parent}: directory not found, so {example}"
-            why = "evaluation" if split != "train" else f"weak_label={self.weak_label!r}"
+            why = "evaluation" if self.mode(split) == "eval" else f"weak_label={self.weak_label!r}"
             raise FileNotFoundError(
                 f"{example}: dense mask not found ({len(missing)} {split} image(s) have none); "
                 f"{why} needs the dense masks. {self.mask_fix}"

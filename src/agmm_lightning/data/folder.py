@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabel, WeakLabelForm
+from agmm_lightning.data.base import PredictSplit, WeakLabel, WeakLabelForm
 from agmm_lightning.data.files import (
     IMAGE_SUFFIXES,
     FileDataModule,
@@ -31,6 +31,7 @@ from agmm_lightning.data.files import (
     MaskTags,
     TagReader,
     WeakLabelReader,
+    clip_boxes,
     index_files,
     index_label_files,
     match_images,
@@ -94,9 +95,10 @@ class BoxFileWeakLabels:
     def __call__(
         self, record: ImageRecord, shape: tuple[int, int], mask: np.ndarray | None
     ) -> WeakLabel:
-        """Return the boxes of an image (a ``WeakLabelReader``)."""
-        del shape, mask
-        return WeakLabel(boxes=read_box_file(self.files.path(record.name), self.num_classes))
+        """Return the boxes of an image, clipped to it (a ``WeakLabelReader``)."""
+        del mask
+        path = self.files.path(record.name)
+        return WeakLabel(boxes=clip_boxes(read_box_file(path, self.num_classes), shape, path))
 
 
 class FolderDataModule(FileDataModule):
@@ -122,6 +124,8 @@ class FolderDataModule(FileDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of shuffling, augmentation and weak-label simulation.
         augment: Random scale, flip and colour jitter of training crops.
+        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
+            stage of ``weak_label="image"``).
 
     Raises:
         FileNotFoundError: If ``num_classes`` is None and ``root`` or ``classes.txt`` does not
@@ -152,6 +156,7 @@ class FolderDataModule(FileDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = True,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__(
             root,
@@ -167,6 +172,7 @@ class FolderDataModule(FileDataModule):
             num_workers=num_workers,
             seed=seed,
             augment=augment,
+            predict_split=predict_split,
         )
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self._class_names = self._read_class_names(num_classes)

@@ -20,6 +20,7 @@ import numpy as np
 from agmm_lightning.data.base import (
     AGMMDataModule,
     Mode,
+    PredictSplit,
     Split,
     WeakLabelDataset,
     WeakLabelForm,
@@ -293,7 +294,7 @@ class SyntheticDataModule(AGMMDataModule):
     Args:
         num_train: Number of training scenes.
         num_val: Number of validation scenes.
-        num_test: Number of test scenes (also used for prediction).
+        num_test: Number of test scenes (also used for prediction, see ``predict_split``).
         image_size: Side of each square scene, in pixels.
         num_classes: Number of classes: background + ``num_classes - 1`` shapes, at most
             ``len(SHAPE_NAMES) + 1``.
@@ -304,6 +305,8 @@ class SyntheticDataModule(AGMMDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the scenes, weak labels, shuffling and augmentation.
         augment: Random scale, flip and colour jitter of training crops.
+        predict_split: Scenes of ``predict``: "test", or "train" with their tags (the CAM stage
+            of ``weak_label="image"``).
 
     Raises:
         ValueError: If a count is negative or the scene arguments are unsupported.
@@ -323,6 +326,7 @@ class SyntheticDataModule(AGMMDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = True,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -331,6 +335,7 @@ class SyntheticDataModule(AGMMDataModule):
             seed=seed,
             weak_label=weak_label,
             augment=augment,
+            predict_split=predict_split,
         )
         if min(num_train, num_val, num_test) < 0:
             raise ValueError(
@@ -367,14 +372,15 @@ class SyntheticDataModule(AGMMDataModule):
         """Build the synthetic dataset of one split.
 
         Args:
-            split: "train", "val", "test" or "predict".
+            split: "train", "val", "test" or "predict" (the ``predict_split`` scenes).
 
         Returns:
             The split's dataset.
         """
+        scenes: Split = self.predict_split if split == "predict" else split
         return SyntheticDataset(
-            split,
-            self.lengths[split],
+            scenes,
+            self.lengths[scenes],
             self.image_size,
             self._num_classes,
             mode=self.mode(split),

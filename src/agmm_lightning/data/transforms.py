@@ -274,6 +274,7 @@ def build_eval_sample(
     *,
     name: str,
     mask: np.ndarray | None = None,
+    image_classes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Normalise one evaluation or prediction image and assemble the sample dict.
 
@@ -282,9 +283,11 @@ def build_eval_sample(
         image: RGB image, uint8 [H,W,3].
         name: Identifier of the image.
         mask: Dense ground truth [H,W] (255 void); omitted for prediction.
+        image_classes: The image's tags, float [C]; given when predicting on tagged images.
 
     Returns:
-        ``image`` float32 [3,H,W] and ``name``; ``mask`` int64 [H,W] when ``mask`` is given.
+        ``image`` float32 [3,H,W] and ``name``; ``mask`` int64 [H,W] when ``mask`` is given;
+        ``image_classes`` float32 [C] when ``image_classes`` is given.
 
     Raises:
         ValueError: If the image or mask has the wrong shape.
@@ -294,6 +297,8 @@ def build_eval_sample(
     sample: dict[str, Any] = {"image": _image_tensor(out["image"]), "name": name}
     if mask is not None:
         sample["mask"] = torch.from_numpy(out["mask"].astype(np.int64))
+    if image_classes is not None:
+        sample["image_classes"] = torch.as_tensor(image_classes, dtype=torch.float32)
     return sample
 
 

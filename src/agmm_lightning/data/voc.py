@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabel, WeakLabelForm
+from agmm_lightning.data.base import PredictSplit, WeakLabel, WeakLabelForm
 from agmm_lightning.data.files import (
     FileDataModule,
     ImageRecord,
@@ -35,6 +35,7 @@ from agmm_lightning.data.files import (
     TableTags,
     TagReader,
     WeakLabelReader,
+    clip_boxes,
     index_files,
     index_label_files,
     match_images,
@@ -152,11 +153,11 @@ class AnnotationBoxWeakLabels:
     def __call__(
         self, record: ImageRecord, shape: tuple[int, int], mask: np.ndarray | None
     ) -> WeakLabel:
-        """Return the boxes of an image (a ``WeakLabelReader``)."""
-        del shape, mask
+        """Return the boxes of an image, clipped to it (a ``WeakLabelReader``)."""
+        del mask
         path = self.files.path(record.name)
         boxes = read_voc_annotation(path, VOC_CLASSES, include_difficult=self.include_difficult)
-        return WeakLabel(boxes=boxes)
+        return WeakLabel(boxes=clip_boxes(boxes, shape, path))
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ class VOCDataModule(FileDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of shuffling, augmentation and weak-label simulation.
         augment: Random scale, flip and colour jitter of training crops.
+        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
+            stage of ``weak_label="image"``).
 
     Raises:
         ValueError: If an option is out of range.
@@ -253,6 +256,7 @@ class VOCDataModule(FileDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = True,
+        predict_split: PredictSplit = "test",
     ) -> None:
         super().__init__(
             root,
@@ -268,6 +272,7 @@ class VOCDataModule(FileDataModule):
             num_workers=num_workers,
             seed=seed,
             augment=augment,
+            predict_split=predict_split,
         )
         if tags_source not in ("annotations", "masks", "onehot"):
             raise ValueError(
