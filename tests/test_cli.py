@@ -1,11 +1,22 @@
 """The command line: fit/validate/test/predict through `main`, and its error messages."""
 
+import os
 from pathlib import Path
 
 import pytest
+import wandb
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from agmm_lightning.cli import main
+from agmm_lightning import AGMMSegmenter
+from agmm_lightning.cli import long_run_callbacks, main
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
 
@@ -65,3 +76,79 @@ def test_bad_configuration_exits_with_a_message(tmp_path, capsys, override, mess
         run(tmp_path, "fit", override, "--trainer.fast_dev_run=true")
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def fit_once(root: Path, *args: str) -> Path:
+    run(root, "fit", "--trainer.max_steps=1", "--trainer.logger=false", *args)
+    return next(root.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "found", "asked"),
+    [
+        ("--model.mixture_count=3", "mixture_count=1", "mixture_count=3"),
+        ("--model.embed_dim=32", "embed_dim=64", "embed_dim=32"),
+        (
+            "--model.encoder=tu-test_efficientnet",
+            "encoder='tu-test_resnet'",
+            "tu-test_efficientnet",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_model_is_refused_before_training(
+    tmp_path, capsys, override, found, asked
+):
+    checkpoint = fit_once(tmp_path / "first")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "second", "fit", f"--ckpt_path={checkpoint}", override)
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err
+    assert f"--ckpt_path={checkpoint} holds a model with {found}" in message
+    assert asked in message and "--model.init_args.encoder_weights=" in message
+    assert not (tmp_path / "second").exists()
+
+
+def test_long_runs_keep_best_and_last_checkpoints_beside_the_config(tmp_path):
+    run(tmp_path, "fit", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    assert "mixture_count: 1" in (run_dir / "config.yaml").read_text()
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert checkpoints[0].startswith("best-epoch=0-val_miou=") and checkpoints[1] == "last.ckpt"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert any(tag.startswith("lr-") for tag in events.Tags()["scalars"])
+
+
+def test_long_run_callbacks_stand_aside_when_switched_off_or_configured():
+    model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
+    kinds = {type(c) for c in long_run_callbacks({}, [], model)}
+    assert kinds == {RichProgressBar, ModelCheckpoint, LearningRateMonitor}
+    switched_off = {"enable_progress_bar": False, "enable_checkpointing": False, "logger": False}
+    assert long_run_callbacks(switched_off, [], model) == []
+    own = [ModelCheckpoint(monitor="val_loss"), TQDMProgressBar(), LearningRateMonitor()]
+    assert long_run_callbacks({}, own, model) == []
+    (checkpoint,) = [
+        c for c in long_run_callbacks({}, [], LightningModule()) if type(c) is ModelCheckpoint
+    ]
+    assert checkpoint.monitor is None and checkpoint.save_last
+
+
+def test_wandb_runs_save_their_configs_in_their_own_directories(tmp_path):
+    wandb_config = str(Path(__file__).parents[1] / "experiments" / "loggers" / "wandb.yaml")
+    for mixture_count in (1, 2):
+        run(
+            tmp_path,
+            "fit",
+            "--config",
+            wandb_config,
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
+            "--trainer.max_steps=1",
+            f"--model.mixture_count={mixture_count}",
+        )
+        wandb.finish()  # one process runs one CLI; here the next must not reuse this W&B run
+    first, second = sorted((tmp_path / "wandb" / "agmm-lightning").iterdir(), key=os.path.getmtime)
+    assert "mixture_count: 1" in (first / "config.yaml").read_text()
+    assert "mixture_count: 2" in (second / "config.yaml").read_text()
+    assert (first / "checkpoints" / "last.ckpt").is_file()
+    assert not list((tmp_path / "wandb").glob("config*.yaml"))

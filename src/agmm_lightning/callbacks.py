@@ -15,7 +15,34 @@ from PIL import Image
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmm_lightning.mixtures import MixtureStatistics
 
-__all__ = ["AGMMPseudoLabeler", "PredictionWriter", "SegmentationPanels", "colorize"]
+__all__ = [
+    "AGMMPseudoLabeler",
+    "PredictionWriter",
+    "SegmentationPanels",
+    "colorize",
+    "run_directory",
+]
+
+
+def run_directory(trainer: Trainer) -> Path:
+    """The folder of this run's files: the one Lightning's ModelCheckpoint puts ``checkpoints/`` in.
+
+    That is ``<save_dir>/<name>/<version>`` of the first logger (TensorBoard and CSV: their
+    ``log_dir``; W&B: ``<save_dir>/<project>/<run id>``), or ``default_root_dir`` without one.
+    Unlike ``trainer.log_dir`` it makes no collective call, so rank 0 may call it alone, and it
+    differs between W&B runs (whose ``trainer.log_dir`` is the shared ``save_dir``).
+
+    Args:
+        trainer: The trainer of the run.
+
+    Returns:
+        The run's folder (not created here).
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
 def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStatistics:
@@ -26,7 +53,9 @@ def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStat
     for field in fields(stats):
         value = getattr(stats, field.name)
         if field.name in MixtureStatistics._SUMMED:
-            reduced[field.name] = trainer.strategy.reduce(value, reduce_op="sum")
+            # all_reduce works in place; on a non-contiguous view (moments are sliced from one
+            # matmul) gloo reduces a temporary copy and the view keeps this rank's local sum.
+            reduced[field.name] = trainer.strategy.reduce(value.contiguous(), reduce_op="sum")
         else:  # [world, C, M, ...] -> [C, world * M, ...]
             gathered = trainer.strategy.all_gather(value)
             reduced[field.name] = gathered.transpose(0, 1).flatten(1, 2)
@@ -95,7 +124,8 @@ class SegmentationPanels(Callback):
     """Write image | weak label | GMM pseudo label | prediction | ground truth panels.
 
     Panels of the first training batch of every ``every_n_epochs``-th epoch go to
-    ``<log_dir>/panels/epoch_<n>.png`` and, when the logger is TensorBoard or W&B, to it too.
+    ``<run directory>/panels/epoch_<n>.png`` (see :func:`run_directory`) and, when the logger is
+    TensorBoard or W&B, to it too.
 
     Args:
         every_n_epochs: Epoch interval.
@@ -132,8 +162,8 @@ class SegmentationPanels(Callback):
         self._write(trainer, np.concatenate(rows, axis=0))
 
     def _write(self, trainer: Trainer, panel: np.ndarray) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        path = log_dir / "panels" / f"epoch_{trainer.current_epoch:03d}.png"
+        # Rank 0 alone gets here: trainer.log_dir would broadcast and hang the other ranks.
+        path = run_directory(trainer) / "panels" / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(panel).save(path)
         for logger in trainer.loggers:
@@ -150,7 +180,8 @@ class PredictionWriter(BasePredictionWriter):
     Files go to ``<output_dir>/<name>.png`` (class indices) and ``<output_dir>/<name>_color.png``.
 
     Args:
-        output_dir: Folder of the predictions; None uses ``<log_dir>/predictions``.
+        output_dir: Folder of the predictions; None uses ``<run directory>/predictions`` (see
+            :func:`run_directory`).
     """
 
     def __init__(self, output_dir: str | None = None) -> None:
@@ -168,7 +199,7 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         """Save the batch's predictions."""
-        folder = Path(self.output_dir or Path(trainer.log_dir or ".") / "predictions")
+        folder = Path(self.output_dir or run_directory(trainer) / "predictions")
         folder.mkdir(parents=True, exist_ok=True)
         num_classes = pl_module.hparams["num_classes"]
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import segmentation_models_pytorch as smp
@@ -25,6 +24,7 @@ from agmm_lightning.losses import (
     pseudo_label_loss,
 )
 from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.weights import load_encoder_weights
 
 Method = Literal["agmm", "cvpr", "baseline"]
 
@@ -44,10 +44,22 @@ def _architectures() -> dict[str, type[nn.Module]]:
 def build_model(
     arch: str, encoder: str, encoder_weights: str | None, num_classes: int
 ) -> smp.base.SegmentationModel:
-    """Build an smp model by name; ``encoder_weights`` may be a local state-dict file.
+    """Build an smp model by name; ``encoder_weights`` may be a local weights file.
+
+    Args:
+        arch: An smp architecture name (``Unet``, ``DeepLabV3Plus``, ...).
+        encoder: An smp encoder name or ``tu-<timm model>``.
+        encoder_weights: None, ``"imagenet"`` (downloaded by smp/timm, or read from the Hugging
+            Face cache when ``HF_HUB_OFFLINE=1``) or a local file read by
+            :func:`agmm_lightning.weights.load_encoder_weights`.
+        num_classes: Output classes of the segmentation head.
+
+    Returns:
+        The model, its encoder loaded with the requested weights.
 
     Raises:
-        ValueError: For an unknown architecture or encoder, or an unreadable weights file.
+        ValueError: For an unknown architecture or encoder, or a weights file that is unreadable
+            or does not fit the encoder.
     """
     architectures = _architectures()
     if arch not in architectures:
@@ -67,23 +79,8 @@ def build_model(
             ) from error
         raise
     if local:
-        _load_encoder_weights(model.encoder, Path(str(encoder_weights)))
+        load_encoder_weights(model.encoder, str(encoder_weights))
     return model
-
-
-def _load_encoder_weights(encoder: nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise ValueError(
-            f"encoder_weights={str(path)!r} is neither 'imagenet', None, nor an existing file"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the encoder: missing keys {missing[:3]}, "
-            f"unexpected keys {unexpected[:3]}"
-        )
 
 
 class AGMMSegmenter(LightningModule):
@@ -93,7 +90,9 @@ class AGMMSegmenter(LightningModule):
         num_classes: Number of classes C (must equal the datamodule's).
         arch: Any segmentation-models-pytorch architecture name.
         encoder: smp encoder name, or ``tu-<timm model>``.
-        encoder_weights: None, ``"imagenet"`` or a local state-dict file of the encoder.
+        encoder_weights: None, ``"imagenet"`` or a local weights file of the encoder (a timm,
+            torchvision or smp state dict, ``.safetensors`` too; see
+            :func:`agmm_lightning.weights.load_encoder_weights`).
         method: ``"agmm"`` (OEM mode, METHOD §3), ``"cvpr"`` (METHOD §2) or ``"baseline"``
             (partial cross-entropy).
         mixture_count: Gaussian components per class K (OEM mode).
