@@ -16,7 +16,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agmm_lightning import AGMMSegmenter
-from agmm_lightning.cli import long_run_callbacks, main
+from agmm_lightning.cli import AGMMLightningCLI, long_run_callbacks, main
+from agmm_lightning.data import AGMMDataModule
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
 
@@ -152,3 +153,27 @@ def test_wandb_runs_save_their_configs_in_their_own_directories(tmp_path):
     assert "mixture_count: 2" in (second / "config.yaml").read_text()
     assert (first / "checkpoints" / "last.ckpt").is_file()
     assert not list((tmp_path / "wandb").glob("config*.yaml"))
+
+
+def test_inference_options_given_with_a_checkpoint_are_kept(tmp_path):
+    run(tmp_path, "fit", "--trainer.max_steps=1", "--trainer.logger=false")
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    cli = AGMMLightningCLI(
+        LightningModule,
+        AGMMDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        args=[
+            "validate",
+            "--config",
+            CONFIG,
+            f"--ckpt_path={checkpoint}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.test_flip=true",
+            "--model.tile_size=16",
+        ],
+    )
+    assert cli.model.hparams["test_flip"] and cli.model.hparams["tile_size"] == 16
+    assert "val_miou" in cli.trainer.callback_metrics

@@ -100,9 +100,16 @@ class AGMMLightningCLI(LightningCLI):
     """LightningCLI whose configuration errors end in a message, not a traceback.
 
     It also refuses a ``--ckpt_path`` whose model differs from the configured one in a key of
-    :data:`CHECKPOINT_KEYS` (LightningCLI would otherwise silently replace the configured values
-    by the checkpoint's), and adds :func:`long_run_callbacks` to every run.
+    :data:`CHECKPOINT_KEYS`, and adds :func:`long_run_callbacks` to every run.
     """
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configured model arguments when a checkpoint is given.
+
+        LightningCLI would overwrite them with the checkpoint's hyper-parameters, so options such
+        as ``--model.test_flip=true`` or ``--model.tile_size=512`` at validate/test/predict were
+        silently ignored. The keys that decide the checkpoint's shapes are checked instead.
+        """
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse the arguments, then check ``--ckpt_path`` against the configured model.
