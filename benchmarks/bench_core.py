@@ -109,9 +109,9 @@ def oem_step(device, repeats, num_classes, batch, size, components=4, dim=64):
     mixtures.update(mixtures.sufficient_statistics(x, prior))
 
     def step():
+        # Worst case: every pixel joins the fitting set with its soft posterior as weight.
         posterior = mixtures.posterior(x, prior=prior)
-        fitting = posterior * (posterior.amax(1, keepdim=True) >= 0.5)
-        mixtures.update(mixtures.sufficient_statistics(x, fitting))
+        mixtures.update(mixtures.sufficient_statistics(x, posterior))
 
     weight = torch.randn(dim, num_classes * components, generator=gen).to(device)
     seconds = best_seconds(step, device, repeats)

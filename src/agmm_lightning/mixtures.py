@@ -129,8 +129,9 @@ class ClassMixtures(nn.Module):
     def component_log_prob(self, x: Tensor) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
-        One matrix product of ``[x⊙x, x, 1]`` with the stacked natural parameters, never an
-        ``[N, C, K, D]`` broadcast and no further pass over the ``[N, C·K]`` result.
+        Two fused multiply-adds with the natural parameters,
+        ``log w + log N(x) = c + (x⊙x) @ Q + x @ L``, never an ``[N, C, K, D]`` broadcast and no
+        further pass over the ``[N, C·K]`` result.
 
         Args:
             x: ``[N, D]`` features.
@@ -140,13 +141,12 @@ class ClassMixtures(nn.Module):
         """
         self._check_features(x)
         x = x.to(self.means.dtype)
-        features = torch.cat([x * x, x, x.new_ones(x.shape[0], 1)], dim=1)
-        return (features @ self._natural_parameters()).view(
-            -1, self.num_classes, self.mixture_count
-        )
+        quadratic, linear, constant = self._natural_parameters()
+        log_joint = torch.addmm(constant, x * x, quadratic).addmm_(x, linear)
+        return log_joint.view(-1, self.num_classes, self.mixture_count)
 
-    def _natural_parameters(self) -> Tensor:
-        """``[2D + 1, C·K]`` matrix M with ``[x⊙x, x, 1] @ M = log w + log N(x)``."""
+    def _natural_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``Q [D, C·K]``, ``L [D, C·K]`` and ``c [C·K]`` of the Gaussians in natural form."""
         precision = self.variances.reciprocal()
         scaled_means = self.means * precision
         quadratic_and_volume = (
@@ -155,12 +155,10 @@ class ClassMixtures(nn.Module):
             + self.dim * math.log(2 * math.pi)
         )
         constant = self.weights.clamp_min(1e-30).log() - 0.5 * quadratic_and_volume
-        return torch.cat(
-            [
-                -0.5 * precision.flatten(0, 1).T,
-                scaled_means.flatten(0, 1).T,
-                constant.flatten()[None],
-            ]
+        return (
+            -0.5 * precision.flatten(0, 1).T,
+            scaled_means.flatten(0, 1).T,
+            constant.flatten(),
         )
 
     def log_likelihood(self, x: Tensor) -> Tensor:
@@ -233,9 +231,12 @@ class ClassMixtures(nn.Module):
 
         log_joint = self.component_log_prob(x)
         log_likelihood = log_joint.logsumexp(-1)
-        weighted = (weights[..., None] * (log_joint - log_likelihood[..., None]).exp()).flatten(1)
+        # Responsibilities in place: each [N, C, K] temporary costs as much as a matrix product
+        # (and softmax(-1) is slow on CPU over K ~ 4).
+        weighted = log_joint.sub_(log_likelihood[..., None]).exp_().mul_(weights[..., None])
+        weighted = weighted.flatten(1)
         shape = (self.num_classes, self.mixture_count)
-        candidates, valid, index = self._sample_candidates(x, weights > 0)
+        candidates, valid, index = self._sample_candidates(x, weights)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
         moments = (weighted.T @ torch.cat([x, x * x], dim=1)).view(*shape, 2 * self.dim)
         return MixtureStatistics(
@@ -259,19 +260,27 @@ class ClassMixtures(nn.Module):
             candidate_score=x.new_zeros(slots),
         )
 
-    def _sample_candidates(self, x: Tensor, member: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _sample_candidates(self, x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Evenly strided features of each class: deterministic, so ranks and resumes agree.
+
+        Each feature is a candidate of the class that weighs it most; the rows of a class are
+        taken in order with a stride that leaves at most ``candidates_per_class`` of them.
+        Everything is a pass over ``[N]`` vectors, never over ``[N, C]``.
 
         Returns:
             ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
         """
         slots = self.candidates_per_class
-        count = member.sum(0)
-        stride = (count + slots - 1).div(slots, rounding_mode="floor").clamp_min(1)
-        rank = member.long().cumsum(0) - 1
-        chosen = member & (rank % stride == 0)
-        row, cls = chosen.nonzero(as_tuple=True)
-        slot = rank[row, cls] // stride[cls]
+        owner = weights.argmax(1)
+        order = owner.argsort(stable=True)  # rows grouped by class, each group in row order
+        grouped_owner = owner[order]
+        count = torch.bincount(owner, minlength=self.num_classes)
+        rank = (
+            torch.arange(owner.numel(), device=x.device) - (count.cumsum(0) - count)[grouped_owner]
+        )
+        stride = (count + slots - 1).div(slots, rounding_mode="floor").clamp_min(1)[grouped_owner]
+        chosen = rank % stride == 0
+        cls, slot, row = grouped_owner[chosen], (rank // stride)[chosen], order[chosen]
         index = torch.zeros(self.num_classes, slots, dtype=torch.long, device=x.device)
         valid = torch.zeros(self.num_classes, slots, dtype=torch.bool, device=x.device)
         index[cls, slot] = row
@@ -415,7 +424,8 @@ def _kmeans_seeds(
         farthest = nearest.masked_fill(~valid, -1.0).argmax(1)
         seeds.append(candidates[batch, farthest])
         nearest = torch.minimum(nearest, (candidates - seeds[-1][:, None]).square().sum(-1))
-    centers = torch.stack(seeds, 1)
+    # A class without candidates (only ever a minority in soft weights) starts at its mean.
+    centers = torch.where(valid.any(1)[:, None, None], torch.stack(seeds, 1), class_mean[:, None])
     members = valid.to(candidates.dtype)
     for _ in range(_LLOYD_ITERATIONS):
         assignment = torch.cdist(candidates, centers).argmin(-1)
