@@ -30,7 +30,7 @@ from torchmetrics.classification import (
 )
 
 from agmm_lightning.inference import infer_logits
-from agmm_lightning.losses import VOID
+from agmm_lightning.losses import VOID, present_classes
 from agmm_lightning.weights import load_encoder_weights
 
 __all__ = ["CAMClassifier", "build_encoder", "cam_pseudo_labels", "normalize_cams"]
@@ -125,13 +125,6 @@ def cam_pseudo_labels(
     score, strongest = cams.max(1)
     labels = torch.where(score > foreground_threshold, classes[strongest], unlabeled)
     return labels.masked_fill(score <= background_threshold, background_index)
-
-
-def _tags_from_masks(masks: Tensor, num_classes: int) -> Tensor:
-    """``[B, C]`` multi-hot classes present in dense masks ``[B, H, W]`` (void ignored)."""
-    index = masks.flatten(1).clamp(max=num_classes).long()
-    hits = torch.zeros(masks.shape[0], num_classes + 1, device=masks.device)
-    return hits.scatter_(1, index, 1.0)[:, :num_classes]
 
 
 def _classification_metrics(num_labels: int, prefix: str) -> MetricCollection:
@@ -357,7 +350,7 @@ class CAMClassifier(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Classification and CAM-label quality, with the tags of the dense masks."""
         masks = batch["mask"]
-        tags = self.foreground_tags(_tags_from_masks(masks, self.hparams["num_classes"]))
+        tags = self.foreground_tags(present_classes(masks, self.hparams["num_classes"]))
         logits = self(batch["image"])
         loss = F.binary_cross_entropy_with_logits(logits, tags)
         self.log("val_loss", loss, batch_size=tags.shape[0])

@@ -23,6 +23,7 @@ __all__ = [
     "cvpr_agmm_losses",
     "maximization_loss",
     "partial_cross_entropy",
+    "present_classes",
     "pseudo_label_loss",
 ]
 
@@ -102,10 +103,7 @@ def absent_class_loss(logits: Tensor, allowed: Tensor, target: Tensor) -> Tensor
     Returns:
         Scalar loss.
     """
-    return _absent_class_loss(logits.softmax(1), allowed, target)
-
-
-def _absent_class_loss(probs: Tensor, allowed: Tensor, target: Tensor) -> Tensor:
+    probs = logits.softmax(1)
     if allowed.ndim == 2:
         allowed = allowed[:, :, None, None]
     forbidden = 1.0 - allowed.to(probs.dtype)
@@ -113,8 +111,17 @@ def _absent_class_loss(probs: Tensor, allowed: Tensor, target: Tensor) -> Tensor
     return _masked_mean(loss, target != VOID)
 
 
-def _present_classes(target: Tensor, num_classes: int) -> Tensor:
-    """``[B, C]`` indicator ``c_{b,k}`` of classes with at least one labelled pixel."""
+def present_classes(target: Tensor, num_classes: int) -> Tensor:
+    """``[B, C]`` indicator ``c_{b,k}`` of the classes with at least one pixel in each map.
+
+    Args:
+        target: ``[B, H, W]`` target map or dense mask; values ``>= C`` (unlabelled, void) are
+            ignored.
+        num_classes: Number of classes C.
+
+    Returns:
+        ``[B, C]`` float multi-hot.
+    """
     index = target.flatten(1).clamp(max=num_classes).long()
     hits = torch.zeros(target.shape[0], num_classes + 1, device=target.device)
     return hits.scatter_(1, index, 1.0)[:, :num_classes]
@@ -219,7 +226,7 @@ def cvpr_agmm_losses(
     batch, channels, height, width = features.shape
     labelled = target < num_classes
     valid = target != VOID
-    present = _present_classes(target, num_classes).to(features.dtype)  # c_{b,k}
+    present = present_classes(target, num_classes).to(features.dtype)  # c_{b,k}
     if image_classes is None:
         image_classes = present
     elif image_classes.shape != present.shape:
