@@ -109,9 +109,11 @@ def oem_step(device, repeats, num_classes, batch, size, components=4, dim=64):
     mixtures.update(mixtures.sufficient_statistics(x, prior))
 
     def step():
-        # Worst case: every pixel joins the fitting set with its soft posterior as weight.
-        posterior = mixtures.posterior(x, prior=prior)
-        mixtures.update(mixtures.sufficient_statistics(x, posterior))
+        # Worst case: every pixel joins the fitting set with its soft posterior as weight. One
+        # E-step serves the posterior and the statistics, as in AGMMSegmenter.
+        expectation = mixtures.expectation(x)
+        posterior = mixtures.posterior_from_log_likelihood(expectation.log_likelihood, prior)
+        mixtures.update(mixtures.sufficient_statistics(x, posterior, expectation))
 
     weight = torch.randn(dim, num_classes * components, generator=gen).to(device)
     seconds = best_seconds(step, device, repeats)

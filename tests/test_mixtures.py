@@ -198,6 +198,27 @@ def test_posterior_masks_disallowed_and_uninitialised_classes():
     assert (mixtures.posterior(x[:50], prior=prior)[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("mixture_count", [1, 3])
+def test_one_expectation_serves_posterior_and_statistics(mixture_count):
+    gen = torch.Generator().manual_seed(6)
+    mixtures = ClassMixtures(3, 4, mixture_count=mixture_count)
+    fitted(mixtures, torch.randn(300, 4, generator=gen), torch.ones(300, 3))
+    x = torch.randn(50, 4, generator=gen)
+    prior = torch.rand(50, 3, generator=gen).softmax(1)
+    expectation = mixtures.expectation(x)
+    torch.testing.assert_close(expectation.log_likelihood, mixtures.log_likelihood(x))
+    torch.testing.assert_close(expectation.responsibilities.sum(-1), torch.ones(50, 3))
+    joint = mixtures.component_log_prob(x)
+    torch.testing.assert_close(expectation.responsibilities, joint.softmax(-1))
+    posterior = mixtures.posterior_from_log_likelihood(expectation.log_likelihood, prior)
+    torch.testing.assert_close(posterior, mixtures.posterior(x, prior))
+    weights = posterior * (posterior.amax(1, keepdim=True) > 0.5)
+    shared = mixtures.sufficient_statistics(x, weights, expectation)
+    alone = mixtures.sufficient_statistics(x, weights)
+    for name, value in alone.tensors().items():
+        torch.testing.assert_close(getattr(shared, name), value)
+
+
 def test_posterior_temperature_and_prior():
     mixtures = ClassMixtures(2, 1)
     mixtures.means.copy_(torch.tensor([[[0.0]], [[2.0]]]))

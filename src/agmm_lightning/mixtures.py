@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassMixtures", "MixtureStatistics"]
+__all__ = ["ClassMixtures", "Expectation", "MixtureStatistics"]
 
 # Weight below which a class counts as unobserved in a batch.
 _MIN_OBSERVED = 1e-6
 _LLOYD_ITERATIONS = 5
+
+
+class Expectation(NamedTuple):
+    """One evaluation of the densities, shared by the posterior and the statistics.
+
+    Attributes:
+        log_likelihood: ``[N, C]`` class log-likelihoods ``log p(x | c)``.
+        responsibilities: ``[N, C, K]`` component responsibilities ``r_{jck}`` within each class.
+    """
+
+    log_likelihood: Tensor
+    responsibilities: Tensor
 
 
 @dataclass
@@ -172,6 +185,29 @@ class ClassMixtures(nn.Module):
         """
         return self.component_log_prob(x).logsumexp(-1)
 
+    @torch.no_grad()
+    def expectation(self, x: Tensor) -> Expectation:
+        """E-step: class log-likelihoods and component responsibilities from one density pass.
+
+        The responsibilities are computed in place in the ``[N, C, K]`` joint log-densities:
+        every temporary of that size costs about as much as the matrix products themselves.
+
+        Args:
+            x: ``[N, D]`` features (detached here).
+
+        Returns:
+            The :class:`Expectation`, to hand to :meth:`posterior_from_log_likelihood` and
+            :meth:`sufficient_statistics`.
+        """
+        log_joint = self.component_log_prob(x.detach())
+        if self.mixture_count == 1:
+            return Expectation(log_joint[..., 0], torch.ones_like(log_joint))
+        peak = log_joint.amax(-1, keepdim=True)
+        responsibilities = log_joint.sub_(peak).exp_()
+        total = responsibilities.sum(-1, keepdim=True)
+        log_likelihood = peak.add_(total.log()).squeeze(-1)
+        return Expectation(log_likelihood, responsibilities.div_(total))
+
     def posterior(
         self,
         x: Tensor,
@@ -193,7 +229,19 @@ class ClassMixtures(nn.Module):
         Returns:
             ``[N, C]`` posterior, exactly zero on classes that are not allowed.
         """
-        scores = self.log_likelihood(x) / (temperature or self.dim)
+        return self.posterior_from_log_likelihood(
+            self.log_likelihood(x), prior, allowed, temperature
+        )
+
+    def posterior_from_log_likelihood(
+        self,
+        log_likelihood: Tensor,
+        prior: Tensor | None = None,
+        allowed: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> Tensor:
+        """:meth:`posterior` from class log-likelihoods already computed (``[N, C]``)."""
+        scores = log_likelihood / (temperature or self.dim)
         valid = self.initialized.expand_as(scores)
         if allowed is not None:
             valid = valid & allowed.bool()
@@ -205,13 +253,17 @@ class ClassMixtures(nn.Module):
 
     # -------------------------------------------------------------------------------- fitting
     @torch.no_grad()
-    def sufficient_statistics(self, x: Tensor, weights: Tensor) -> MixtureStatistics:
-        """E-step: responsibilities and the sufficient statistics of the fitting set.
+    def sufficient_statistics(
+        self, x: Tensor, weights: Tensor, expectation: Expectation | None = None
+    ) -> MixtureStatistics:
+        """Sufficient statistics of the fitting set under the current mixtures.
 
         Args:
             x: ``[N, D]`` features (detached here).
             weights: ``[N, C]`` fitting weight of each feature for each class (1 for a labelled
                 pixel's class, G for a confident pseudo-labelled one, 0 elsewhere).
+            expectation: :meth:`expectation` of ``x`` when the caller already has it (its
+                responsibilities are overwritten); computed here otherwise.
 
         Returns:
             The statistics: plain sums over the features, plus candidate features per class.
@@ -224,17 +276,15 @@ class ClassMixtures(nn.Module):
             )
         x = x.detach().to(self.means.dtype)
         weights = weights.detach().to(self.means.dtype)
+        log_likelihood, responsibilities = expectation or self.expectation(x)
         fitting = weights.sum(1) > 0
-        x, weights = x[fitting], weights[fitting]
+        if not fitting.all():
+            x, weights = x[fitting], weights[fitting]
+            log_likelihood, responsibilities = log_likelihood[fitting], responsibilities[fitting]
         if x.shape[0] == 0:
             return self._empty_statistics(x)
 
-        log_joint = self.component_log_prob(x)
-        log_likelihood = log_joint.logsumexp(-1)
-        # Responsibilities in place: each [N, C, K] temporary costs as much as a matrix product
-        # (and softmax(-1) is slow on CPU over K ~ 4).
-        weighted = log_joint.sub_(log_likelihood[..., None]).exp_().mul_(weights[..., None])
-        weighted = weighted.flatten(1)
+        weighted = responsibilities.mul_(weights[..., None]).flatten(1)
         shape = (self.num_classes, self.mixture_count)
         candidates, valid, index = self._sample_candidates(x, weights)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)

@@ -356,17 +356,20 @@ class AGMMSegmenter(LightningModule):
         log_likelihood = self.mixtures.log_likelihood(labelled_features)
         maximization = maximization_loss(log_likelihood, labels, self.temperature, valid)
 
-        # GMM posterior at feature resolution, upsampled for the pseudo supervision.
+        # One E-step over the labelled features and every pixel at feature resolution serves
+        # both the GMM posterior and the statistics of the online update.
         allowed_low = self._allowed(batch, (height, width))
         flat_embeddings = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, dim)
         with torch.no_grad():
+            samples = torch.cat([labelled_features.detach(), flat_embeddings])
+            expectation = self.mixtures.expectation(samples)
             prior = None
             if hp["prior"] == "prediction":
                 prior = F.adaptive_avg_pool2d(logits.detach().softmax(1), (height, width))
                 prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
             flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
-            posterior_low = self.mixtures.posterior(
-                flat_embeddings, prior, flat_allowed, self.temperature
+            posterior_low = self.mixtures.posterior_from_log_likelihood(
+                expectation.log_likelihood[labels.numel() :], prior, flat_allowed, self.temperature
             )
             posterior = posterior_low.view(batch_size, height, width, num_classes)
             posterior = posterior.permute(0, 3, 1, 2)
@@ -388,16 +391,19 @@ class AGMMSegmenter(LightningModule):
         }
 
         # Fitting set of the online EM: labelled features, then confident unlabelled ones.
-        fit_features = [labelled_features.detach()]
-        fit_weights = [F.one_hot(labels, num_classes).to(labelled_features.dtype)]
+        fit_unlabelled = torch.zeros_like(posterior_low[:, 0], dtype=torch.bool)
         if self.global_step >= hp["warmup_steps"]:
             unlabelled = F.interpolate(
                 (target == num_classes)[:, None].float(), size=(height, width), mode="nearest"
             ).flatten()
-            confident = (posterior_low.amax(1) >= hp["confidence"]) & (unlabelled > 0)
-            fit_features.append(flat_embeddings[confident])
-            fit_weights.append(posterior_low[confident])
-        stats = self.mixtures.sufficient_statistics(torch.cat(fit_features), torch.cat(fit_weights))
+            fit_unlabelled = (posterior_low.amax(1) >= hp["confidence"]) & (unlabelled > 0)
+        fit_weights = torch.cat(
+            [
+                F.one_hot(labels, num_classes).to(posterior_low.dtype),
+                posterior_low * fit_unlabelled[:, None],
+            ]
+        )
+        stats = self.mixtures.sufficient_statistics(samples, fit_weights, expectation)
         pseudo_label = posterior.argmax(1).masked_fill(posterior.sum(1) == 0, VOID)
         return losses, {
             "mixture_stats": stats,
