@@ -52,6 +52,11 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return resident_mib(fn)
+
+
+def resident_mib(fn: Callable[[], object]) -> float:
+    """Growth of the process's peak resident set while ``fn`` runs (Linux), in MiB."""
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     fn()

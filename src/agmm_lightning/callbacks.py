@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.losses import posterior_labels
 from agmm_lightning.mixtures import MixtureStatistics
 
 __all__ = [
@@ -148,11 +149,13 @@ class SegmentationPanels(Callback):
         first_batch = batch_idx == 0 and trainer.current_epoch % self.every_n_epochs == 0
         if not (first_batch and trainer.is_global_zero):
             return
-        if not isinstance(outputs, dict) or "prediction" not in outputs:
+        if not isinstance(outputs, dict) or "logits" not in outputs:
             return
         num_classes = pl_module.hparams["num_classes"]
         count = min(self.max_images, batch["image"].shape[0])
-        maps = [batch["target"], outputs.get("pseudo_label"), outputs["prediction"]]
+        posterior = outputs.get("posterior")
+        pseudo = None if posterior is None else posterior_labels(posterior[:count])
+        maps = [batch["target"], pseudo, outputs["logits"][:count].argmax(1)]
         maps.append(batch.get("mask"))
         rows = []
         for i in range(count):

@@ -23,6 +23,7 @@ __all__ = [
     "cvpr_agmm_losses",
     "maximization_loss",
     "partial_cross_entropy",
+    "posterior_labels",
     "present_classes",
     "pseudo_label_loss",
 ]
@@ -109,6 +110,11 @@ def absent_class_loss(logits: Tensor, allowed: Tensor, target: Tensor) -> Tensor
     forbidden = 1.0 - allowed.to(probs.dtype)
     loss = -(forbidden * torch.log(1 - probs + _EPS)).sum(1)
     return _masked_mean(loss, target != VOID)
+
+
+def posterior_labels(posterior: Tensor) -> Tensor:
+    """Hard labels of a ``[B, C, H, W]`` posterior: its argmax, void where it has no mass."""
+    return posterior.argmax(1).masked_fill(posterior.sum(1) == 0, VOID)
 
 
 def present_classes(target: Tensor, num_classes: int) -> Tensor:

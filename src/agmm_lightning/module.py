@@ -95,7 +95,9 @@ class AGMMSegmenter(LightningModule):
             :func:`agmm_lightning.weights.load_encoder_weights`).
         method: ``"agmm"`` (OEM mode, METHOD §3), ``"cvpr"`` (METHOD §2) or ``"baseline"``
             (partial cross-entropy).
-        mixture_count: Gaussian components per class K (OEM mode).
+        mixture_count: Gaussian components per class K (OEM mode). The defaults of K and m
+            come from demo runs that varied each (K in {2, 4}, m in {0, 0.99}; none was better);
+            ``benchmarks/sweep.py`` runs the whole grid.
         oem_momentum: Online EM momentum m in ``[0, 1)``.
         embed_dim: Dimension D of the embedding the mixtures live in.
         normalize_embeddings: L2-normalise the embeddings.
@@ -297,14 +299,14 @@ class AGMMSegmenter(LightningModule):
 
         Returns:
             The loss terms (their sum is the training loss) and a dict with the detached
-            ``prediction`` and, in OEM mode, ``mixture_stats``, ``pseudo_label`` and
-            ``posterior``.
+            ``logits`` and, in OEM mode, ``mixture_stats`` and the GMM ``posterior`` at label
+            resolution (see :func:`~agmm_lightning.losses.posterior_labels`).
         """
         target = batch["target"]
         check_target(target, self.hparams["num_classes"])
         logits, features = self(batch["image"])
         method = self.hparams["method"]
-        output: dict[str, Any] = {"prediction": logits.detach().argmax(1)}
+        output: dict[str, Any] = {"logits": logits.detach()}
         if method == "baseline":
             losses = {"seg": partial_cross_entropy(logits, target)}
         elif method == "cvpr":
@@ -326,7 +328,7 @@ class AGMMSegmenter(LightningModule):
         for name, value in losses.items():
             self.log(f"train_{name}", value, batch_size=batch_size)
         if "posterior" in output:
-            self._log_pseudo_label_quality(batch, output.pop("posterior"))
+            self._log_pseudo_label_quality(batch, output["posterior"])
         return {"loss": total, **output}
 
     def _allowed(self, batch: dict[str, Any], size: tuple[int, int]) -> Tensor:
@@ -404,12 +406,7 @@ class AGMMSegmenter(LightningModule):
             ]
         )
         stats = self.mixtures.sufficient_statistics(samples, fit_weights, expectation)
-        pseudo_label = posterior.argmax(1).masked_fill(posterior.sum(1) == 0, VOID)
-        return losses, {
-            "mixture_stats": stats,
-            "pseudo_label": pseudo_label,
-            "posterior": posterior,
-        }
+        return losses, {"mixture_stats": stats, "posterior": posterior}
 
     def _labelled_samples(
         self, batch: dict[str, Any], embeddings: Tensor, target: Tensor
