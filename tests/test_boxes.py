@@ -66,10 +66,11 @@ def raster(boxes: list[list[float]], core_fraction: float = 0.0) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
-def test_posterior_is_zero_outside_the_allowed_map() -> None:
+@pytest.mark.parametrize("arch", ["Unet", "FPN"])  # decoder features at full and 1/4 size
+def test_posterior_is_zero_outside_the_allowed_map(arch: str) -> None:
     batch = voc_box_batch()
     with torch.no_grad():
-        _, output = initialised_model().compute_losses(batch)
+        _, output = initialised_model(arch=arch).compute_losses(batch)
     posterior, allowed = output["posterior"], batch["allowed"]
     assert posterior.shape == allowed.shape
     assert (posterior[~allowed] == 0).all()

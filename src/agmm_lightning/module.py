@@ -367,7 +367,9 @@ class AGMMSegmenter(LightningModule):
             expectation = self.mixtures.expectation(samples)
             prior = None
             if hp["prior"] == "prediction":
-                prior = F.adaptive_avg_pool2d(logits.detach().softmax(1), (height, width))
+                prior = logits.detach().softmax(1)
+                if prior.shape[-2:] != (height, width):
+                    prior = F.adaptive_avg_pool2d(prior, (height, width))
                 prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
             flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
             posterior_low = self.mixtures.posterior_from_log_likelihood(
@@ -375,11 +377,13 @@ class AGMMSegmenter(LightningModule):
             )
             posterior = posterior_low.view(batch_size, height, width, num_classes)
             posterior = posterior.permute(0, 3, 1, 2)
-            posterior = F.interpolate(
-                posterior, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-            posterior = posterior * self._allowed(batch, target.shape[-2:])
-            posterior = posterior / posterior.sum(1, keepdim=True).clamp_min(1e-12)
+            if posterior.shape[-2:] != target.shape[-2:]:
+                # Upsampling blends neighbours: restrict to each pixel's allowed classes again.
+                posterior = F.interpolate(
+                    posterior, size=target.shape[-2:], mode="bilinear", align_corners=False
+                )
+                posterior = posterior * self._allowed(batch, target.shape[-2:])
+                posterior = posterior / posterior.sum(1, keepdim=True).clamp_min(1e-12)
 
         ramp = min(1.0, (self.global_step + 1) / hp["warmup_steps"]) if hp["warmup_steps"] else 1.0
         allowed_map = batch.get("allowed", batch["image_classes"])
