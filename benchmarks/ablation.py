@@ -19,12 +19,12 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
+from _runs import add_run_arguments, quiet_trainer, run_options
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.data import FolderDataModule, SyntheticDataModule
@@ -37,21 +37,6 @@ METHODS = ("baseline", "cvpr", "agmm")
 QUICK_DATA = {"num_train": 8, "num_val": 4, "image_size": 32, "crop_size": 32, "batch_size": 4}
 QUICK_MODEL = {"encoder": "tu-test_resnet", "warmup_steps": 1}
 SYNTHETIC_ONLY = ("num_train", "num_val", "num_test", "image_size", "num_classes")
-
-
-def parse_value(text: str) -> Any:
-    """``"0.1"`` -> 0.1, ``"adamw"`` -> "adamw", for ``key=value`` overrides."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=0.01", ...]`` -> ``{"lr": 0.01, ...}``."""
-    return {key: parse_value(value) for key, value in (item.split("=", 1) for item in items)}
 
 
 def settings(quick: bool, epochs: int | None) -> tuple[dict, dict, int]:
@@ -82,17 +67,7 @@ def train(job: tuple) -> dict[str, float]:
         model_args["num_classes"] = data.num_classes
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(**model_args)
-    trainer = pl.Trainer(
-        accelerator=options["accelerator"],
-        devices=1,
-        max_epochs=epochs,
-        check_val_every_n_epoch=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir="logs/benchmarks",
-    )
+    trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks")
     start = time.perf_counter()
     trainer.fit(model, data)
     metrics = trainer.callback_metrics
@@ -163,26 +138,12 @@ def bar_chart(results: dict[tuple[str, str], list[dict]], forms: list[str], path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", nargs="+", default=["point", "scribble", "block", "box"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default=None, help="a FolderDataModule dataset instead")
-    parser.add_argument("--epochs", type=int, default=None, help="default: demo.yaml's")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at once")
-    parser.add_argument("--set", nargs="*", default=[], help="model overrides, key=value")
-    parser.add_argument("--data", nargs="*", default=[], help="data overrides, key=value")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check")
-    parser.add_argument("--out", type=Path, default=None, help="Markdown file; PNG beside it")
+    add_run_arguments(parser, seeds=[0, 1, 2])
     args = parser.parse_args()
     if "full" in args.forms:
         parser.error("full supervision is always run; list only weak forms in --forms")
-    options = {
-        "root": args.root,
-        "epochs": args.epochs,
-        "accelerator": args.accelerator,
-        "quick": args.quick,
-        "model": parse_overrides(args.set),
-        "data": parse_overrides(args.data),
-    }
+    options = run_options(args, root=args.root)
     runs = [("full", "baseline")] + [(form, m) for form in args.forms for m in METHODS]
     jobs = [(form, method, seed, options) for form, method in runs for seed in args.seeds]
     with ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:

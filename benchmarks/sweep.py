@@ -23,7 +23,8 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from ablation import parse_overrides, train
+from _runs import add_run_arguments, run_options
+from ablation import train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,26 +52,13 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--momenta", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     parser.add_argument("--form", default="point")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=None, help="default: demo.yaml's")
-    parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at once")
-    parser.add_argument("--set", nargs="*", default=[], help="model overrides, key=value")
-    parser.add_argument("--data", nargs="*", default=[], help="data overrides, key=value")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a pipeline check")
-    parser.add_argument("--out", type=Path, default=None, help="Markdown file; PNG beside it")
+    add_run_arguments(parser, seeds=[0])
     args = parser.parse_args()
-    options = {
-        "root": None,
-        "epochs": args.epochs,
-        "accelerator": args.accelerator,
-        "quick": args.quick,
-        "data": parse_overrides(args.data),
-    }
+    options = run_options(args)
     cells = [(k, m) for k in args.counts for m in args.momenta]
-    model = parse_overrides(args.set)
     cell_options = [
-        options | {"model": model | {"mixture_count": k, "oem_momentum": m}} for k, m in cells
+        options | {"model": options["model"] | {"mixture_count": k, "oem_momentum": m}}
+        for k, m in cells
     ]
     jobs = [(args.form, "agmm", seed, cell) for cell in cell_options for seed in args.seeds]
     with ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:

@@ -35,6 +35,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
+from _runs import quiet_trainer
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -143,21 +144,6 @@ def export_filled_boxes(
 # --------------------------------------------------------------------------------------------
 
 
-def trainer(epochs: int, accelerator: str, root: Path) -> pl.Trainer:
-    """A quiet trainer that validates once, after the last epoch."""
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=epochs,
-        check_val_every_n_epoch=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
-
-
 def folder_data(root: Path, setup: dict[str, Any], seed: int, **kwargs: Any) -> FolderDataModule:
     """The exported scenes with the demo's batch, crop and workers."""
     keys = ("batch_size", "crop_size", "num_workers")
@@ -191,26 +177,26 @@ def run_seed(job: tuple[int, bool, str]) -> dict[str, float]:
         pl.seed_everything(seed, verbose=False)
         classifier = CAMClassifier(num_classes, **setup["cam"], output_dir=str(cams))
         tag_data = folder_data(root, setup, seed, weak_label="image", predict_split="train")
-        cam_val = fit_metrics(classifier, tag_data, trainer(epochs, accelerator, Path(work)))
-        trainer(epochs, accelerator, Path(work)).predict(classifier, tag_data)
+        cam_val = fit_metrics(classifier, tag_data, quiet_trainer(epochs, accelerator, work))
+        quiet_trainer(epochs, accelerator, work).predict(classifier, tag_data)
         cam_train = classifier.pseudo_label_quality
 
         pl.seed_everything(seed, verbose=False)
         image_data = folder_data(root, setup, seed, weak_label="image", cam_dir=str(cams))
         agmm_tags = fit_metrics(
-            segmenter(setup, "agmm"), image_data, trainer(epochs, accelerator, Path(work))
+            segmenter(setup, "agmm"), image_data, quiet_trainer(epochs, accelerator, work)
         )
 
         pl.seed_everything(seed, verbose=False)
         box_data = folder_data(root, setup, seed, weak_label="box")
         agmm_boxes = fit_metrics(
-            segmenter(setup, "agmm"), box_data, trainer(epochs, accelerator, Path(work))
+            segmenter(setup, "agmm"), box_data, quiet_trainer(epochs, accelerator, work)
         )
 
         pl.seed_everything(seed, verbose=False)
         fill_data = folder_data(fill_root, setup, seed, weak_label="full")
         fill = fit_metrics(
-            segmenter(setup, "baseline"), fill_data, trainer(epochs, accelerator, Path(work))
+            segmenter(setup, "baseline"), fill_data, quiet_trainer(epochs, accelerator, work)
         )
     return {
         "cam_train_dense": cam_train["cam_miou"],
