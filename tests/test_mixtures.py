@@ -219,6 +219,41 @@ def test_one_expectation_serves_posterior_and_statistics(mixture_count):
         torch.testing.assert_close(getattr(shared, name), value)
 
 
+def test_adapted_means_follow_the_map_formula():
+    gen = torch.Generator().manual_seed(7)
+    mixtures = ClassMixtures(3, 4, mixture_count=2)
+    fitted(mixtures, torch.randn(300, 4, generator=gen), torch.ones(300, 3))
+    x = torch.randn(20, 4, generator=gen)
+    labels = torch.randint(0, 2, (20,), generator=gen)  # class 2 is never labelled
+    groups = torch.randint(0, 2, (20,), generator=gen)
+    adapted = mixtures.adapted_means(x, labels, groups, num_groups=3, relevance=2.0)
+    responsibilities = mixtures.component_log_prob(x).softmax(-1)
+    for g in range(3):
+        for c in range(3):
+            mine = (groups == g) & (labels == c)
+            r = responsibilities[mine, c]  # [n, K]
+            expected = (r.T @ x[mine] + 2.0 * mixtures.means[c]) / (r.sum(0)[:, None] + 2.0)
+            torch.testing.assert_close(adapted[g, c], expected)
+    torch.testing.assert_close(adapted[2], mixtures.means)  # a group without labels
+
+
+def test_grouped_expectation_uses_each_groups_means():
+    gen = torch.Generator().manual_seed(8)
+    mixtures = ClassMixtures(3, 4, mixture_count=2)
+    fitted(mixtures, torch.randn(300, 4, generator=gen), torch.ones(300, 3))
+    means = mixtures.means + torch.randn(2, 3, 2, 4, generator=gen)
+    x = torch.randn(2, 10, 4, generator=gen)
+    grouped = mixtures.expectation(x, means)
+    for g in range(2):
+        twin = ClassMixtures(3, 4, mixture_count=2)
+        twin.load_state_dict(mixtures.state_dict())
+        twin.means.copy_(means[g])
+        alone = twin.expectation(x[g])
+        rows = slice(10 * g, 10 * (g + 1))
+        torch.testing.assert_close(grouped.log_likelihood[rows], alone.log_likelihood)
+        torch.testing.assert_close(grouped.responsibilities[rows], alone.responsibilities)
+
+
 def test_posterior_temperature_and_prior():
     mixtures = ClassMixtures(2, 1)
     mixtures.means.copy_(torch.tensor([[[0.0]], [[2.0]]]))

@@ -87,11 +87,11 @@ def test_labelled_features_are_the_upsampled_embeddings_at_the_labels():
     target[1, 30, 39] = 4
     target[1, 0, 0] = 2
     batch = {"target": target, "image_classes": torch.ones(2, 6)}
-    samples, labels, allowed = model._labelled_samples(batch, embeddings, target)
+    samples, labels, images, allowed = model._labelled_samples(batch, embeddings, target)
     upsampled = F.interpolate(embeddings, size=(32, 40), mode="bilinear", align_corners=False)
     expected = torch.stack([upsampled[0, :, 3, 5], upsampled[1, :, 0, 0], upsampled[1, :, 30, 39]])
     torch.testing.assert_close(samples, expected)
-    assert labels.tolist() == [1, 2, 4] and allowed.all()
+    assert labels.tolist() == [1, 2, 4] and images.tolist() == [0, 1, 1] and allowed.all()
 
 
 @pytest.mark.parametrize("method", ["agmm", "cvpr", "baseline"])
@@ -122,3 +122,29 @@ def test_forward_crops_padding_back_for_any_size():
     logits, features = model(torch.randn(1, 3, 37, 45))
     assert logits.shape == (1, 6, 37, 45)
     assert features.shape[-2:] == (10, 12)
+
+
+def test_image_adaptation_moves_the_posterior_toward_each_images_labels():
+    gen = torch.Generator().manual_seed(0)
+    batch = next(iter(tiny_data(augment=False).train_dataloader()))
+    labelled = batch["target"] < 6
+    assert labelled.any()
+    posteriors, stats = [], []
+    for adaptation in (None, 1.0):
+        torch.manual_seed(0)
+        model = tiny_model(adaptation=adaptation, warmup_steps=10)
+        features = F.normalize(torch.randn(60, 64, generator=gen), dim=1)
+        weights = F.one_hot(torch.arange(60) % 6, 6).float()
+        model.mixtures.update(model.mixtures.sufficient_statistics(features, weights))
+        with torch.no_grad():
+            _, output = model.compute_losses(batch)
+        posteriors.append(output["posterior"])
+        stats.append(output["mixture_stats"])
+    # Before the warm-up only labelled features are fitted: the statistics do not change ...
+    for name in ("weight", "sum", "square_sum"):
+        torch.testing.assert_close(getattr(stats[1], name), getattr(stats[0], name))
+    # ... but each image's labelled classes now explain its labelled pixels better.
+    own = batch["target"].clamp(max=5)[:, None]
+    own_global = posteriors[0].gather(1, own)[:, 0][labelled]
+    own_adapted = posteriors[1].gather(1, own)[:, 0][labelled]
+    assert own_adapted.mean() > own_global.mean()

@@ -139,7 +139,7 @@ class ClassMixtures(nn.Module):
                 f"features must be a float [N, {self.dim}] tensor, got {tuple(x.shape)}"
             )
 
-    def component_log_prob(self, x: Tensor) -> Tensor:
+    def component_log_prob(self, x: Tensor, means: Tensor | None = None) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
         Two fused multiply-adds with the natural parameters,
@@ -147,32 +147,86 @@ class ClassMixtures(nn.Module):
         further pass over the ``[N, C·K]`` result.
 
         Args:
-            x: ``[N, D]`` features.
+            x: ``[N, D]`` features, or ``[G, M, D]`` groups of them when ``means`` is given.
+            means: Optional ``[G, C, K, D]`` component means of each group (see
+                :meth:`adapted_means`); the variances and weights stay the mixtures' own.
 
         Returns:
-            ``[N, C, K]`` joint log-densities.
+            ``[N, C, K]`` joint log-densities (``N = G·M`` for groups).
         """
-        self._check_features(x)
+        if means is None:
+            self._check_features(x)
+        elif x.ndim != 3 or x.shape[0] != means.shape[0] or x.shape[2] != self.dim:
+            raise ValueError(
+                f"grouped features must be [G, M, {self.dim}] with G = {means.shape[0]} groups of "
+                f"means, got {tuple(x.shape)}"
+            )
         x = x.to(self.means.dtype)
-        quadratic, linear, constant = self._natural_parameters()
-        log_joint = torch.addmm(constant, x * x, quadratic).addmm_(x, linear)
+        quadratic, linear, constant = self._natural_parameters(means)
+        if means is None:
+            log_joint = torch.addmm(constant, x * x, quadratic).addmm_(x, linear)
+        else:
+            log_joint = torch.baddbmm(constant[:, None], x, linear).flatten(0, 1)
+            flat = x.flatten(0, 1)
+            log_joint.addmm_(flat * flat, quadratic)
         return log_joint.view(-1, self.num_classes, self.mixture_count)
 
-    def _natural_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``Q [D, C·K]``, ``L [D, C·K]`` and ``c [C·K]`` of the Gaussians in natural form."""
+    def _natural_parameters(self, means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``Q [D, C·K]``, ``L [..., D, C·K]`` and ``c [..., C·K]`` in natural form.
+
+        ``means`` (``[..., C, K, D]``, default the mixtures' own) gives L and c a leading shape.
+        """
+        means = self.means if means is None else means
         precision = self.variances.reciprocal()
-        scaled_means = self.means * precision
+        scaled_means = means * precision
         quadratic_and_volume = (
-            (self.means * scaled_means).sum(-1)
+            (means * scaled_means).sum(-1)
             + self.variances.log().sum(-1)
             + self.dim * math.log(2 * math.pi)
         )
         constant = self.weights.clamp_min(1e-30).log() - 0.5 * quadratic_and_volume
         return (
             -0.5 * precision.flatten(0, 1).T,
-            scaled_means.flatten(0, 1).T,
-            constant.flatten(),
+            scaled_means.flatten(-3, -2).transpose(-1, -2),
+            constant.flatten(-2),
         )
+
+    @torch.no_grad()
+    def adapted_means(
+        self, x: Tensor, labels: Tensor, groups: Tensor, num_groups: int, relevance: float
+    ) -> Tensor:
+        """Component means adapted to each group (image) by its labelled features.
+
+        Mean-only MAP adaptation with a relevance factor (as GMM-UBM speaker models adapt a
+        universal model to one speaker): ``mu_gck = (sum_j r_jck x_j + relevance · mu_ck) /
+        (sum_j r_jck + relevance)`` over the features j of group g labelled c. A class labelled in
+        an image moves toward that image's own appearance; the other classes keep the global means.
+
+        Args:
+            x: ``[N, D]`` labelled features.
+            labels: ``[N]`` their classes.
+            groups: ``[N]`` their group (image) indices in ``[0, num_groups)``.
+            num_groups: Number of groups G.
+            relevance: Weight of the global mean, in features (> 0).
+
+        Returns:
+            ``[G, C, K, D]`` means, for :meth:`expectation` of ``[G, M, D]`` grouped features.
+        """
+        if relevance <= 0:
+            raise ValueError(f"relevance must be > 0, got {relevance}")
+        cells = num_groups * self.num_classes
+        prior = self.means.expand(num_groups, -1, -1, -1).reshape(cells, self.mixture_count, -1)
+        if x.shape[0] == 0:
+            return prior.reshape(num_groups, *self.means.shape).clone()
+        x = x.detach().to(self.means.dtype)
+        responsibilities = self.expectation(x).responsibilities
+        own = responsibilities[torch.arange(x.shape[0], device=x.device), labels]  # [N, K]
+        cell = groups * self.num_classes + labels
+        count = x.new_zeros(cells, self.mixture_count).index_add_(0, cell, own)
+        total = x.new_zeros(cells, self.mixture_count, self.dim)
+        total.index_add_(0, cell, own[..., None] * x[:, None])
+        adapted = (total + relevance * prior) / (count[..., None] + relevance)
+        return adapted.view(num_groups, *self.means.shape)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
         """``log p(x | c)`` of every feature under every class's mixture.
@@ -186,20 +240,21 @@ class ClassMixtures(nn.Module):
         return self.component_log_prob(x).logsumexp(-1)
 
     @torch.no_grad()
-    def expectation(self, x: Tensor) -> Expectation:
+    def expectation(self, x: Tensor, means: Tensor | None = None) -> Expectation:
         """E-step: class log-likelihoods and component responsibilities from one density pass.
 
         The responsibilities are computed in place in the ``[N, C, K]`` joint log-densities:
         every temporary of that size costs about as much as the matrix products themselves.
 
         Args:
-            x: ``[N, D]`` features (detached here).
+            x: ``[N, D]`` features (detached here), or ``[G, M, D]`` with ``means``.
+            means: Optional ``[G, C, K, D]`` per-group means (:meth:`adapted_means`).
 
         Returns:
-            The :class:`Expectation`, to hand to :meth:`posterior_from_log_likelihood` and
-            :meth:`sufficient_statistics`.
+            The :class:`Expectation` (``N = G·M`` rows for groups), to hand to
+            :meth:`posterior_from_log_likelihood` and :meth:`sufficient_statistics`.
         """
-        log_joint = self.component_log_prob(x.detach())
+        log_joint = self.component_log_prob(x.detach(), means)
         if self.mixture_count == 1:
             return Expectation(log_joint[..., 0], torch.ones_like(log_joint))
         peak = log_joint.amax(-1, keepdim=True)

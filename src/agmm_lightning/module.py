@@ -104,6 +104,9 @@ class AGMMSegmenter(LightningModule):
         min_variance: Variance floor of the mixtures.
         temperature: T of the GMM posterior and the maximization loss; None uses ``embed_dim``.
         prior: ``"prediction"`` (the detached segmentation output) or ``"uniform"``.
+        adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
+            posterior (:meth:`ClassMixtures.adapted_means`), in labelled features; None uses
+            the global mixtures alone (METHOD §3.3 as written).
         lambda_max: Weight of the maximization loss.
         lambda_gmm: Weight of the GMM pseudo supervision (ramped up over ``warmup_steps``).
         pseudo_mode: ``"soft"`` (CE against G) or ``"hard"`` (argmax G above ``confidence``).
@@ -138,6 +141,7 @@ class AGMMSegmenter(LightningModule):
         min_variance: float = 1e-4,
         temperature: float | None = None,
         prior: Literal["prediction", "uniform"] = "prediction",
+        adaptation: float | None = None,
         lambda_max: float = 0.1,
         lambda_gmm: float = 1.0,
         pseudo_mode: Literal["soft", "hard"] = "soft",
@@ -351,20 +355,26 @@ class AGMMSegmenter(LightningModule):
         batch_size, dim, height, width = embeddings.shape
 
         # Labelled features, read by bilinear sampling at the labels' own coordinates.
-        labelled_features, labels, labelled_allowed = self._labelled_samples(
+        labelled_features, labels, labelled_image, labelled_allowed = self._labelled_samples(
             batch, embeddings, target
         )
         valid = self.mixtures.initialized[None] & labelled_allowed
         log_likelihood = self.mixtures.log_likelihood(labelled_features)
         maximization = maximization_loss(log_likelihood, labels, self.temperature, valid)
 
-        # One E-step over the labelled features and every pixel at feature resolution serves
-        # both the GMM posterior and the statistics of the online update.
+        # One E-step over every pixel at feature resolution serves both the GMM posterior and
+        # the statistics of the online update (the labelled features have their own).
         allowed_low = self._allowed(batch, (height, width))
         flat_embeddings = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, dim)
+        labelled_features = labelled_features.detach()
         with torch.no_grad():
-            samples = torch.cat([labelled_features.detach(), flat_embeddings])
-            expectation = self.mixtures.expectation(samples)
+            pixels, means = flat_embeddings, None
+            if hp["adaptation"] is not None:
+                means = self.mixtures.adapted_means(
+                    labelled_features, labels, labelled_image, batch_size, hp["adaptation"]
+                )
+                pixels = flat_embeddings.view(batch_size, height * width, dim)
+            expectation = self.mixtures.expectation(pixels, means)
             prior = None
             if hp["prior"] == "prediction":
                 prior = logits.detach().softmax(1)
@@ -373,7 +383,7 @@ class AGMMSegmenter(LightningModule):
                 prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
             flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
             posterior_low = self.mixtures.posterior_from_log_likelihood(
-                expectation.log_likelihood[labels.numel() :], prior, flat_allowed, self.temperature
+                expectation.log_likelihood, prior, flat_allowed, self.temperature
             )
             posterior = posterior_low.view(batch_size, height, width, num_classes)
             posterior = posterior.permute(0, 3, 1, 2)
@@ -403,19 +413,18 @@ class AGMMSegmenter(LightningModule):
                 (target == num_classes)[:, None].float(), size=(height, width), mode="nearest"
             ).flatten()
             fit_unlabelled = (posterior_low.amax(1) >= hp["confidence"]) & (unlabelled > 0)
-        fit_weights = torch.cat(
-            [
-                F.one_hot(labels, num_classes).to(posterior_low.dtype),
-                posterior_low * fit_unlabelled[:, None],
-            ]
+        labelled_weights = F.one_hot(labels, num_classes).to(posterior_low.dtype)
+        stats = self.mixtures.sufficient_statistics(
+            labelled_features, labelled_weights
+        ) + self.mixtures.sufficient_statistics(
+            flat_embeddings, posterior_low * fit_unlabelled[:, None], expectation
         )
-        stats = self.mixtures.sufficient_statistics(samples, fit_weights, expectation)
         return losses, {"mixture_stats": stats, "posterior": posterior}
 
     def _labelled_samples(
         self, batch: dict[str, Any], embeddings: Tensor, target: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings at labelled pixels (bilinear), their labels and allowed classes."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Embeddings at labelled pixels (bilinear), their labels, images and allowed classes."""
         num_classes = self.hparams["num_classes"]
         index = (target < num_classes).nonzero()
         if index.shape[0] > self.hparams["max_labelled_samples"]:
@@ -443,7 +452,7 @@ class AGMMSegmenter(LightningModule):
         samples = sampled[..., 0].permute(0, 2, 1)[image, position]
         labels = target[image, row, col].long()
         allowed = self._allowed(batch, target.shape[-2:])[image, :, row, col]
-        return samples, labels, allowed
+        return samples, labels, image, allowed
 
     def _log_pseudo_label_quality(self, batch: dict[str, Any], posterior: Tensor) -> None:
         """``train_pseudo_miou`` against dense GT (never trained on) and the coverage."""
