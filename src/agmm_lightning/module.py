@@ -367,12 +367,12 @@ class AGMMSegmenter(LightningModule):
         # the statistics of the online update (the labelled features have their own).
         allowed_low = self._allowed(batch, (height, width))
         flat_embeddings = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, dim)
-        labelled_features = labelled_features.detach()
+        fit_labelled = labelled_features.detach()
         with torch.no_grad():
             pixels, means = flat_embeddings, None
             if hp["adaptation"] is not None:
                 means = self.mixtures.adapted_means(
-                    labelled_features, labels, labelled_image, batch_size, hp["adaptation"]
+                    fit_labelled, labels, labelled_image, batch_size, hp["adaptation"]
                 )
                 pixels = flat_embeddings.view(batch_size, height * width, dim)
             expectation = self.mixtures.expectation(pixels, means)
@@ -414,13 +414,13 @@ class AGMMSegmenter(LightningModule):
                 (target == num_classes)[:, None].float(), size=(height, width), mode="nearest"
             ).flatten()
             fit_unlabelled = (posterior_low.amax(1) >= hp["confidence"]) & (unlabelled > 0)
-        labelled_weights = F.one_hot(labels, num_classes).to(posterior_low.dtype)
-        stats = self.mixtures.sufficient_statistics(
-            labelled_features, labelled_weights
-        ) + self.mixtures.sufficient_statistics(
+        labelled_stats = self.mixtures.sufficient_statistics(
+            fit_labelled, F.one_hot(labels, num_classes).to(posterior_low.dtype)
+        )
+        pixel_stats = self.mixtures.sufficient_statistics(
             flat_embeddings, posterior_low * fit_unlabelled[:, None], expectation
         )
-        return losses, {"mixture_stats": stats, "posterior": posterior}
+        return losses, {"mixture_stats": labelled_stats + pixel_stats, "posterior": posterior}
 
     def _labelled_samples(
         self, batch: dict[str, Any], embeddings: Tensor, target: Tensor
