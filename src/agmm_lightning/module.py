@@ -106,8 +106,8 @@ class AGMMSegmenter(LightningModule):
         prior: ``"prediction"`` (the detached segmentation output) or ``"uniform"``.
         adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
             posterior (:meth:`ClassMixtures.adapted_means`), in labelled features; None uses
-            the global mixtures alone (METHOD §3.3 as written). On the demo data the global
-            mixtures gained nothing over the baseline; adapted to each image they do.
+            the global mixtures alone (METHOD §3.3 as written). On the demo data, adapted
+            means give far better pseudo labels than the global mixtures alone.
         lambda_max: Weight of the maximization loss.
         lambda_gmm: Weight of the GMM pseudo supervision (ramped up over ``warmup_steps``).
         pseudo_mode: ``"soft"`` (CE against G) or ``"hard"`` (argmax G above ``confidence``).
