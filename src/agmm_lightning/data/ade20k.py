@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -212,21 +212,15 @@ class ADE20KDataModule(FileDataModule):
         root: The ``ADEChallengeData2016`` folder; other paths are relative to it.
         weak_label: Form of the training label (METHOD §4): "block" reads ``block_dir``,
             "image" ``cam_dir`` and the masks' tags; other forms need ``simulate``.
-        simulate: Derive the weak label from the dense masks (seeded) instead of reading files.
         train_split: Training folder under ``images/`` and ``annotations/``.
         val_split: Validation folder.
         test_split: Test folder; None evaluates on ``val_split``.
         block_dir: Folder of block PNGs in the raw encoding.
-        unlabeled_value: Value marking unlabelled pixels in CAM PNGs; None detects it per file.
-        cam_dir: Folder of CAM pseudo-label PNGs for ``weak_label="image"``.
-        points_per_segment: Clicks per connected segment for simulated points.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
         batch_size: Training images per batch.
         crop_size: Side of the square training crop, in pixels.
-        num_workers: DataLoader worker processes.
-        seed: Seed of shuffling, augmentation and weak-label simulation.
-        augment: Random scale, flip and colour jitter of training crops.
+        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
+            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
+            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
 
     Raises:
         ValueError: If an option is out of range.
@@ -239,36 +233,16 @@ class ADE20KDataModule(FileDataModule):
         self,
         root: str,
         weak_label: WeakLabelForm = "block",
-        simulate: bool = False,
         train_split: str = "training",
         val_split: str = "validation",
         test_split: str | None = None,
         block_dir: str = "train/sparse_label/block10",
-        unlabeled_value: int | None = None,
-        cam_dir: str | None = None,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
         batch_size: int = 16,
         crop_size: int = 512,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root,
-            weak_label=weak_label,
-            simulate=simulate,
-            unlabeled_value=unlabeled_value,
-            cam_dir=cam_dir,
-            points_per_segment=points_per_segment,
-            block_fraction=block_fraction,
-            box_core_fraction=box_core_fraction,
-            batch_size=batch_size,
-            crop_size=crop_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
+            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.block_dir = block_dir

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from agmm_lightning.data.base import PredictSplit, WeakLabelForm
+from agmm_lightning.data.base import WeakLabelForm
 from agmm_lightning.data.files import (
     FileDataModule,
     ImageRecord,
@@ -130,7 +130,6 @@ class COCODataModule(FileDataModule):
         root: The COCO folder; other paths are relative to it unless absolute.
         weak_label: Form of the training label (METHOD §4): "image" reads the tags
             (``tags_source``) and ``cam_dir``; other forms but "full" need ``simulate``.
-        simulate: Derive the weak label from the dense masks (seeded) instead of reading files.
         train_split: Training image folder (and sub-folder of ``mask_dir``).
         val_split: Validation image folder.
         test_split: Test image folder; None evaluates on ``val_split``.
@@ -140,19 +139,11 @@ class COCODataModule(FileDataModule):
         mask_dir: Folder of the class-index masks, one sub-folder per split.
         tags_source: Where image-level tags come from: "masks" or "onehot" (``tags_file``).
         tags_file: NumPy dict id -> 80 floats (no background) for ``tags_source="onehot"``.
-        unlabeled_value: Value marking unlabelled pixels in CAM PNGs (81 or 255); None detects
-            it per file.
-        cam_dir: Folder of CAM pseudo-label PNGs for ``weak_label="image"``.
-        points_per_segment: Clicks per connected segment for simulated points.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
         batch_size: Training images per batch.
         crop_size: Side of the square training crop, in pixels.
-        num_workers: DataLoader worker processes.
-        seed: Seed of shuffling, augmentation and weak-label simulation.
-        augment: Random scale, flip and colour jitter of training crops.
-        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
-            stage of ``weak_label="image"``).
+        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
+            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
+            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
 
     Raises:
         ValueError: If an option is out of range.
@@ -165,7 +156,6 @@ class COCODataModule(FileDataModule):
         self,
         root: str,
         weak_label: WeakLabelForm = "image",
-        simulate: bool = False,
         train_split: str = "train2014",
         val_split: str = "val2014",
         test_split: str | None = None,
@@ -175,33 +165,12 @@ class COCODataModule(FileDataModule):
         mask_dir: str = "SegmentationClass",
         tags_source: Literal["masks", "onehot"] = "masks",
         tags_file: str = "cls_labels_onehot.npy",
-        unlabeled_value: int | None = None,
-        cam_dir: str | None = None,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
         batch_size: int = 16,
         crop_size: int = 512,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
-        predict_split: PredictSplit = "test",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root,
-            weak_label=weak_label,
-            simulate=simulate,
-            unlabeled_value=unlabeled_value,
-            cam_dir=cam_dir,
-            points_per_segment=points_per_segment,
-            block_fraction=block_fraction,
-            box_core_fraction=box_core_fraction,
-            batch_size=batch_size,
-            crop_size=crop_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            predict_split=predict_split,
+            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         if tags_source not in ("masks", "onehot"):
             raise ValueError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import PredictSplit, WeakLabel, WeakLabelForm
+from agmm_lightning.data.base import WeakLabel, WeakLabelForm
 from agmm_lightning.data.files import (
     IMAGE_SUFFIXES,
     FileDataModule,
@@ -107,25 +107,17 @@ class FolderDataModule(FileDataModule):
     Args:
         root: The dataset folder.
         weak_label: Form of the training label (METHOD §4).
-        simulate: Simulate the weak label from ``masks/`` even where ``weak/<form>/`` exists.
         num_classes: Number of classes C; None reads it from ``classes.txt``.
         train_split: Name of the training list in ``splits/``.
         val_split: Name of the validation list in ``splits/``.
         test_split: Name of the test list in ``splits/`` (the validation list if it is missing).
-        unlabeled_value: Value marking unlabelled pixels in ``weak/`` and CAM PNGs; None
-            detects it per file (C if the file holds C, else 255).
-        cam_dir: Folder of CAM pseudo labels for ``weak_label="image"`` (relative to ``root``);
-            None uses ``weak/image/`` when it exists, else trains on the tags of the masks.
-        points_per_segment: Clicks per connected segment for simulated points.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
         batch_size: Training images per batch.
         crop_size: Side of the square training crop, in pixels.
-        num_workers: DataLoader worker processes.
-        seed: Seed of shuffling, augmentation and weak-label simulation.
-        augment: Random scale, flip and colour jitter of training crops.
-        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
-            stage of ``weak_label="image"``).
+        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
+            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
+            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`. Here
+            ``simulate`` ignores ``weak/<form>/``, and ``cam_dir=None`` uses ``weak/image/`` when
+            it exists.
 
     Raises:
         FileNotFoundError: If ``num_classes`` is None and ``root`` or ``classes.txt`` does not
@@ -141,38 +133,16 @@ class FolderDataModule(FileDataModule):
         self,
         root: str,
         weak_label: WeakLabelForm = "point",
-        simulate: bool = False,
         num_classes: int | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
-        unlabeled_value: int | None = None,
-        cam_dir: str | None = None,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
         batch_size: int = 8,
         crop_size: int = 321,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
-        predict_split: PredictSplit = "test",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root,
-            weak_label=weak_label,
-            simulate=simulate,
-            unlabeled_value=unlabeled_value,
-            cam_dir=cam_dir,
-            points_per_segment=points_per_segment,
-            block_fraction=block_fraction,
-            box_core_fraction=box_core_fraction,
-            batch_size=batch_size,
-            crop_size=crop_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            predict_split=predict_split,
+            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self._class_names = self._read_class_names(num_classes)

@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import PredictSplit, WeakLabel, WeakLabelForm
+from agmm_lightning.data.base import WeakLabel, WeakLabelForm
 from agmm_lightning.data.files import (
     FileDataModule,
     ImageRecord,
@@ -191,7 +191,6 @@ class VOCDataModule(FileDataModule):
             ``background_points_file``), "scribble" ``scribble_dir``, "box" ``Annotations/``,
             "image" ``cam_dir`` and tags from ``tags_source``; "block" needs ``weak_dir`` or
             ``simulate``.
-        simulate: Derive the weak label from the dense masks (seeded) instead of reading files.
         mask_dir: Folder of the dense masks; None uses ``SegmentationClassAug`` if it exists,
             else ``SegmentationClass``.
         train_list: Training split list.
@@ -202,24 +201,15 @@ class VOCDataModule(FileDataModule):
         scribble_dir: Folder of ScribbleSup ``<id>.xml`` files.
         weak_dir: Folder of ready-made ``<id>.png`` weak labels of the chosen form; it replaces
             the files above.
-        unlabeled_value: Value marking unlabelled pixels in ``weak_dir`` and CAM PNGs (255 or
-            21); None detects it per file.
         tags_source: Where image-level tags come from: "annotations" (``Annotations/``),
             "masks" or "onehot" (``tags_file``).
         tags_file: NumPy dict id -> 20 floats (no background) for ``tags_source="onehot"``.
-        cam_dir: Folder of CAM pseudo-label PNGs for ``weak_label="image"``; None trains on
-            the tags alone.
         include_difficult: Keep boxes of objects flagged difficult.
-        points_per_segment: Clicks per connected segment for simulated points.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
         batch_size: Training images per batch.
         crop_size: Side of the square training crop, in pixels.
-        num_workers: DataLoader worker processes.
-        seed: Seed of shuffling, augmentation and weak-label simulation.
-        augment: Random scale, flip and colour jitter of training crops.
-        predict_split: Images of ``predict``: "test", or "train" with their tags (the CAM
-            stage of ``weak_label="image"``).
+        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
+            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
+            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
 
     Raises:
         ValueError: If an option is out of range.
@@ -234,7 +224,6 @@ class VOCDataModule(FileDataModule):
         self,
         root: str,
         weak_label: WeakLabelForm = "point",
-        simulate: bool = False,
         mask_dir: str | None = None,
         train_list: str = "ImageSets/Segmentation/train_aug.txt",
         val_list: str = "ImageSets/Segmentation/val.txt",
@@ -243,36 +232,15 @@ class VOCDataModule(FileDataModule):
         background_points_file: str | None = "voc_whats_the_point_bg_from_scribbles.json",
         scribble_dir: str = "scribble_annotation/pascal_2012",
         weak_dir: str | None = None,
-        unlabeled_value: int | None = None,
         tags_source: Literal["annotations", "masks", "onehot"] = "annotations",
         tags_file: str = "cls_labels_onehot.npy",
-        cam_dir: str | None = None,
         include_difficult: bool = True,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
         batch_size: int = 16,
         crop_size: int = 321,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
-        predict_split: PredictSplit = "test",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root,
-            weak_label=weak_label,
-            simulate=simulate,
-            unlabeled_value=unlabeled_value,
-            cam_dir=cam_dir,
-            points_per_segment=points_per_segment,
-            block_fraction=block_fraction,
-            box_core_fraction=box_core_fraction,
-            batch_size=batch_size,
-            crop_size=crop_size,
-            num_workers=num_workers,
-            seed=seed,
-            augment=augment,
-            predict_split=predict_split,
+            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         if tags_source not in ("annotations", "masks", "onehot"):
             raise ValueError(
