@@ -162,6 +162,28 @@ def test_float32_matches_reference():
         torch.testing.assert_close(ours[name].double(), theirs[name].detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_ties_with_centers_get_the_gradient_of_abs():
+    """ReLU features with a dead channel equal their centers there: |F - mu|' must be 0."""
+    features, logits, target = make_case(8, 2, 5, (6, 6), (11, 11), 3, "clicks")
+    features = features.detach().relu()
+    features[:, 2] = 0
+    grads = []
+    for losses_fn in (cvpr_agmm_losses, reference_losses):
+        leaf = features.clone().requires_grad_()
+        losses_fn(leaf, logits.detach(), target, 3)["total"].backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-10)
+
+
+def test_backward_twice_with_retained_graph_gives_the_same_gradient():
+    features, logits, target = make_case(9, 2, 4, (6, 6), (11, 11), 3, "clicks")
+    total = cvpr_agmm_losses(features, logits, target, 3)["total"]
+    first = torch.autograd.grad(total, [features, logits], retain_graph=True)
+    second = torch.autograd.grad(total, [features, logits])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_no_labelled_pixel_keeps_losses_finite_and_differentiable():
     features, logits, target = make_case(4, 2, 4, (4, 4), (8, 8), 3, "unlabelled")
     losses = cvpr_agmm_losses(features, logits, target, 3)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 VOID = 255
 _EPS = 1e-6
@@ -61,17 +62,49 @@ def _binary_cross_entropy(p: Tensor, q: Tensor) -> Tensor:
     return -q * torch.log(p + _EPS) - (1 - q) * torch.log(1 - p + _EPS)
 
 
-def _bilinear_adjoint(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Apply the transpose of bilinear upsampling ``size -> x.shape[-2:]`` to ``x``.
+def _upsampling_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
+    """Source cells and weights of bilinear upsampling along one axis (align_corners=False).
 
-    ``sum_j x(j) · up(F)(j) = sum_p adjoint(x)(p) · F(p)``, so pooling features through this map
-    equals pooling the upsampled features without ever building them.
+    Args:
+        index: ``[n]`` float output positions in ``0..size-1``.
+        source: Input length.
+        size: Output length.
+
+    Returns:
+        ``[n, 2]`` source cells and ``[n, 2]`` weights, as ``F.interpolate`` computes them.
     """
-    probe = x.new_zeros(*x.shape[:2], *size, requires_grad=True)
-    with torch.enable_grad():
-        upsampled = F.interpolate(probe, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        (adjoint,) = torch.autograd.grad(upsampled, probe, grad_outputs=x)
-    return adjoint
+    position = ((index + 0.5) * (source / size) - 0.5).clamp_min(0)
+    low = position.floor()
+    cells = torch.stack([low, (low + 1).clamp_max(source - 1)], dim=1).long()
+    fraction = position - low
+    return cells, torch.stack([1 - fraction, fraction], dim=1)
+
+
+def _class_pooling(
+    features: Tensor, slots: int, size: tuple[int, int], pixels: tuple[Tensor, ...]
+) -> Tensor:
+    """``W [B, S, h·w]`` with ``W @ F`` the mean of the upsampled ``F`` over each slot's pixels.
+
+    Each labelled pixel spreads its bilinear weights over four feature cells, so the upsampled
+    features are never built.
+
+    Args:
+        features: ``[B, D, h, w]`` features (for their shape, dtype and device).
+        slots: Number of slots S.
+        size: Label resolution ``(H, W)``.
+        pixels: ``(image, slot, row, col)``, each ``[n]``: the labelled pixels and their slots.
+    """
+    batch, _, height, width = features.shape
+    image, slot, row, col = pixels
+    rows, row_weight = _upsampling_taps(row.to(features.dtype), height, size[0])
+    cols, col_weight = _upsampling_taps(col.to(features.dtype), width, size[1])
+    cell = (rows[:, :, None] * width + cols[:, None, :]).flatten(1)  # [n, 4]
+    weight = (row_weight[:, :, None] * col_weight[:, None, :]).flatten(1)
+    group = image * slots + slot
+    pooling = features.new_zeros(batch * slots, height * width)
+    pooling.index_put_((group[:, None].expand_as(cell), cell), weight, accumulate=True)
+    counts = torch.bincount(group, minlength=batch * slots).to(features.dtype)
+    return (pooling / (counts[:, None] + _EPS)).view(batch, slots, -1)
 
 
 def _check_shapes(features: Tensor, logits: Tensor, target: Tensor, num_classes: int) -> None:
@@ -137,8 +170,10 @@ class _PixelLosses(torch.autograd.Function):
     """``seg``, ``gmm_to_pred`` and ``absent`` of METHOD §2 with a hand-written backward.
 
     The three terms read the same softmax; autograd would keep a dozen ``[B, C, H, W]``
-    intermediates and sum three logit gradients. Here only the softmax is saved and the
-    gradient is assembled in one buffer, which halves the time and memory of these terms.
+    intermediates and sum three logit gradients. Here the softmax is saved, the forward's
+    ``log(1 - P + 1e-6)`` buffer is handed on to become the logit gradient, and that gradient is
+    assembled in place: on CPU every fresh tensor of this size costs as much as several passes
+    over an existing one.
     """
 
     @staticmethod
@@ -153,40 +188,56 @@ class _PixelLosses(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         num_classes = logits.shape[1]
         probs = logits.softmax(1)
-        log_not_probs = torch.log(1 - probs + _EPS)
+        log_not_probs = probs.neg().add_(1 + _EPS).log_()  # log(1 - P + 1e-6)
         index = slot_class[..., None, None].expand_as(kernel)
-        bce = -kernel * torch.log(probs.gather(1, index) + _EPS)
-        bce -= (1 - kernel) * log_not_probs.gather(1, index)
+        slot_probs = probs.gather(1, index)
+        slot_log_probs = torch.add(slot_probs, _EPS).log_()
+        slot_log_not = log_not_probs.gather(1, index)
+        # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
+        log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
         valid = target != VOID
-        count = valid.sum().clamp_min(1).to(logits.dtype)
-        gmm_to_pred = (torch.einsum("bshw,bs->bhw", bce, slot_weight) * valid).sum() / count
-        absent = -(torch.einsum("bchw,bc->bhw", log_not_probs, forbidden) * valid).sum() / count
+        pixel = valid / valid.sum().clamp_min(1).to(logits.dtype)  # mean over non-void pixels
+        gmm_to_pred = -(torch.einsum("bshw,bs->bhw", log_fit, slot_weight) * pixel).sum()
+        absent = -(torch.einsum("bchw,bc->bhw", log_not_probs, forbidden) * pixel).sum()
 
         image, row, col = (target < num_classes).nonzero(as_tuple=True)
         labels = target[image, row, col]
         pixel_logits = logits[image, :, row, col]
         seg = F.cross_entropy(pixel_logits, labels) if labels.numel() else logits.new_zeros(())
-        ctx.save_for_backward(probs, kernel, slot_class, slot_weight, forbidden, valid, count)
+        ctx.save_for_backward(
+            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            forbidden, pixel,
+        )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
+        ctx.buffer = log_not_probs  # free to overwrite: nothing else holds it
         return seg, gmm_to_pred, absent
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_seg: Tensor, grad_gmm: Tensor, grad_absent: Tensor
     ) -> tuple[Tensor | None, ...]:
-        probs, kernel, slot_class, slot_weight, forbidden, valid, count = ctx.saved_tensors
-        pixel = (valid / count)[:, None]
+        (
+            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            forbidden, pixel,
+        ) = ctx.saved_tensors  # fmt: skip
+        # A second backward (retain_graph) finds the buffer taken and allocates a new one.
+        grad, ctx.buffer = ctx.buffer if ctx.buffer is not None else torch.empty_like(probs), None
         index = slot_class[..., None, None].expand_as(kernel)
-        inverse_not = (1 - probs + _EPS).reciprocal_()
-        # d/dP of absent: (1 - t_k) / (1 - P_k + eps), per valid pixel.
-        grad_probs = inverse_not * (grad_absent * forbidden)[..., None, None] * pixel
-        slot_probs = probs.gather(1, index)
-        slot_scale = (grad_gmm * slot_weight)[..., None, None] * pixel
-        grad_slots = slot_scale * ((1 - kernel) * inverse_not.gather(1, index))
-        grad_slots -= slot_scale * kernel / (slot_probs + _EPS)
-        grad_probs.scatter_add_(1, index, grad_slots)
-        # Softmax backward: dz = P * (dP - sum_c P_c dP_c), in place.
-        grad_logits = grad_probs.sub_((probs * grad_probs).sum(1, keepdim=True)).mul_(probs)
+        # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
+        torch.neg(probs, out=grad).add_(1 + _EPS)
+        torch.div(probs, grad, out=grad)
+        grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None])
+        # ... then of gmm_to_pred at each slot's class: w P [(1 - G)/(1 - P + eps) - G/(P + eps)].
+        slot_scale = (grad_gmm * slot_weight)[..., None, None]
+        to_not = slot_probs.neg().add_(1 + _EPS)
+        to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
+        to_fit = torch.add(slot_probs, _EPS)
+        to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
+        slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
+        grad.scatter_add_(1, index, slot_grad)
+        # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k, in place.
+        grad_logits = grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
         image, row, col, labels, pixel_logits = ctx.labelled
         if labels.numel():
             ce = pixel_logits.softmax(1)
@@ -194,9 +245,47 @@ class _PixelLosses(torch.autograd.Function):
             grad_logits.permute(0, 2, 3, 1).index_put_(
                 (image, row, col), ce * (grad_seg / labels.numel()), accumulate=True
             )
-        log_ratio = torch.log(1 - slot_probs + _EPS) - torch.log(slot_probs + _EPS)
-        grad_kernel = slot_scale * log_ratio if ctx.needs_input_grad[1] else None
+        grad_kernel = None
+        if ctx.needs_input_grad[1]:
+            grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
+            grad_kernel.mul_(pixel[:, None])
         return grad_logits, grad_kernel, None, None, None, None
+
+
+class _CentersAndDistances(torch.autograd.Function):
+    """Class centers and every feature's mean absolute distance to them (METHOD §2, steps 1-2).
+
+    ``centers[b, s] = sum_j F[b, :, j] W[b, s, j]`` for pooling weights W, and
+    ``distance[b, s, j] = mean_d |F[b, d, j] - centers[b, s, d]|``. The forward is a matrix
+    product and an L1 ``cdist``. The backward needs the sign of every feature-center difference,
+    a ``[B, S, D, N]`` tensor: it is built one center slot at a time, so that only one
+    ``[B, D, N]`` difference lives, and both gradient paths to the features are summed in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, features: Tensor, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        centers = torch.bmm(weights, features.transpose(1, 2))
+        distance = torch.cdist(centers, features.transpose(1, 2), p=1) / features.shape[1]
+        ctx.save_for_backward(features, weights, centers)
+        return centers, distance
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_centers: Tensor, grad_distance: Tensor
+    ) -> tuple[Tensor, None]:
+        features, weights, centers = ctx.saved_tensors
+        grad_distance = grad_distance / features.shape[1]
+        grad_centers = grad_centers.clone()
+        grad_features = torch.zeros_like(features)
+        sign = torch.empty_like(features)
+        for slot in range(centers.shape[1]):
+            torch.sub(features, centers[:, slot, :, None], out=sign).sign_()
+            grad_centers[:, slot] -= torch.bmm(sign, grad_distance[:, slot, :, None])[..., 0]
+            grad_features.addcmul_(sign, grad_distance[:, slot, None])
+        return grad_features.baddbmm_(grad_centers.transpose(1, 2), weights), None
 
 
 def cvpr_agmm_losses(
@@ -209,9 +298,10 @@ def cvpr_agmm_losses(
     """The sparsely-annotated AGMM losses of the CVPR 2023 code (METHOD §2).
 
     Equal to the published formulas to float tolerance, but computed only for the classes present
-    in each crop (the others contribute exactly zero to every term but ``absent``), with L1
-    ``cdist`` for the feature-to-center distances and the adjoint of the bilinear upsampling for
-    the centers: neither ``[B, C, D, h, w]`` differences nor upsampled features are built.
+    in each crop (the others contribute exactly zero to every term but ``absent``). The centers
+    are pooled from the bilinear taps of the labelled pixels, the distances are an L1 ``cdist``
+    whose backward runs one class slot at a time, and the pixel terms share one softmax: neither
+    ``[B, C, D, h, w]`` differences nor upsampled features are built.
 
     Args:
         features: ``[B, D0, h, w]`` decoder features.
@@ -243,30 +333,33 @@ def cvpr_agmm_losses(
 
     # Pack each image's present classes into the first slots; padded slots are masked out.
     slots = max(int(present.sum(1).max()), 1)
-    slot_class = present.argsort(dim=1, descending=True, stable=True)[:, :slots]
+    order = present.argsort(dim=1, descending=True, stable=True)
+    slot_class = order[:, :slots]
     slot_present = present.gather(1, slot_class)
-    one_hot = (target[:, None] == slot_class[..., None, None]).to(features.dtype)
-    one_hot = one_hot * slot_present[..., None, None]
+    slot_of_class = torch.empty_like(order).scatter_(
+        1, order, torch.arange(num_classes, device=order.device).expand_as(order)
+    )
 
-    # Centers: mean of the upsampled features over each class's labelled pixels.
-    pooling = _bilinear_adjoint(one_hot, (height, width)).flatten(2)
-    counts = one_hot.sum(dim=(2, 3))[..., None]
-    centers = torch.bmm(pooling, features.flatten(2).transpose(1, 2)) / (counts + _EPS)
+    # Centers: mean of the upsampled features over each class's labelled pixels; distances at
+    # feature resolution.
+    image, row, col = labelled.nonzero(as_tuple=True)
+    labels = target[image, row, col]
+    pixels = (image, slot_of_class[image, labels], row, col)
+    pooling = _class_pooling(features, slots, target.shape[-2:], pixels)
+    centers, distance = _CentersAndDistances.apply(features.flatten(2), pooling)
+    distance = distance.view(batch, slots, height, width)
 
-    # Kernel: exp(-(mean_channels |F - mu|)^2) at feature resolution, then upsampled.
+    # Kernel: exp(-(mean_channels |F - mu|)^2), void-preserved, then upsampled.
     preserve = F.interpolate(
         valid[:, None].to(features.dtype),
         size=(height, width),
         mode="bilinear",
         align_corners=False,
     )
-    distance = torch.cdist(features.flatten(2).transpose(1, 2), centers, p=1) / channels
-    distance = distance.transpose(1, 2).reshape(batch, slots, height, width)
     distance = distance * slot_present[..., None, None] * preserve
     kernel = F.interpolate(
         torch.exp(-distance.square()), size=target.shape[-2:], mode="bilinear", align_corners=False
-    )
-    kernel = kernel * slot_present[..., None, None]
+    ).mul_(slot_present[..., None, None])
 
     # Per-image class averaging weights c_{b,k} / (sum_k c_{b,k} + 1e-6), halved as in the code.
     slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + _EPS))
@@ -276,9 +369,8 @@ def cvpr_agmm_losses(
     )
 
     # label_to_gmm only needs the labelled pixels: read the kernel there.
-    image, row, col = labelled.nonzero(as_tuple=True)
     kernel_at_labels = kernel[image, :, row, col]  # [n, S]
-    own_class = (target[image, row, col][:, None] == slot_class[image]).to(kernel.dtype)
+    own_class = (labels[:, None] == slot_class[image]).to(kernel.dtype)
     bce_labels = _binary_cross_entropy(kernel_at_labels, own_class)
     label_to_gmm = (bce_labels * slot_weight[image]).sum(1).mean() if image.numel() else seg * 0
 

@@ -25,10 +25,13 @@ class Expectation(NamedTuple):
     Attributes:
         log_likelihood: ``[N, C]`` class log-likelihoods ``log p(x | c)``.
         responsibilities: ``[N, C, K]`` component responsibilities ``r_{jck}`` within each class.
+        design: ``[N, 2D + 1]`` design ``[x⊙x, x, 1]`` of the features, which the statistics
+            reuse.
     """
 
     log_likelihood: Tensor
     responsibilities: Tensor
+    design: Tensor
 
 
 @dataclass
@@ -133,18 +136,24 @@ class ClassMixtures(nn.Module):
         )
 
     # ----------------------------------------------------------------------------- evaluation
-    def _check_features(self, x: Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.dim or not x.is_floating_point():
+    def _check_features(self, x: Tensor, means: Tensor | None = None) -> None:
+        if means is None and (x.ndim != 2 or x.shape[1] != self.dim or not x.is_floating_point()):
             raise ValueError(
                 f"features must be a float [N, {self.dim}] tensor, got {tuple(x.shape)}"
+            )
+        if means is not None and (
+            x.ndim != 3 or x.shape[0] != means.shape[0] or x.shape[2] != self.dim
+        ):
+            raise ValueError(
+                f"grouped features must be [G, M, {self.dim}] with G = {means.shape[0]} groups of "
+                f"means, got {tuple(x.shape)}"
             )
 
     def component_log_prob(self, x: Tensor, means: Tensor | None = None) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
-        Two fused multiply-adds with the natural parameters,
-        ``log w + log N(x) = c + (x⊙x) @ Q + x @ L``, never an ``[N, C, K, D]`` broadcast and no
-        further pass over the ``[N, C·K]`` result.
+        One matrix product of the design ``[x⊙x, x, 1]`` with the natural parameters,
+        never an ``[N, C, K, D]`` broadcast and no further pass over the ``[N, C·K]`` result.
 
         Args:
             x: ``[N, D]`` features, or ``[G, M, D]`` groups of them when ``means`` is given.
@@ -152,29 +161,21 @@ class ClassMixtures(nn.Module):
                 :meth:`adapted_means`); the variances and weights stay the mixtures' own.
 
         Returns:
-            ``[N, C, K]`` joint log-densities (``N = G·M`` for groups).
+            ``[N, C, K]`` joint log-densities (``N = G·M`` for groups), a view of a
+            component-major ``[N, K, C]`` tensor.
         """
-        if means is None:
-            self._check_features(x)
-        elif x.ndim != 3 or x.shape[0] != means.shape[0] or x.shape[2] != self.dim:
-            raise ValueError(
-                f"grouped features must be [G, M, {self.dim}] with G = {means.shape[0]} groups of "
-                f"means, got {tuple(x.shape)}"
-            )
-        x = x.to(self.means.dtype)
-        quadratic, linear, constant = self._natural_parameters(means)
-        if means is None:
-            log_joint = torch.addmm(constant, x * x, quadratic).addmm_(x, linear)
-        else:
-            log_joint = torch.baddbmm(constant[:, None], x, linear).flatten(0, 1)
-            flat = x.flatten(0, 1)
-            log_joint.addmm_(flat * flat, quadratic)
-        return log_joint.view(-1, self.num_classes, self.mixture_count)
+        self._check_features(x, means)
+        return self._log_joint(_design(x.to(self.means.dtype)), means)
 
-    def _natural_parameters(self, means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``Q [D, C·K]``, ``L [..., D, C·K]`` and ``c [..., C·K]`` in natural form.
+    def _log_joint(self, design: Tensor, means: Tensor | None = None) -> Tensor:
+        log_joint = design @ self._natural_parameters(means)
+        return log_joint.view(-1, self.mixture_count, self.num_classes).transpose(1, 2)
 
-        ``means`` (``[..., C, K, D]``, default the mixtures' own) gives L and c a leading shape.
+    def _natural_parameters(self, means: Tensor | None = None) -> Tensor:
+        """``[..., 2D + 1, K·C]``: the rows ``-1/(2 sigma^2)``, ``mu/sigma^2`` and the constant.
+
+        ``means`` (``[..., C, K, D]``, default the mixtures' own) gives a leading shape. Columns
+        are component-major (``k·C + c``), so reductions over K run along contiguous classes.
         """
         means = self.means if means is None else means
         precision = self.variances.reciprocal()
@@ -185,11 +186,9 @@ class ClassMixtures(nn.Module):
             + self.dim * math.log(2 * math.pi)
         )
         constant = self.weights.clamp_min(1e-30).log() - 0.5 * quadratic_and_volume
-        return (
-            -0.5 * precision.flatten(0, 1).T,
-            scaled_means.flatten(-3, -2).transpose(-1, -2),
-            constant.flatten(-2),
-        )
+        quadratic = (-0.5 * precision).expand_as(scaled_means)
+        rows = torch.cat([quadratic, scaled_means, constant[..., None]], dim=-1)
+        return rows.transpose(-3, -2).flatten(-3, -2).transpose(-1, -2)
 
     @torch.no_grad()
     def adapted_means(
@@ -254,14 +253,17 @@ class ClassMixtures(nn.Module):
             The :class:`Expectation` (``N = G·M`` rows for groups), to hand to
             :meth:`posterior_from_log_likelihood` and :meth:`sufficient_statistics`.
         """
-        log_joint = self.component_log_prob(x.detach(), means)
+        self._check_features(x, means)
+        design = _design(x.detach().to(self.means.dtype))
+        log_joint = self._log_joint(design, means)
+        design = design.flatten(0, -2)
         if self.mixture_count == 1:
-            return Expectation(log_joint[..., 0], torch.ones_like(log_joint))
+            return Expectation(log_joint[..., 0], torch.ones_like(log_joint), design)
         peak = log_joint.amax(-1, keepdim=True)
         responsibilities = log_joint.sub_(peak).exp_()
         total = responsibilities.sum(-1, keepdim=True)
         log_likelihood = peak.add_(total.log()).squeeze(-1)
-        return Expectation(log_likelihood, responsibilities.div_(total))
+        return Expectation(log_likelihood, responsibilities.div_(total), design)
 
     def posterior(
         self,
@@ -296,15 +298,17 @@ class ClassMixtures(nn.Module):
         temperature: float | None = None,
     ) -> Tensor:
         """:meth:`posterior` from class log-likelihoods already computed (``[N, C]``)."""
-        scores = log_likelihood / (temperature or self.dim)
-        valid = self.initialized.expand_as(scores)
+        valid = self.initialized.expand_as(log_likelihood)
         if allowed is not None:
             valid = valid & allowed.bool()
-        if prior is not None:
-            scores = scores + prior.to(scores.dtype).log()
-        scores = scores.masked_fill(~valid, float("-inf"))
-        has_class = torch.isfinite(scores).any(1, keepdim=True)
-        return scores.masked_fill(~has_class, 0).softmax(1) * has_class
+        if prior is None:
+            scores = log_likelihood / (temperature or self.dim)
+        else:
+            scores = prior.to(log_likelihood.dtype).log()
+            scores.add_(log_likelihood, alpha=1 / (temperature or self.dim))
+        scores.masked_fill_(~valid, float("-inf"))
+        has_class = scores.amax(1, keepdim=True) > float("-inf")
+        return scores.masked_fill_(~has_class, 0).softmax(1).mul_(has_class)
 
     # -------------------------------------------------------------------------------- fitting
     @torch.no_grad()
@@ -331,23 +335,24 @@ class ClassMixtures(nn.Module):
             )
         x = x.detach().to(self.means.dtype)
         weights = weights.detach().to(self.means.dtype)
-        log_likelihood, responsibilities = expectation or self.expectation(x)
+        log_likelihood, responsibilities, design = expectation or self.expectation(x)
         fitting = weights.sum(1) > 0
         if not fitting.all():
-            x, weights = x[fitting], weights[fitting]
+            x, weights, design = x[fitting], weights[fitting], design[fitting]
             log_likelihood, responsibilities = log_likelihood[fitting], responsibilities[fitting]
         if x.shape[0] == 0:
             return self._empty_statistics(x)
 
-        weighted = responsibilities.mul_(weights[..., None]).flatten(1)
-        shape = (self.num_classes, self.mixture_count)
+        # Component-major [N, K, C] weights times the design [x⊙x, x, 1]: S2, S1 and S0 at once.
+        weighted = responsibilities.mul_(weights[..., None]).transpose(1, 2)
+        moments = weighted.reshape(x.shape[0], -1).T @ design
+        moments = moments.view(self.mixture_count, self.num_classes, -1).transpose(0, 1)
         candidates, valid, index = self._sample_candidates(x, weights)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
-        moments = (weighted.T @ torch.cat([x, x * x], dim=1)).view(*shape, 2 * self.dim)
         return MixtureStatistics(
-            weight=weighted.sum(0).view(shape),
-            sum=moments[..., : self.dim],
-            square_sum=moments[..., self.dim :],
+            weight=moments[..., -1].contiguous(),
+            sum=moments[..., self.dim : 2 * self.dim].contiguous(),
+            square_sum=moments[..., : self.dim].contiguous(),
             candidates=candidates,
             candidate_valid=valid,
             candidate_score=score,
@@ -493,6 +498,15 @@ class ClassMixtures(nn.Module):
         variances = torch.where(usable[..., None], class_variance[:, None], variances)
         weights = torch.where(usable, 1.0 / self.mixture_count, weights)
         return means, variances, weights / weights.sum(1, keepdim=True)
+
+
+def _design(x: Tensor) -> Tensor:
+    """``[x⊙x, x, 1]`` along the last dimension.
+
+    One matrix product with it gives every component's log-density (against the natural
+    parameters) or every sufficient statistic (against the weighted responsibilities).
+    """
+    return torch.cat([x * x, x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
 def _kmeans_seeds(
