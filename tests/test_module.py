@@ -94,6 +94,21 @@ def test_labelled_features_are_the_upsampled_embeddings_at_the_labels():
     assert labels.tolist() == [1, 2, 4] and images.tolist() == [0, 1, 1] and allowed.all()
 
 
+def test_capped_dense_labels_are_sampled_at_their_own_pixels():
+    """More labelled pixels than max_labelled_samples: a subset, each read at its own pixel."""
+    model = tiny_model(max_labelled_samples=50)
+    embeddings = torch.randn(3, 64, 8, 8)
+    target = torch.randint(6, (3, 16, 16))
+    batch = {"target": target, "image_classes": torch.ones(3, 6)}
+    samples, labels, images, _ = model._labelled_samples(batch, embeddings, target)
+    assert samples.shape == (50, 64) and set(images.tolist()) == {0, 1, 2}
+    upsampled = F.interpolate(embeddings, size=(16, 16), mode="bilinear", align_corners=False)
+    matches = (samples[:, :, None, None] - upsampled[images]).abs().amax(1) < 1e-5  # [n, H, W]
+    assert matches.flatten(1).any(1).all()
+    pixel = matches.flatten(1).float().argmax(1)
+    assert torch.equal(target[images, pixel // 16, pixel % 16], labels)
+
+
 @pytest.mark.parametrize("method", ["agmm", "cvpr", "baseline"])
 def test_a_crop_without_labels_keeps_the_loss_finite(method):
     model = tiny_model(method=method, warmup_steps=0)

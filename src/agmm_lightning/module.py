@@ -430,7 +430,8 @@ class AGMMSegmenter(LightningModule):
         index = (target < num_classes).nonzero()
         if index.shape[0] > self.hparams["max_labelled_samples"]:
             keep = torch.randperm(index.shape[0], device=index.device)
-            index = index[keep[: self.hparams["max_labelled_samples"]]]
+            # Sorted, so that the rows stay grouped by image as the grouping below needs.
+            index = index[keep[: self.hparams["max_labelled_samples"]].sort().values]
         image, row, col = index.unbind(1)
         height, width = target.shape[-2:]
         # grid_sample with align_corners=False maps these to the exact source coordinates of
