@@ -94,6 +94,13 @@ def test_labelled_features_are_the_upsampled_embeddings_at_the_labels():
     assert labels.tolist() == [1, 2, 4] and images.tolist() == [0, 1, 1] and allowed.all()
 
 
+def test_normalized_embeddings_equal_f_normalize():
+    model = tiny_model()
+    features = torch.randn(2, model.embedding_head.in_channels, 5, 7)
+    expected = F.normalize(model.embedding_head(features), dim=1)
+    torch.testing.assert_close(model.embed(features), expected)
+
+
 def test_capped_dense_labels_are_sampled_at_their_own_pixels():
     """More labelled pixels than max_labelled_samples: a subset, each read at its own pixel."""
     model = tiny_model(max_labelled_samples=50)

@@ -279,7 +279,10 @@ class AGMMSegmenter(LightningModule):
         """The embedding e the mixtures live in (METHOD §3.1)."""
         embeddings = self.embedding_head(features)
         if self.hparams["normalize_embeddings"]:
-            embeddings = F.normalize(embeddings, dim=1)
+            # F.normalize's norm over the channels of [B, D, h, w] is a strided reduction three
+            # times slower, with its backward, than this sum of squares (same values).
+            squared_norm = embeddings.square().sum(1, keepdim=True)
+            embeddings = embeddings * squared_norm.clamp_min(1e-24).rsqrt()
         return embeddings
 
     def predict_logits(self, images: Tensor) -> Tensor:
