@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -61,3 +63,13 @@ def resident_mib(fn: Callable[[], object]) -> float:
     before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def in_fresh_process(fn: Callable[..., float], *args: object) -> float:
+    """``fn(*args)`` in a newly spawned process (``fn`` must be importable).
+
+    In a process that already ran, the allocator reuses freed memory and the resident set no
+    longer grows, so a CPU peak is only measurable from a clean start.
+    """
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -11,13 +11,11 @@ Run: ``python benchmarks/bench_core.py [--device cuda] [--quick]``. Prints one M
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import platform
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from _measure import best_seconds, peak_memory_mib, resident_mib
+from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
 
 from agmm_lightning.losses import cvpr_agmm_losses
 from agmm_lightning.mixtures import ClassMixtures
@@ -92,11 +90,7 @@ def cvpr_step(kind, device):
 
 
 def cpu_peak_mib(kind):
-    """Peak resident memory of one CVPR step beyond its inputs, in a fresh process.
-
-    In a process that already ran, the allocator reuses freed memory and the resident set no
-    longer grows, so the CPU peak is only measurable from a clean start.
-    """
+    """Peak resident memory of one CVPR step beyond its inputs (in a fresh process)."""
     return resident_mib(cvpr_step(kind, torch.device("cpu")))
 
 
@@ -107,8 +101,7 @@ def loss_block(device, repeats):
         if device.type == "cuda":
             memory = peak_memory_mib(step, device)
         else:
-            with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-                memory = pool.submit(cpu_peak_mib, kind).result()
+            memory = in_fresh_process(cpu_peak_mib, kind)
         result[kind] = (best_seconds(step, device, repeats), memory)
     return result
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import platform
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
 import torch
-from _measure import best_seconds, peak_memory_mib, resident_mib
+from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
 from bench_core import click_target, loss_block
 
 from agmm_lightning import AGMMSegmenter
@@ -76,11 +74,7 @@ def training_step(method: str, setup: dict, device: torch.device):
 
 
 def cpu_training_peak_mib(method: str, setup: dict) -> float:
-    """Peak resident memory of three training steps beyond the built model, in a fresh process.
-
-    In a process that already trained, the allocator reuses freed memory and the resident set no
-    longer grows, so the CPU peak is only measurable from a clean start.
-    """
+    """Peak resident memory of three training steps beyond the built model (in a fresh process)."""
     step = training_step(method, setup, torch.device("cpu"))
     return resident_mib(lambda: [step() for _ in range(3)])
 
@@ -98,8 +92,7 @@ def step_rows(device: torch.device, setup: dict, repeats: int) -> dict[str, tupl
         if device.type == "cuda":
             memory[method] = peak_memory_mib(step, device)
         else:
-            with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-                memory[method] = pool.submit(cpu_training_peak_mib, method, setup).result()
+            memory[method] = in_fresh_process(cpu_training_peak_mib, method, setup)
     seconds = {method: math.inf for method in METHODS}
     for _ in range(repeats):
         for method, step in steps.items():
