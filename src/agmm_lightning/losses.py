@@ -185,8 +185,8 @@ class _PixelLosses(torch.autograd.Function):
         slot_weight: Tensor,
         forbidden: Tensor,
         target: Tensor,
+        labelled: tuple[Tensor, Tensor, Tensor, Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        num_classes = logits.shape[1]
         probs = logits.softmax(1)
         log_not_probs = probs.neg().add_(1 + _EPS).log_()  # log(1 - P + 1e-6)
         index = slot_class[..., None, None].expand_as(kernel)
@@ -200,8 +200,7 @@ class _PixelLosses(torch.autograd.Function):
         gmm_to_pred = -(torch.einsum("bshw,bs->bhw", log_fit, slot_weight) * pixel).sum()
         absent = -(torch.einsum("bchw,bc->bhw", log_not_probs, forbidden) * pixel).sum()
 
-        image, row, col = (target < num_classes).nonzero(as_tuple=True)
-        labels = target[image, row, col]
+        image, row, col, labels = labelled
         pixel_logits = logits[image, :, row, col]
         seg = F.cross_entropy(pixel_logits, labels) if labels.numel() else logits.new_zeros(())
         ctx.save_for_backward(
@@ -249,7 +248,7 @@ class _PixelLosses(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
             grad_kernel.mul_(pixel[:, None])
-        return grad_logits, grad_kernel, None, None, None, None
+        return grad_logits, grad_kernel, None, None, None, None, None
 
 
 class _CentersAndDistances(torch.autograd.Function):
@@ -336,9 +335,7 @@ def cvpr_agmm_losses(
     order = present.argsort(dim=1, descending=True, stable=True)
     slot_class = order[:, :slots]
     slot_present = present.gather(1, slot_class)
-    slot_of_class = torch.empty_like(order).scatter_(
-        1, order, torch.arange(num_classes, device=order.device).expand_as(order)
-    )
+    slot_of_class = order.argsort(dim=1)  # the inverse permutation
 
     # Centers: mean of the upsampled features over each class's labelled pixels; distances at
     # feature resolution.
@@ -365,7 +362,7 @@ def cvpr_agmm_losses(
     slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + _EPS))
     forbidden = 1.0 - image_classes.to(logits.dtype)
     seg, gmm_to_pred, absent = _PixelLosses.apply(
-        logits, kernel, slot_class, slot_weight, forbidden, target
+        logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels)
     )
 
     # label_to_gmm only needs the labelled pixels: read the kernel there.
