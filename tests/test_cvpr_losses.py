@@ -179,9 +179,12 @@ def test_backward_twice_with_retained_graph_gives_the_same_gradient():
     features, logits, target = make_case(9, 2, 4, (6, 6), (11, 11), 3, "clicks")
     total = cvpr_agmm_losses(features, logits, target, 3)["total"]
     first = torch.autograd.grad(total, [features, logits], retain_graph=True)
-    second = torch.autograd.grad(total, [features, logits])
-    for a, b in zip(first, second, strict=True):
-        torch.testing.assert_close(a, b)
+    kept = [gradient.clone() for gradient in first]
+    # A different output gradient: a reused buffer would show in both results.
+    second = torch.autograd.grad(total, [features, logits], grad_outputs=torch.tensor(2.0).double())
+    for a, b, c in zip(first, second, kept, strict=True):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, 2 * c)
 
 
 def test_no_labelled_pixel_keeps_losses_finite_and_differentiable():
