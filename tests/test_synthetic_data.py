@@ -101,6 +101,22 @@ def test_weak_labels_stay_aligned_with_the_dense_mask(form: str) -> None:
         assert torch.equal(target, mask)
 
 
+def test_simulation_options_reach_the_training_labels() -> None:
+    without_core = _first_batch(_module(weak_label="box", batch_size=8))["target"]
+    assert set(without_core.unique().tolist()) <= {0, 6, 255}
+    batch = _first_batch(_module(weak_label="box", batch_size=8, box_core_fraction=0.3))
+    core = (batch["target"] > 0) & (batch["target"] < 6)
+    assert core.any()
+    assert batch["allowed"].gather(1, batch["target"].clamp(max=5)[:, None])[:, 0][core].all()
+    # Mostly right; a ring's centre or an occluded centre is not its box's class.
+    assert (batch["target"][core] == batch["mask"][core]).float().mean() > 0.75
+    coverage = [
+        (_first_batch(_module(weak_label="block", block_fraction=f))["target"] < 6).float().mean()
+        for f in (0.05, 0.3)
+    ]
+    assert coverage[1] > 2 * coverage[0]
+
+
 def test_image_form_gives_tags_and_an_unlabelled_target() -> None:
     module = _module(weak_label="image", crop_size=24)
     batch = _first_batch(module)
@@ -185,6 +201,10 @@ def test_module_metadata_and_validation() -> None:
         _module(num_classes=len(SHAPE_NAMES) + 2)
     with pytest.raises(ValueError, match="weak_label"):
         _module(weak_label="polygon")
+    with pytest.raises(ValueError, match="box_core_fraction"):
+        _module(box_core_fraction=1.5)
+    with pytest.raises(ValueError, match="points_per_segment"):
+        _module(points_per_segment=0)
     with pytest.raises(ValueError, match="fewer than one batch"):
         _module(num_train=2).train_dataloader()
 

@@ -135,6 +135,19 @@ def simulate_weak_label(
     raise ValueError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
 
 
+def check_simulation_options(
+    points_per_segment: int, block_fraction: float, box_core_fraction: float
+) -> None:
+    """Raise a ValueError unless the weak-label simulation options are in range."""
+    if points_per_segment < 1:
+        raise ValueError(f"points_per_segment must be >= 1, got {points_per_segment}.")
+    if not 0 < block_fraction <= 1 or not 0 <= box_core_fraction <= 1:
+        raise ValueError(
+            "Expected 0 < block_fraction <= 1 and 0 <= box_core_fraction <= 1, got "
+            f"{block_fraction} and {box_core_fraction}."
+        )
+
+
 class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
     """Base dataset that turns (name, image, dense mask) into the sample dicts of METHOD §1.
 

@@ -38,6 +38,7 @@ from agmm_lightning.data.base import (
     WeakLabel,
     WeakLabelDataset,
     WeakLabelForm,
+    check_simulation_options,
 )
 from agmm_lightning.weak_labels import VOID, tags_from_mask
 
@@ -1037,13 +1038,7 @@ class FileDataModule(AGMMDataModule):
         )
         if unlabeled_value is not None and not 0 <= unlabeled_value <= VOID:
             raise ValueError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
-        if points_per_segment < 1:
-            raise ValueError(f"points_per_segment must be >= 1, got {points_per_segment}.")
-        if not 0 < block_fraction <= 1 or not 0 <= box_core_fraction <= 1:
-            raise ValueError(
-                "Expected 0 < block_fraction <= 1 and 0 <= box_core_fraction <= 1, got "
-                f"{block_fraction} and {box_core_fraction}."
-            )
+        check_simulation_options(points_per_segment, block_fraction, box_core_fraction)
         self.root = Path(root)
         self.simulate = simulate
         self.unlabeled_value = unlabeled_value

@@ -24,6 +24,7 @@ from agmm_lightning.data.base import (
     Split,
     WeakLabelDataset,
     WeakLabelForm,
+    check_simulation_options,
 )
 
 __all__ = ["SHAPE_NAMES", "SyntheticDataModule", "SyntheticDataset", "render_scene"]
@@ -230,6 +231,8 @@ class SyntheticDataset(WeakLabelDataset):
         weak_label: Form of the training label.
         seed: Seed of the scenes and of the weak-label simulation.
         points_per_segment: Clicks per connected segment for the "point" form.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class.
 
     Raises:
         ValueError: If ``length`` is negative or the scene arguments are unsupported.
@@ -247,6 +250,8 @@ class SyntheticDataset(WeakLabelDataset):
         weak_label: WeakLabelForm = "point",
         seed: int = 0,
         points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
     ) -> None:
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}.")
@@ -258,6 +263,8 @@ class SyntheticDataset(WeakLabelDataset):
             weak_label=weak_label,
             seed=seed,
             points_per_segment=points_per_segment,
+            block_fraction=block_fraction,
+            box_core_fraction=box_core_fraction,
         )
         self.split = split
         self.length = length
@@ -299,6 +306,9 @@ class SyntheticDataModule(AGMMDataModule):
         num_classes: Number of classes: background + ``num_classes - 1`` shapes, at most
             ``len(SHAPE_NAMES) + 1``.
         points_per_segment: Clicks per connected segment for the "point" form.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class (see
+            :func:`agmm_lightning.weak_labels.rasterize_boxes`).
         weak_label: Form of the training label.
         batch_size: Training (and evaluation) images per batch.
         crop_size: Side of the square training crop, in pixels.
@@ -320,6 +330,8 @@ class SyntheticDataModule(AGMMDataModule):
         image_size: int = 96,
         num_classes: int = 6,
         points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
         weak_label: WeakLabelForm = "point",
         batch_size: int = 8,
         crop_size: int = 80,
@@ -343,6 +355,7 @@ class SyntheticDataModule(AGMMDataModule):
                 f"num_train={num_train}, num_val={num_val}, num_test={num_test}."
             )
         _check_scene_args(image_size, num_classes)
+        check_simulation_options(points_per_segment, block_fraction, box_core_fraction)
         self.lengths: dict[Split, int] = {
             "train": num_train,
             "val": num_val,
@@ -352,6 +365,8 @@ class SyntheticDataModule(AGMMDataModule):
         self.image_size = image_size
         self._num_classes = num_classes
         self.points_per_segment = points_per_segment
+        self.block_fraction = block_fraction
+        self.box_core_fraction = box_core_fraction
 
     @property
     def num_classes(self) -> int:
@@ -388,4 +403,6 @@ class SyntheticDataModule(AGMMDataModule):
             weak_label=self.weak_label,
             seed=self.seed,
             points_per_segment=self.points_per_segment,
+            block_fraction=self.block_fraction,
+            box_core_fraction=self.box_core_fraction,
         )
