@@ -10,7 +10,8 @@ Every seed renders the synthetic scenes of ``experiments/demo.yaml`` into the ge
   (uncertain band excluded) with their coverage, and the segmenter's val mIoU.
 - **boxes** (METHOD §4): the "fill" baseline labels every box with its class (smaller boxes on top)
   and trains the same segmenter on that as full supervision; AGMM trains on the boxes themselves
-  (unlabelled inside, background outside, allowed map).
+  (unlabelled inside, background outside, allowed map) with the box settings of
+  ``experiments/voc_box.yaml``: a labelled box core, a uniform GMM prior and hard pseudo labels.
 
 The segmenters use the model and budget of ``experiments/demo.yaml``. Mean ± std over seeds;
 Markdown table. ``--quick`` shrinks everything to check the pipeline end to end in about a minute.
@@ -46,6 +47,8 @@ from agmm_lightning.data.transforms import eval_transform
 from agmm_lightning.weak_labels import boxes_from_mask
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+BOX_CONFIG = CONFIG.with_name("voc_box.yaml")
+BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
 CAM_ARGS: dict[str, Any] = {
     "encoder": "resnet18",
     "output_stride": 8,
@@ -66,8 +69,12 @@ QUICK_CAM = {"encoder": "tu-test_resnet", "cam_scales": (1.0, 0.5)}
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """Data, segmenter, classifier and epochs: demo.yaml's, or tiny ones with ``quick``."""
+    """Data, segmenter, classifier and epochs: demo.yaml's, or tiny ones with ``quick``; and
+    the box settings of voc_box.yaml."""
     config = yaml.safe_load(CONFIG.read_text())
+    boxes = yaml.safe_load(BOX_CONFIG.read_text())
+    box_model = {key: boxes["model"]["init_args"][key] for key in BOX_MODEL_KEYS}
+    box_data = {"box_core_fraction": boxes["data"]["init_args"]["box_core_fraction"]}
     data = config["data"]["init_args"]
     data.pop("weak_label")
     model = config["model"]["init_args"]
@@ -76,7 +83,14 @@ def settings(quick: bool) -> dict[str, Any]:
     cam = dict(CAM_ARGS)
     if quick:
         data, model, cam, epochs = data | QUICK_DATA, model | QUICK_MODEL, cam | QUICK_CAM, 1
-    return {"data": data, "model": model, "cam": cam, "epochs": epochs}
+    return {
+        "data": data,
+        "model": model,
+        "cam": cam,
+        "epochs": epochs,
+        "box_model": box_model,
+        "box_data": box_data,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,9 +165,9 @@ def folder_data(root: Path, setup: dict[str, Any], seed: int, **kwargs: Any) -> 
     return FolderDataModule(str(root), seed=seed, **options, **kwargs)
 
 
-def segmenter(setup: dict[str, Any], method: str) -> AGMMSegmenter:
-    """The demo's segmenter with ``method``."""
-    return AGMMSegmenter(**setup["model"], method=method)
+def segmenter(setup: dict[str, Any], method: str, **overrides: Any) -> AGMMSegmenter:
+    """The demo's segmenter with ``method`` and ``overrides``."""
+    return AGMMSegmenter(**(setup["model"] | overrides), method=method)
 
 
 def fit_metrics(model: pl.LightningModule, data: pl.LightningDataModule, run: pl.Trainer) -> dict:
@@ -188,9 +202,11 @@ def run_seed(job: tuple[int, bool, str]) -> dict[str, float]:
         )
 
         pl.seed_everything(seed, verbose=False)
-        box_data = folder_data(root, setup, seed, weak_label="box")
+        box_data = folder_data(root, setup, seed, weak_label="box", **setup["box_data"])
         agmm_boxes = fit_metrics(
-            segmenter(setup, "agmm"), box_data, quiet_trainer(epochs, accelerator, work)
+            segmenter(setup, "agmm", **setup["box_model"]),
+            box_data,
+            quiet_trainer(epochs, accelerator, work),
         )
 
         pl.seed_everything(seed, verbose=False)
