@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,15 @@ def test_simulation_options_reach_the_training_labels() -> None:
         for f in (0.05, 0.3)
     ]
     assert coverage[1] > 2 * coverage[0]
+
+
+def test_boxes_without_a_labelled_core_warn() -> None:
+    with pytest.warns(UserWarning, match="box_core_fraction=0"):
+        _module(weak_label="box")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _module(weak_label="box", box_core_fraction=0.3)
+        _module(weak_label="point")
 
 
 def test_image_form_gives_tags_and_an_unlabelled_target() -> None:

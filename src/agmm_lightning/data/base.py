@@ -9,6 +9,7 @@ the dataset of each split.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sized
@@ -136,9 +137,22 @@ def simulate_weak_label(
 
 
 def check_simulation_options(
-    points_per_segment: int, block_fraction: float, box_core_fraction: float
+    weak_label: WeakLabelForm,
+    points_per_segment: int,
+    block_fraction: float,
+    box_core_fraction: float,
 ) -> None:
-    """Raise a ValueError unless the weak-label simulation options are in range."""
+    """Raise a ValueError unless the weak-label options are in range.
+
+    Boxes without a labelled core get a warning: they leave every box class unlabelled.
+    """
+    if weak_label == "box" and box_core_fraction == 0:
+        warnings.warn(
+            "weak_label='box' with box_core_fraction=0 labels no pixel of any box class (only "
+            "the background outside the boxes), so nothing can teach a box class: the AGMM "
+            "mixtures of those classes never start. Set box_core_fraction > 0 (e.g. 0.3).",
+            stacklevel=3,
+        )
     if points_per_segment < 1:
         raise ValueError(f"points_per_segment must be >= 1, got {points_per_segment}.")
     if not 0 < block_fraction <= 1 or not 0 <= box_core_fraction <= 1:

@@ -1038,7 +1038,7 @@ class FileDataModule(AGMMDataModule):
         )
         if unlabeled_value is not None and not 0 <= unlabeled_value <= VOID:
             raise ValueError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
-        check_simulation_options(points_per_segment, block_fraction, box_core_fraction)
+        check_simulation_options(weak_label, points_per_segment, block_fraction, box_core_fraction)
         self.root = Path(root)
         self.simulate = simulate
         self.unlabeled_value = unlabeled_value

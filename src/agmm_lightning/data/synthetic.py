@@ -355,7 +355,7 @@ class SyntheticDataModule(AGMMDataModule):
                 f"num_train={num_train}, num_val={num_val}, num_test={num_test}."
             )
         _check_scene_args(image_size, num_classes)
-        check_simulation_options(points_per_segment, block_fraction, box_core_fraction)
+        check_simulation_options(weak_label, points_per_segment, block_fraction, box_core_fraction)
         self.lengths: dict[Split, int] = {
             "train": num_train,
             "val": num_val,
