@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
+
+BOX_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "voc_box.yaml"
+BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
 
 
 def parse_value(text: str) -> Any:
@@ -61,3 +65,14 @@ def quiet_trainer(epochs: int, accelerator: str, root: Path | str) -> pl.Trainer
         enable_model_summary=False,
         default_root_dir=root,
     )
+
+
+def box_settings() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and data settings that ``experiments/voc_box.yaml`` gives boxes.
+
+    A labelled box core, and for AGMM a uniform prior with hard pseudo labels; the benchmarks
+    train on boxes with them.
+    """
+    config = yaml.safe_load(BOX_CONFIG.read_text())
+    model = {key: config["model"]["init_args"][key] for key in BOX_MODEL_KEYS}
+    return model, {"box_core_fraction": config["data"]["init_args"]["box_core_fraction"]}

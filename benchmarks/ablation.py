@@ -2,7 +2,9 @@
 
 Every run uses the model, data and budget of ``experiments/demo.yaml`` (the synthetic scenes) or,
 with ``--root``, a dataset in the ``FolderDataModule`` layout whose weak labels are simulated from
-its masks. Only ``method`` and the weak-label form change between runs. Mean ± std over seeds,
+its masks. Only ``method`` and the weak-label form change between runs, and boxes take the box
+settings of ``experiments/voc_box.yaml`` (a labelled core; for AGMM a uniform prior and hard
+pseudo labels). Mean ± std over seeds,
 printed as a Markdown table; with ``--out`` the table is written there and a bar chart beside it
 (same name, ``.png``). ``--quick`` shrinks everything to check the pipeline in about a minute.
 
@@ -24,7 +26,7 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
-from _runs import add_run_arguments, quiet_trainer, run_options
+from _runs import add_run_arguments, box_settings, quiet_trainer, run_options
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.data import FolderDataModule, SyntheticDataModule
@@ -61,6 +63,9 @@ def train(job: tuple) -> dict[str, float]:
     """Train one model and return its final metrics."""
     form, method, seed, options = job
     model_args, data_args, epochs = settings(options["quick"], options["epochs"])
+    if form == "box":
+        box_model, box_data = box_settings()
+        model_args, data_args = model_args | box_model, data_args | box_data
     model_args = model_args | options["model"] | {"method": method}
     data = datamodule(options["root"], form, data_args | options["data"], seed)
     if options["root"] is not None:

@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
-from _runs import quiet_trainer
+from _runs import box_settings, quiet_trainer
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -47,8 +47,6 @@ from agmm_lightning.data.transforms import eval_transform
 from agmm_lightning.weak_labels import boxes_from_mask
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
-BOX_CONFIG = CONFIG.with_name("voc_box.yaml")
-BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
 CAM_ARGS: dict[str, Any] = {
     "encoder": "resnet18",
     "output_stride": 8,
@@ -69,12 +67,10 @@ QUICK_CAM = {"encoder": "tu-test_resnet", "cam_scales": (1.0, 0.5)}
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """Data, segmenter, classifier and epochs: demo.yaml's, or tiny ones with ``quick``; and
-    the box settings of voc_box.yaml."""
+    """Data, segmenter, classifier and epochs of demo.yaml (tiny ones with ``quick``), and the
+    box settings of voc_box.yaml."""
     config = yaml.safe_load(CONFIG.read_text())
-    boxes = yaml.safe_load(BOX_CONFIG.read_text())
-    box_model = {key: boxes["model"]["init_args"][key] for key in BOX_MODEL_KEYS}
-    box_data = {"box_core_fraction": boxes["data"]["init_args"]["box_core_fraction"]}
+    box_model, box_data = box_settings()
     data = config["data"]["init_args"]
     data.pop("weak_label")
     model = config["model"]["init_args"]
