@@ -198,7 +198,7 @@ def test_posterior_masks_disallowed_and_uninitialised_classes():
     assert (mixtures.posterior(x[:50], prior=prior)[:, 0] == 0).all()
 
 
-@pytest.mark.parametrize("mixture_count", [1, 3])
+@pytest.mark.parametrize("mixture_count", [1, 2, 3, 5])
 def test_one_expectation_serves_posterior_and_statistics(mixture_count):
     gen = torch.Generator().manual_seed(6)
     mixtures = ClassMixtures(3, 4, mixture_count=mixture_count)
@@ -279,6 +279,9 @@ def test_high_dimension_stays_finite_in_log_domain():
     far = x * 30
     log_lik = mixtures.log_likelihood(far)
     assert torch.isfinite(log_lik).all() and (log_lik < -1e4).any()
+    expectation = mixtures.expectation(far)
+    torch.testing.assert_close(expectation.log_likelihood, log_lik)
+    assert torch.isfinite(expectation.responsibilities).all()
     posterior = mixtures.posterior(far)
     assert torch.isfinite(posterior).all()
     torch.testing.assert_close(posterior.sum(1), torch.ones(600))

@@ -6,6 +6,7 @@ Pure torch: no Lightning here, so the algorithm can be tested and benchmarked al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -22,16 +23,28 @@ _LLOYD_ITERATIONS = 5
 class Expectation(NamedTuple):
     """One evaluation of the densities, shared by the posterior and the statistics.
 
+    The responsibilities are kept unnormalised (``component_mass / class_mass``): the
+    statistics fold the normalisation into their fitting weights and save a pass over
+    ``[N, K, C]``.
+
     Attributes:
         log_likelihood: ``[N, C]`` class log-likelihoods ``log p(x | c)``.
-        responsibilities: ``[N, C, K]`` component responsibilities ``r_{jck}`` within each class.
+        component_mass: ``[N, K, C]`` (component-major) ``exp`` of each joint log-density minus
+            its class's largest one.
+        class_mass: ``[N, C]`` its sum over the components.
         design: ``[N, 2D + 1]`` design ``[x⊙x, x, 1]`` of the features, which the statistics
             reuse.
     """
 
     log_likelihood: Tensor
-    responsibilities: Tensor
+    component_mass: Tensor
+    class_mass: Tensor
     design: Tensor
+
+    @property
+    def responsibilities(self) -> Tensor:
+        """``[N, C, K]`` component responsibilities ``r_{jck}`` within each class."""
+        return (self.component_mass / self.class_mass[:, None]).transpose(1, 2)
 
 
 @dataclass
@@ -165,11 +178,12 @@ class ClassMixtures(nn.Module):
             component-major ``[N, K, C]`` tensor.
         """
         self._check_features(x, means)
-        return self._log_joint(_design(x.to(self.means.dtype)), means)
+        return self._log_joint(_design(x.to(self.means.dtype)), means).transpose(1, 2)
 
     def _log_joint(self, design: Tensor, means: Tensor | None = None) -> Tensor:
+        """Component-major ``[N, K, C]`` joint log-densities."""
         log_joint = design @ self._natural_parameters(means)
-        return log_joint.view(-1, self.mixture_count, self.num_classes).transpose(1, 2)
+        return log_joint.view(-1, self.mixture_count, self.num_classes)
 
     def _natural_parameters(self, means: Tensor | None = None) -> Tensor:
         """``[..., 2D + 1, K·C]``: the rows ``-1/(2 sigma^2)``, ``mu/sigma^2`` and the constant.
@@ -242,8 +256,9 @@ class ClassMixtures(nn.Module):
     def expectation(self, x: Tensor, means: Tensor | None = None) -> Expectation:
         """E-step: class log-likelihoods and component responsibilities from one density pass.
 
-        The responsibilities are computed in place in the ``[N, C, K]`` joint log-densities:
-        every temporary of that size costs about as much as the matrix products themselves.
+        The component masses are computed in place in the ``[N, K, C]`` joint log-densities,
+        and reduced over K by pairwise elementwise operations: every pass over that size costs
+        about as much as the matrix products themselves.
 
         Args:
             x: ``[N, D]`` features (detached here), or ``[G, M, D]`` with ``means``.
@@ -258,12 +273,12 @@ class ClassMixtures(nn.Module):
         log_joint = self._log_joint(design, means)
         design = design.flatten(0, -2)
         if self.mixture_count == 1:
-            return Expectation(log_joint[..., 0], torch.ones_like(log_joint), design)
-        peak = log_joint.amax(-1, keepdim=True)
-        responsibilities = log_joint.sub_(peak).exp_()
-        total = responsibilities.sum(-1, keepdim=True)
-        log_likelihood = peak.add_(total.log()).squeeze(-1)
-        return Expectation(log_likelihood, responsibilities.div_(total), design)
+            ones = torch.ones_like(log_joint)
+            return Expectation(log_joint[:, 0], ones, ones[:, 0], design)
+        peak = _fold_components(log_joint, torch.maximum)
+        mass = log_joint.sub_(peak[:, None]).exp_()
+        total = _fold_components(mass, torch.add)
+        return Expectation(peak + total.log(), mass, total, design)
 
     def posterior(
         self,
@@ -322,7 +337,7 @@ class ClassMixtures(nn.Module):
             weights: ``[N, C]`` fitting weight of each feature for each class (1 for a labelled
                 pixel's class, G for a confident pseudo-labelled one, 0 elsewhere).
             expectation: :meth:`expectation` of ``x`` when the caller already has it (its
-                responsibilities are overwritten); computed here otherwise.
+                component masses are overwritten); computed here otherwise.
 
         Returns:
             The statistics: plain sums over the features, plus candidate features per class.
@@ -335,17 +350,22 @@ class ClassMixtures(nn.Module):
             )
         x = x.detach().to(self.means.dtype)
         weights = weights.detach().to(self.means.dtype)
-        log_likelihood, responsibilities, design = expectation or self.expectation(x)
+        log_likelihood, mass, class_mass, design = expectation or self.expectation(x)
         fitting = weights.sum(1) > 0
         if not fitting.all():
             x, weights, design = x[fitting], weights[fitting], design[fitting]
-            log_likelihood, responsibilities = log_likelihood[fitting], responsibilities[fitting]
+            log_likelihood, mass, class_mass = (
+                log_likelihood[fitting],
+                mass[fitting],
+                class_mass[fitting],
+            )
         if x.shape[0] == 0:
             return self._empty_statistics(x)
 
-        # Component-major [N, K, C] weights times the design [x⊙x, x, 1]: S2, S1 and S0 at once.
-        weighted = responsibilities.mul_(weights[..., None]).transpose(1, 2)
-        moments = weighted.reshape(x.shape[0], -1).T @ design
+        # Fitting weight times responsibility, component-major [N, K, C], times the design
+        # [x⊙x, x, 1]: S2, S1 and S0 at once.
+        weighted = mass.mul_((weights / class_mass)[:, None])
+        moments = weighted.view(x.shape[0], -1).T @ design
         moments = moments.view(self.mixture_count, self.num_classes, -1).transpose(0, 1)
         candidates, valid, index = self._sample_candidates(x, weights)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
@@ -381,7 +401,7 @@ class ClassMixtures(nn.Module):
             ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
         """
         slots = self.candidates_per_class
-        owner = weights.argmax(1)
+        owner = weights.max(1).indices  # argmax, but twice as fast on CPU
         order = owner.argsort(stable=True)  # rows grouped by class, each group in row order
         grouped_owner = owner[order]
         count = torch.bincount(owner, minlength=self.num_classes)
@@ -498,6 +518,19 @@ class ClassMixtures(nn.Module):
         variances = torch.where(usable[..., None], class_variance[:, None], variances)
         weights = torch.where(usable, 1.0 / self.mixture_count, weights)
         return means, variances, weights / weights.sum(1, keepdim=True)
+
+
+def _fold_components(x: Tensor, pair: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Reduce the K of ``[N, K, C]`` with an elementwise ``pair`` (max, add), halving K each step.
+
+    On CPU, log2 K elementwise passes cost several times less than one reduction over a short
+    middle dimension.
+    """
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        folded = pair(x[:, :half], x[:, half : 2 * half])
+        x = torch.cat([folded, x[:, 2 * half :]], 1) if x.shape[1] % 2 else folded
+    return x[:, 0]
 
 
 def _design(x: Tensor) -> Tensor:
