@@ -91,8 +91,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float]) -> str:
+    """``mean ± std`` in percent; the mean alone for a single seed."""
     mean, std = mean_std(values)
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def table(results: dict[tuple[str, str], list[dict]], forms: list[str], header: str) -> str:
