@@ -6,7 +6,6 @@ Pure torch: no Lightning here, so the algorithm can be tested and benchmarked al
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -256,9 +255,8 @@ class ClassMixtures(nn.Module):
     def expectation(self, x: Tensor, means: Tensor | None = None) -> Expectation:
         """E-step: class log-likelihoods and component responsibilities from one density pass.
 
-        The component masses are computed in place in the ``[N, K, C]`` joint log-densities,
-        and reduced over K by pairwise elementwise operations: every pass over that size costs
-        about as much as the matrix products themselves.
+        The component masses are computed in place in the ``[N, K, C]`` joint log-densities:
+        every pass over that size costs about as much as the matrix products themselves.
 
         Args:
             x: ``[N, D]`` features (detached here), or ``[G, M, D]`` with ``means``.
@@ -275,9 +273,9 @@ class ClassMixtures(nn.Module):
         if self.mixture_count == 1:
             ones = torch.ones_like(log_joint)
             return Expectation(log_joint[:, 0], ones, ones[:, 0], design)
-        peak = _fold_components(log_joint, torch.maximum)
+        peak = log_joint.amax(1)
         mass = log_joint.sub_(peak[:, None]).exp_()
-        total = _fold_components(mass, torch.add)
+        total = mass.sum(1)
         return Expectation(peak + total.log(), mass, total, design)
 
     def posterior(
@@ -518,19 +516,6 @@ class ClassMixtures(nn.Module):
         variances = torch.where(usable[..., None], class_variance[:, None], variances)
         weights = torch.where(usable, 1.0 / self.mixture_count, weights)
         return means, variances, weights / weights.sum(1, keepdim=True)
-
-
-def _fold_components(x: Tensor, pair: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Reduce the K of ``[N, K, C]`` with an elementwise ``pair`` (max, add), halving K each step.
-
-    On CPU, log2 K elementwise passes cost several times less than one reduction over a short
-    middle dimension.
-    """
-    while x.shape[1] > 1:
-        half = x.shape[1] // 2
-        folded = pair(x[:, :half], x[:, half : 2 * half])
-        x = torch.cat([folded, x[:, 2 * half :]], 1) if x.shape[1] % 2 else folded
-    return x[:, 0]
 
 
 def _design(x: Tensor) -> Tensor:
