@@ -271,8 +271,9 @@ class ClassMixtures(nn.Module):
         log_joint = self._log_joint(design, means)
         design = design.flatten(0, -2)
         if self.mixture_count == 1:
-            ones = torch.ones_like(log_joint)
-            return Expectation(log_joint[:, 0], ones, ones[:, 0], design)
+            log_likelihood = log_joint[:, 0]
+            mass, total = torch.ones_like(log_joint), torch.ones_like(log_likelihood)
+            return Expectation(log_likelihood, mass, total, design)
         peak = log_joint.amax(1)
         mass = log_joint.sub_(peak[:, None]).exp_()
         total = mass.sum(1)
