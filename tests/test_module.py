@@ -170,3 +170,24 @@ def test_image_adaptation_moves_the_posterior_toward_each_images_labels():
     own_global = posteriors[0].gather(1, own)[:, 0][labelled]
     own_adapted = posteriors[1].gather(1, own)[:, 0][labelled]
     assert own_adapted.mean() > own_global.mean()
+
+
+def test_oem_mode_adds_the_cvpr_kernel_terms_with_their_weight():
+    batch = next(iter(tiny_data(augment=False).train_dataloader()))
+    kernel_terms = ("gmm_to_pred", "label_to_gmm", "separation")
+    losses = {}
+    for method, weight in (("cvpr", 1.0), ("agmm", 0.5), ("agmm", 0.0)):
+        torch.manual_seed(0)  # the same network weights for every model
+        model = tiny_model(method=method, lambda_kernel=weight)
+        losses[method, weight], _ = model.compute_losses(batch)
+    cvpr, half, off = losses["cvpr", 1.0], losses["agmm", 0.5], losses["agmm", 0.0]
+    for name in kernel_terms:
+        assert cvpr[name] > 0
+        torch.testing.assert_close(half[name], 0.5 * cvpr[name])
+        assert name not in off
+    # The kernel terms train the decoder features themselves, not only the embedding head.
+    model = tiny_model(lambda_kernel=1.0)
+    loss, _ = model.compute_losses(batch)
+    loss["label_to_gmm"].backward()
+    assert model.model.decoder.blocks[-1].conv1[0].weight.grad.abs().sum() > 0
+    assert model.embedding_head.weight.grad is None
