@@ -79,35 +79,48 @@ def test_resume_restores_the_mixtures_exactly(tmp_path):
     assert straight.mixtures.initialized.any()
 
 
+def embedding_map(model, features):
+    """The embedding map of [B, D0, h, w] features, by the 1x1 convolution head."""
+    return F.normalize(model.embedding_head(features), dim=1)
+
+
 def test_labelled_features_are_the_upsampled_embeddings_at_the_labels():
     model = tiny_model()
-    embeddings = torch.randn(2, 64, 8, 10)
+    features = torch.randn(2, model.embedding_head.in_channels, 8, 10, requires_grad=True)
+    embeddings = embedding_map(model, features)
     target = torch.full((2, 32, 40), 6)
     target[0, 3, 5] = 1
     target[1, 30, 39] = 4
     target[1, 0, 0] = 2
     batch = {"target": target, "image_classes": torch.ones(2, 6)}
-    samples, labels, images, allowed = model._labelled_samples(batch, embeddings, target)
+    samples, labels, images, allowed = model._labelled_samples(batch, features, target)
     upsampled = F.interpolate(embeddings, size=(32, 40), mode="bilinear", align_corners=False)
     expected = torch.stack([upsampled[0, :, 3, 5], upsampled[1, :, 0, 0], upsampled[1, :, 30, 39]])
     torch.testing.assert_close(samples, expected)
     assert labels.tolist() == [1, 2, 4] and images.tolist() == [0, 1, 1] and allowed.all()
+    # Gradients reach the features through the samples as through the upsampled map.
+    weights = torch.randn_like(samples)
+    (grad,) = torch.autograd.grad((samples * weights).sum(), features)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), features)
+    torch.testing.assert_close(grad, expected_grad)
 
 
-def test_normalized_embeddings_equal_f_normalize():
+def test_embedding_rows_equal_the_normalized_convolution_head():
     model = tiny_model()
     features = torch.randn(2, model.embedding_head.in_channels, 5, 7)
-    expected = F.normalize(model.embedding_head(features), dim=1)
-    torch.testing.assert_close(model.embed(features), expected)
+    rows = model.embed(features.permute(0, 2, 3, 1))
+    torch.testing.assert_close(rows.permute(0, 3, 1, 2), embedding_map(model, features))
 
 
 def test_capped_dense_labels_are_sampled_at_their_own_pixels():
     """More labelled pixels than max_labelled_samples: a subset, each read at its own pixel."""
     model = tiny_model(max_labelled_samples=50)
-    embeddings = torch.randn(3, 64, 8, 8)
+    features = torch.randn(3, model.embedding_head.in_channels, 8, 8)
+    embeddings = embedding_map(model, features)
     target = torch.randint(6, (3, 16, 16))
     batch = {"target": target, "image_classes": torch.ones(3, 6)}
-    samples, labels, images, _ = model._labelled_samples(batch, embeddings, target)
+    with torch.no_grad():
+        samples, labels, images, _ = model._labelled_samples(batch, features, target)
     assert samples.shape == (50, 64) and set(images.tolist()) == {0, 1, 2}
     upsampled = F.interpolate(embeddings, size=(16, 16), mode="bilinear", align_corners=False)
     matches = (samples[:, :, None, None] - upsampled[images]).abs().amax(1) < 1e-5  # [n, H, W]

@@ -20,6 +20,7 @@ _EPS = 1e-6
 __all__ = [
     "VOID",
     "absent_class_loss",
+    "bilinear_taps",
     "check_target",
     "cvpr_agmm_losses",
     "maximization_loss",
@@ -62,22 +63,35 @@ def _binary_cross_entropy(p: Tensor, q: Tensor) -> Tensor:
     return -q * torch.log(p + _EPS) - (1 - q) * torch.log(1 - p + _EPS)
 
 
-def _upsampling_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
-    """Source cells and weights of bilinear upsampling along one axis (align_corners=False).
-
-    Args:
-        index: ``[n]`` float output positions in ``0..size-1``.
-        source: Input length.
-        size: Output length.
-
-    Returns:
-        ``[n, 2]`` source cells and ``[n, 2]`` weights, as ``F.interpolate`` computes them.
-    """
+def _axis_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
+    """Source cells ``[n, 2]`` and weights ``[n, 2]`` of bilinear upsampling along one axis."""
     position = ((index + 0.5) * (source / size) - 0.5).clamp_min(0)
     low = position.floor()
     cells = torch.stack([low, (low + 1).clamp_max(source - 1)], dim=1).long()
     fraction = position - low
     return cells, torch.stack([1 - fraction, fraction], dim=1)
+
+
+def bilinear_taps(
+    row: Tensor, col: Tensor, source: tuple[int, int], size: tuple[int, int], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The feature cells that bilinear upsampling (align_corners=False) blends at some pixels.
+
+    Args:
+        row: ``[n]`` pixel rows at label resolution.
+        col: ``[n]`` pixel columns.
+        source: Feature map size ``(h, w)``.
+        size: Label map size ``(H, W)``.
+        dtype: Floating dtype of the weights.
+
+    Returns:
+        ``[n, 4]`` flat cell indices ``r·w + c`` and ``[n, 4]`` weights (summing to one), as
+        ``F.interpolate`` computes them.
+    """
+    rows, row_weight = _axis_taps(row.to(dtype), source[0], size[0])
+    cols, col_weight = _axis_taps(col.to(dtype), source[1], size[1])
+    cells = (rows[:, :, None] * source[1] + cols[:, None, :]).flatten(1)
+    return cells, (row_weight[:, :, None] * col_weight[:, None, :]).flatten(1)
 
 
 def _class_pooling(
@@ -96,10 +110,7 @@ def _class_pooling(
     """
     batch, _, height, width = features.shape
     image, slot, row, col = pixels
-    rows, row_weight = _upsampling_taps(row.to(features.dtype), height, size[0])
-    cols, col_weight = _upsampling_taps(col.to(features.dtype), width, size[1])
-    cell = (rows[:, :, None] * width + cols[:, None, :]).flatten(1)  # [n, 4]
-    weight = (row_weight[:, :, None] * col_weight[:, None, :]).flatten(1)
+    cell, weight = bilinear_taps(row, col, (height, width), size, features.dtype)
     group = image * slots + slot
     pooling = features.new_zeros(batch * slots, height * width)
     pooling.index_put_((group[:, None].expand_as(cell), cell), weight, accumulate=True)

@@ -58,7 +58,7 @@ class MixtureStatistics:
         weight: ``[C, K]`` sum of fitting weight times responsibility, ``S0``.
         sum: ``[C, K, D]`` weighted sum of features, ``S1``.
         square_sum: ``[C, K, D]`` weighted sum of squared features, ``S2``.
-        candidates: ``[C, M, D]`` sampled fitting features of each class.
+        candidates: ``[C, M, D]`` sampled fitting features of each class (none for K = 1).
         candidate_valid: ``[C, M]`` which candidate slots hold a feature.
         candidate_score: ``[C, M]`` class log-likelihood of each candidate under the mixture that
             computed the statistics (the lowest is the worst explained).
@@ -394,12 +394,17 @@ class ClassMixtures(nn.Module):
 
         Each feature is a candidate of the class that weighs it most; the rows of a class are
         taken in order with a stride that leaves at most ``candidates_per_class`` of them.
-        Everything is a pass over ``[N]`` vectors, never over ``[N, C]``.
+        Everything is a pass over ``[N]`` vectors, never over ``[N, C]``. A single component is
+        never seeded, so with ``mixture_count == 1`` every slot stays empty.
 
         Returns:
             ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
         """
         slots = self.candidates_per_class
+        index = torch.zeros(self.num_classes, slots, dtype=torch.long, device=x.device)
+        valid = torch.zeros(self.num_classes, slots, dtype=torch.bool, device=x.device)
+        if self.mixture_count == 1:
+            return x.new_zeros(self.num_classes, slots, self.dim), valid, index
         owner = weights.max(1).indices  # argmax, but twice as fast on CPU
         order = owner.argsort(stable=True)  # rows grouped by class, each group in row order
         grouped_owner = owner[order]
@@ -410,8 +415,6 @@ class ClassMixtures(nn.Module):
         stride = (count + slots - 1).div(slots, rounding_mode="floor").clamp_min(1)[grouped_owner]
         chosen = rank % stride == 0
         cls, slot, row = grouped_owner[chosen], (rank // stride)[chosen], order[chosen]
-        index = torch.zeros(self.num_classes, slots, dtype=torch.long, device=x.device)
-        valid = torch.zeros(self.num_classes, slots, dtype=torch.bool, device=x.device)
         index[cls, slot] = row
         valid[cls, slot] = True
         candidates = x[index] * valid[..., None]

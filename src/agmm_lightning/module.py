@@ -17,6 +17,7 @@ from agmm_lightning.inference import infer_logits
 from agmm_lightning.losses import (
     VOID,
     absent_class_loss,
+    bilinear_taps,
     check_target,
     cvpr_agmm_losses,
     maximization_loss,
@@ -282,13 +283,18 @@ class AGMMSegmenter(LightningModule):
         return logits[..., :height, :width], features[..., : feature_size[0], : feature_size[1]]
 
     def embed(self, features: Tensor) -> Tensor:
-        """The embedding e the mixtures live in (METHOD §3.1)."""
-        embeddings = self.embedding_head(features)
+        """The embedding e the mixtures live in (METHOD §3.1) of decoder feature vectors.
+
+        Args:
+            features: ``[..., D0]`` decoder feature vectors (channels last).
+
+        Returns:
+            ``[..., D]`` embeddings, L2-normalised when ``normalize_embeddings``.
+        """
+        head = self.embedding_head
+        embeddings = F.linear(features, head.weight.flatten(1), head.bias)
         if self.hparams["normalize_embeddings"]:
-            # F.normalize's norm over the channels of [B, D, h, w] is a strided reduction three
-            # times slower, with its backward, than this sum of squares (same values).
-            squared_norm = embeddings.square().sum(1, keepdim=True)
-            embeddings = embeddings * squared_norm.clamp_min(1e-24).rsqrt()
+            embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
 
     def predict_logits(self, images: Tensor) -> Tensor:
@@ -361,12 +367,12 @@ class AGMMSegmenter(LightningModule):
         hp = self.hparams
         target = batch["target"]
         num_classes = hp["num_classes"]
-        embeddings = self.embed(features)
-        batch_size, dim, height, width = embeddings.shape
+        batch_size, channels, height, width = features.shape
+        dim = hp["embed_dim"]
 
         # Labelled features, read by bilinear sampling at the labels' own coordinates.
         labelled_features, labels, labelled_image, labelled_allowed = self._labelled_samples(
-            batch, embeddings, target
+            batch, features, target
         )
         valid = self.mixtures.initialized[None] & labelled_allowed
         log_likelihood = self.mixtures.log_likelihood(labelled_features)
@@ -375,9 +381,11 @@ class AGMMSegmenter(LightningModule):
         # One E-step over every pixel at feature resolution serves both the GMM posterior and
         # the statistics of the online update (the labelled features have their own).
         allowed_low = self._allowed(batch, (height, width))
-        flat_embeddings = embeddings.detach().permute(0, 2, 3, 1).reshape(-1, dim)
         fit_labelled = labelled_features.detach()
         with torch.no_grad():
+            # Only the labelled features carry gradients: every pixel's embedding is built
+            # without autograd, directly in the [N, D] rows the mixtures read.
+            flat_embeddings = self.embed(features.permute(0, 2, 3, 1).reshape(-1, channels))
             pixels, means = flat_embeddings, None
             if hp["adaptation"] is not None:
                 means = self.mixtures.adapted_means(
@@ -438,35 +446,25 @@ class AGMMSegmenter(LightningModule):
         return losses, {"mixture_stats": labelled_stats + pixel_stats, "posterior": posterior}
 
     def _labelled_samples(
-        self, batch: dict[str, Any], embeddings: Tensor, target: Tensor
+        self, batch: dict[str, Any], features: Tensor, target: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Embeddings at labelled pixels (bilinear), their labels, images and allowed classes."""
+        """Embeddings at labelled pixels, their labels, images and allowed classes.
+
+        Each is the bilinear upsampling of the embedding map to label resolution, read at the
+        pixel: the four feature cells it blends are embedded and mixed with their weights, so
+        neither the dense embedding map nor its upsampling is built with gradients.
+        """
         num_classes = self.hparams["num_classes"]
         index = (target < num_classes).nonzero()
         if index.shape[0] > self.hparams["max_labelled_samples"]:
             keep = torch.randperm(index.shape[0], device=index.device)
-            # Sorted, so that the rows stay grouped by image as the grouping below needs.
-            index = index[keep[: self.hparams["max_labelled_samples"]].sort().values]
+            index = index[keep[: self.hparams["max_labelled_samples"]]]
         image, row, col = index.unbind(1)
-        height, width = target.shape[-2:]
-        # grid_sample with align_corners=False maps these to the exact source coordinates of
-        # the bilinear upsampling from the feature map to the label map.
-        grid = torch.stack(
-            [(col.float() + 0.5) / width * 2 - 1, (row.float() + 0.5) / height * 2 - 1], -1
+        cells, weights = bilinear_taps(
+            row, col, features.shape[-2:], target.shape[-2:], features.dtype
         )
-        grid = grid.to(embeddings.dtype)
-        per_image = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-        per_image.scatter_add_(0, image, torch.ones_like(image))
-        slots = int(per_image.max()) if index.shape[0] else 0
-        # Group the points by image ([B, P, 1, 2]) so one grid_sample call reads them all.
-        position = torch.arange(index.shape[0], device=index.device)
-        position = position - (per_image.cumsum(0) - per_image)[image]
-        padded = grid.new_zeros(target.shape[0], max(slots, 1), 1, 2)
-        padded[image, position, 0] = grid
-        sampled = F.grid_sample(
-            embeddings, padded, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        samples = sampled[..., 0].permute(0, 2, 1)[image, position]
+        taps = features.flatten(2)[image[:, None], :, cells]  # [n, 4, D0]
+        samples = (self.embed(taps) * weights[..., None]).sum(1)
         labels = target[image, row, col].long()
         allowed = self._allowed(batch, target.shape[-2:])[image, :, row, col]
         return samples, labels, image, allowed
