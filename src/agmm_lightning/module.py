@@ -98,8 +98,9 @@ class AGMMSegmenter(LightningModule):
             (partial cross-entropy).
         mixture_count: Gaussian components per class K (OEM mode). The defaults K = 1 and
             m = 0.9 are set from ``benchmarks/sweep.py`` (K in {1, 2, 4} x m in {0.5, 0.9, 0.99},
-            3 seeds, README): only K = 4 at m = 0.5 and 0.9 scored higher, by at most 0.6
-            points, far inside the seed spread, at four times the mixture cost.
+            3 seeds, README; measured before the kernel terms of ``lambda_kernel``): only K = 4
+            at m = 0.5 and 0.9 scored higher, by at most 0.6 points, far inside the seed spread,
+            at four times the mixture cost.
         oem_momentum: Online EM momentum m in ``[0, 1)``.
         embed_dim: Dimension D of the embedding the mixtures live in.
         normalize_embeddings: L2-normalise the embeddings.
