@@ -178,6 +178,26 @@ def test_dead_component_is_reseeded_at_the_worst_explained_feature():
     assert (mixtures.weights > 0.1 / 2).all()
 
 
+def test_candidates_are_a_fixed_spread_sample_of_each_class():
+    gen = torch.Generator().manual_seed(9)
+    owner = torch.cat([torch.zeros(5000), torch.ones(600), torch.full((20,), 2)]).long()
+    owner = owner[torch.randperm(owner.numel(), generator=gen)]
+    x = torch.randn(owner.numel(), 3, generator=gen)
+    weights = torch.nn.functional.one_hot(owner, 4) * torch.rand(owner.numel(), 1, generator=gen)
+    mixtures = ClassMixtures(4, 3, mixture_count=2, candidates_per_class=32)
+    stats = mixtures.sufficient_statistics(x, weights)
+    assert stats.candidate_valid.sum(1).tolist() == [32, 32, 20, 0]
+    rows = [row[valid] for row, valid in zip(stats.candidates, stats.candidate_valid, strict=True)]
+    for cls, candidates in enumerate(rows[:3]):
+        matches = (candidates[:, None] == x[owner == cls]).all(-1)
+        assert (matches.sum(1) == 1).all()  # each is one of the class's own features
+        assert matches.any(0).sum() == candidates.shape[0]  # no feature twice
+    row_index = (stats.candidates[0, :, None] == x).all(-1).float().argmax(1)
+    assert row_index.max() - row_index.min() > owner.numel() / 2  # spread over the batch
+    again = mixtures.sufficient_statistics(x, weights)
+    assert torch.equal(again.candidates, stats.candidates)
+
+
 def test_posterior_masks_disallowed_and_uninitialised_classes():
     gen = torch.Generator().manual_seed(9)
     mixtures = ClassMixtures(4, 3)

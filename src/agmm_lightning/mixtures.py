@@ -17,6 +17,8 @@ __all__ = ["ClassMixtures", "Expectation", "MixtureStatistics"]
 # Weight below which a class counts as unobserved in a batch.
 _MIN_OBSERVED = 1e-6
 _LLOYD_ITERATIONS = 5
+# Multiplicative hash of row indices into [0, _KEYS): the keys of the candidate sample.
+_HASH, _KEYS = 2654435761, 2**32
 
 
 class Expectation(NamedTuple):
@@ -312,15 +314,13 @@ class ClassMixtures(nn.Module):
         temperature: float | None = None,
     ) -> Tensor:
         """:meth:`posterior` from class log-likelihoods already computed (``[N, C]``)."""
-        valid = self.initialized.expand_as(log_likelihood)
-        if allowed is not None:
-            valid = valid & allowed.bool()
         if prior is None:
             scores = log_likelihood / (temperature or self.dim)
         else:
             scores = prior.to(log_likelihood.dtype).log()
             scores.add_(log_likelihood, alpha=1 / (temperature or self.dim))
-        scores.masked_fill_(~valid, float("-inf"))
+        excluded = ~self.initialized if allowed is None else ~(allowed.bool() & self.initialized)
+        scores.masked_fill_(excluded, float("-inf"))
         has_class = scores.amax(1, keepdim=True) > float("-inf")
         return scores.masked_fill_(~has_class, 0).softmax(1).mul_(has_class)
 
@@ -390,12 +390,14 @@ class ClassMixtures(nn.Module):
         )
 
     def _sample_candidates(self, x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Evenly strided features of each class: deterministic, so ranks and resumes agree.
+        """A fixed pseudo-random sample of each class's features, the same on every call.
 
-        Each feature is a candidate of the class that weighs it most; the rows of a class are
-        taken in order with a stride that leaves at most ``candidates_per_class`` of them.
-        Everything is a pass over ``[N]`` vectors, never over ``[N, C]``. A single component is
-        never seeded, so with ``mixture_count == 1`` every slot stays empty.
+        Each feature is a candidate of the class that weighs it most and gets a key, a hash of its
+        row index. Keys below a per-class threshold that admits about twice
+        ``candidates_per_class`` features are sorted, and each class keeps at most that many of
+        its smallest: a sample spread over the whole batch, deterministic so that ranks and
+        resumes agree, from passes over ``[N]`` vectors only. With ``mixture_count == 1``
+        nothing is ever seeded and every slot stays empty.
 
         Returns:
             ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
@@ -406,16 +408,18 @@ class ClassMixtures(nn.Module):
         if self.mixture_count == 1:
             return x.new_zeros(self.num_classes, slots, self.dim), valid, index
         owner = weights.max(1).indices  # argmax, but twice as fast on CPU
-        order = owner.argsort(stable=True)  # rows grouped by class, each group in row order
-        grouped_owner = owner[order]
         count = torch.bincount(owner, minlength=self.num_classes)
-        rank = (
-            torch.arange(owner.numel(), device=x.device) - (count.cumsum(0) - count)[grouped_owner]
-        )
-        stride = (count + slots - 1).div(slots, rounding_mode="floor").clamp_min(1)[grouped_owner]
-        chosen = rank % stride == 0
-        cls, slot, row = grouped_owner[chosen], (rank // stride)[chosen], order[chosen]
-        index[cls, slot] = row
+        key = torch.arange(owner.numel(), device=x.device).mul_(_HASH).remainder_(_KEYS)
+        threshold = (2 * slots * _KEYS // count.clamp_min(1)).clamp_max(_KEYS)
+        row = (key < threshold[owner]).nonzero().squeeze(1)
+        cls = owner[row]
+        order = (cls * _KEYS + key[row]).argsort()  # by class, then by key
+        row, cls = row[order], cls[order]
+        taken = torch.bincount(cls, minlength=self.num_classes)
+        slot = torch.arange(row.numel(), device=x.device) - (taken.cumsum(0) - taken)[cls]
+        kept = slot < slots
+        cls, slot = cls[kept], slot[kept]
+        index[cls, slot] = row[kept]
         valid[cls, slot] = True
         candidates = x[index] * valid[..., None]
         return candidates, valid, index
@@ -577,7 +581,7 @@ def _kmeans_seeds(
         centers = torch.where(size > 0, moved, centers)
     # Fixed +-1 pattern (same on every rank) to split coinciding seeds.
     pattern = torch.arange(count * dim, device=candidates.device).view(count, dim)
-    pattern = ((pattern * 2654435761) % 7 < 4).to(candidates.dtype) * 2 - 1
+    pattern = ((pattern * _HASH) % 7 < 4).to(candidates.dtype) * 2 - 1
     spread = 0.5 * class_variance.sqrt()[:, None] * pattern
     duplicate = torch.cdist(centers, centers) + torch.eye(count, device=centers.device) > 0
     duplicate = ~duplicate.all(-1, keepdim=True)
