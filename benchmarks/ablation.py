@@ -9,7 +9,8 @@ printed as a Markdown table; with ``--out`` the table is written there and a bar
 (same name, ``.png``). ``--quick`` shrinks everything to check the pipeline in about a minute.
 
 Run: ``python benchmarks/ablation.py [--forms point scribble block box] [--seeds 0 1 2]
-[--root DIR] [--accelerator gpu] [--parallel N] [--out results/ablation.md]``.
+[--methods baseline cvpr agmm] [--root DIR] [--accelerator gpu] [--parallel N]
+[--out results/ablation.md]``.
 """
 
 from __future__ import annotations
@@ -96,21 +97,23 @@ def cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def table(results: dict[tuple[str, str], list[dict]], forms: list[str], header: str) -> str:
+def table(
+    results: dict[tuple[str, str], list[dict]], forms: list[str], methods: list[str], header: str
+) -> str:
     """Markdown: one row per weak form, val mIoU per method, AGMM's pseudo labels and ratio."""
     full, _ = mean_std([run["val_miou"] for run in results["full", "baseline"]])
     lines = [
         header,
         "",
         "| labels | "
-        + " | ".join(f"{m} val mIoU (%)" for m in METHODS)
+        + " | ".join(f"{m} val mIoU (%)" for m in methods)
         + " | agmm train pseudo-label mIoU (%) | agmm / full supervision |",
-        "|---|" + "---|" * (len(METHODS) + 2),
+        "|---|" + "---|" * (len(methods) + 2),
     ]
     for form in forms:
-        runs = {method: results[form, method] for method in METHODS}
+        runs = {method: results[form, method] for method in methods}
         agmm, _ = mean_std([run["val_miou"] for run in runs["agmm"]])
-        values = [cell([run["val_miou"] for run in runs[method]]) for method in METHODS]
+        values = [cell([run["val_miou"] for run in runs[method]]) for method in methods]
         pseudo = cell([run["train_pseudo_miou"] for run in runs["agmm"]])
         lines.append(f"| {form} | {' | '.join(values)} | {pseudo} | {agmm / full:.0%} |")
     full_cell = cell([run["val_miou"] for run in results["full", "baseline"]])
@@ -123,13 +126,16 @@ def table(results: dict[tuple[str, str], list[dict]], forms: list[str], header: 
     return "\n".join(lines)
 
 
-def bar_chart(results: dict[tuple[str, str], list[dict]], forms: list[str], path: Path) -> None:
+def bar_chart(
+    results: dict[tuple[str, str], list[dict]], forms: list[str], methods: list[str], path: Path
+) -> None:
     """Grouped bars (mean ± std) per form and method, full supervision as a dashed line."""
     figure, axes = plt.subplots(figsize=(1.8 * len(forms) + 2, 3.5))
-    width = 0.8 / len(METHODS)
-    for index, method in enumerate(METHODS):
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
         stats = [mean_std([run["val_miou"] for run in results[form, method]]) for form in forms]
-        positions = [position + (index - 1) * width for position in range(len(forms))]
+        offset = (index - (len(methods) - 1) / 2) * width
+        positions = [position + offset for position in range(len(forms))]
         axes.bar(positions, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=method)
     full, _ = mean_std([run["val_miou"] for run in results["full", "baseline"]])
     axes.axhline(full, color="black", linestyle="--", linewidth=1, label="full supervision")
@@ -145,12 +151,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", nargs="+", default=["point", "scribble", "block", "box"])
     parser.add_argument("--root", default=None, help="a FolderDataModule dataset instead")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="agmm is required"
+    )
     add_run_arguments(parser, seeds=[0, 1, 2])
     args = parser.parse_args()
     if "full" in args.forms:
         parser.error("full supervision is always run; list only weak forms in --forms")
+    if "agmm" not in args.methods:
+        parser.error("the table compares with agmm: keep agmm in --methods")
     options = run_options(args, root=args.root)
-    runs = [("full", "baseline")] + [(form, m) for form in args.forms for m in METHODS]
+    runs = [("full", "baseline")] + [(form, m) for form in args.forms for m in args.methods]
     jobs = [(form, method, seed, options) for form, method in runs for seed in args.seeds]
     with ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:
         flat = list(pool.map(train, jobs))
@@ -164,12 +175,12 @@ def main() -> None:
         f"{' (--quick sizes)' if args.quick else ''}, seeds {args.seeds}, "
         f"overrides {overrides or 'none'}, on {device} ({torch.get_num_threads()} threads)."
     )
-    text = table(results, args.forms, header)
+    text = table(results, args.forms, args.methods, header)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-        bar_chart(results, args.forms, args.out.with_suffix(".png"))
+        bar_chart(results, args.forms, args.methods, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ implementation of the same formulas (METHOD §2), which builds the upsampled fea
 ``[B, C, D, h, w]`` differences; (b) one OEM step (posterior, statistics, update) at VOC and ADE20K
 scale as a multiple of one ``[N, D] x [D, C·K]`` matrix product.
 
-Run: ``python benchmarks/bench_core.py [--device cuda] [--quick]``. Prints one Markdown table.
+Run: ``python benchmarks/bench_core.py [--device cuda] [--quick] [--out FILE.md]``. Prints one
+Markdown table (and writes it to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -132,33 +134,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for CI smoke runs")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = 1 if args.quick else 5
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(
+    lines = [
         f"Device: {device} ({hardware or platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads\n"
-    )
+        f"{torch.get_num_threads()} threads",
+        "",
+    ]
 
     block = loss_block(device, repeats)
     (t_ours, m_ours), (t_ref, m_ref) = block["ours"], block["broadcast"]
-    print("| measurement | ours | reference | ratio |")
-    print("|---|---|---|---|")
-    print(
+    lines += [
+        "| measurement | ours | reference | ratio |",
+        "|---|---|---|---|",
         f"| CVPR losses fwd+bwd, B=4, 321², 81²×256, C=21: time | {t_ours * 1e3:.0f} ms | "
-        f"{t_ref * 1e3:.0f} ms (broadcast) | {t_ref / t_ours:.1f}× faster |"
-    )
-    print(
+        f"{t_ref * 1e3:.0f} ms (broadcast) | {t_ref / t_ours:.1f}× faster |",
         f"| CVPR losses fwd+bwd: peak memory | {m_ours:.0f} MiB | {m_ref:.0f} MiB (broadcast) | "
-        f"{m_ref / max(m_ours, 1e-3):.1f}× leaner |"
-    )
+        f"{m_ref / max(m_ours, 1e-3):.1f}× leaner |",
+    ]
     for name, classes, batch, size in (("VOC", 21, 4, 81), ("ADE20K", 150, 8, 128)):
         seconds, matmul, count = oem_step(device, repeats, classes, batch, size)
-        print(
+        lines.append(
             f"| OEM step {name} (C={classes}, K=4, D=64, N={count}) | {seconds * 1e3:.0f} ms | "
             f"{matmul * 1e3:.1f} ms ([N,D]×[D,CK] matmul) | {seconds / matmul:.1f} matmuls |"
         )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

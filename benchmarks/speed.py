@@ -175,8 +175,8 @@ def main() -> None:
         f"GPU: {gpu_name or 'none available'}; torch {torch.__version__}.",
         "",
         f"Training step: {setup['arch']}/{setup['encoder']}, batch {setup['batch']} × "
-        f"{setup['size']}², C={setup['num_classes']}, 4 clicks per image, every pixel in the "
-        "OEM fitting set (the worst case).",
+        f"{setup['size']}², C={setup['num_classes']}, 4 clicks per image, the labelled and the "
+        "confident unlabelled pixels (posterior >= 0.9) in the OEM fitting set, as in training.",
         "",
         "| measurement | CPU | GPU |",
         "|---|---|---|",

@@ -116,6 +116,8 @@ def test_background_index_other_than_zero() -> None:
         ({"foreground_threshold": 0.2}, "background_threshold <= foreground_threshold"),
         ({"cam_scales": ()}, "cam_scales"),
         ({"encoder": "not_an_encoder"}, "Unknown encoder 'not_an_encoder'"),
+        ({"encoder_weights": "typo.pth"}, "'typo.pth' is neither 'imagenet', None, nor an"),
+        ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:

@@ -261,6 +261,11 @@ def test_coco_tags_from_masks_and_onehot() -> None:
         assert (batch["target"] == 81).all()
 
 
+def test_coco_test_list_without_test_split_is_rejected() -> None:
+    with pytest.raises(ValueError, match="test_list='test.txt' needs test_split"):
+        module("coco", test_list="test.txt")
+
+
 def test_image_form_reads_cam_pseudo_labels(tmp_path: Path) -> None:
     root = copy_of("coco", tmp_path)
     cams = root / "cams"

@@ -152,6 +152,22 @@ def test_bad_label_values_are_rejected():
         model.compute_losses(batch)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "oem"}, r"method must be one of \['agmm', 'cvpr', 'baseline'\], got 'oem'"),
+        ({"prior": "flat"}, r"prior must be one of \['prediction', 'uniform'\]"),
+        ({"pseudo_mode": "argmax"}, r"pseudo_mode must be one of \['soft', 'hard'\]"),
+        ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
+        ({"hard_fraction": 0.0}, r"hard_fraction must be in \(0, 1\], got 0.0"),
+        ({"adaptation": 0.0}, "adaptation must be None or > 0, got 0.0"),
+    ],
+)
+def test_bad_arguments_are_rejected_when_the_model_is_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
+
+
 def test_forward_crops_padding_back_for_any_size():
     model = tiny_model(arch="DeepLabV3Plus").eval()
     logits, features = model(torch.randn(1, 3, 37, 45))

@@ -41,6 +41,13 @@ def test_hard_fraction_keeps_the_largest_losses():
     keep = int(0.5 * per_pixel.numel())
     expected = per_pixel.sort(descending=True).values[:keep].mean()
     torch.testing.assert_close(partial_cross_entropy(logits, target, hard_fraction=0.5), expected)
+    # With class weights: the weighted mean over the pixels of largest weighted loss.
+    weights = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    pixel_weights = weights[target[labelled]]
+    order = (per_pixel * pixel_weights).argsort(descending=True)[:keep]
+    expected = (per_pixel * pixel_weights)[order].sum() / pixel_weights[order].sum()
+    loss = partial_cross_entropy(logits, target, weights, hard_fraction=0.5)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_losses_stay_finite_without_labels():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmm_lightning.losses import posterior_labels
-from agmm_lightning.mixtures import MixtureStatistics
+from agmm_lightning.mixtures import ClassMixtures, MixtureStatistics
 
 __all__ = [
     "AGMMPseudoLabeler",
@@ -22,6 +22,7 @@ __all__ = [
     "SegmentationPanels",
     "colorize",
     "run_directory",
+    "shared_run_directory",
 ]
 
 
@@ -44,6 +45,15 @@ def run_directory(trainer: Trainer) -> Path:
     logger = trainer.loggers[0]
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+def shared_run_directory(trainer: Trainer) -> Path:
+    """:func:`run_directory` as rank 0 sees it, on every rank (a collective: all must call it).
+
+    A logger on another rank may number its version on its own; writers shared by all ranks
+    take rank 0's folder.
+    """
+    return Path(trainer.strategy.broadcast(str(run_directory(trainer))))
 
 
 def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStatistics:
@@ -83,7 +93,7 @@ class AGMMPseudoLabeler(Callback):
         stats = outputs.get("mixture_stats") if isinstance(outputs, dict) else None
         if stats is None:
             return
-        mixtures = pl_module.mixtures
+        mixtures = cast(ClassMixtures, pl_module.mixtures)
         mixtures.update(reduce_statistics(stats, trainer))
         initialized = mixtures.initialized
         if initialized.any():
@@ -170,7 +180,7 @@ class SegmentationPanels(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(panel).save(path)
         for logger in trainer.loggers:
-            experiment = logger.experiment
+            experiment: Any = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
                 experiment.add_image("panels", panel, trainer.global_step, dataformats="HWC")
             elif hasattr(logger, "log_image"):  # W&B
@@ -187,9 +197,16 @@ class PredictionWriter(BasePredictionWriter):
             :func:`run_directory`).
     """
 
+    folder: Path
+
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the folder once, the same on every rank."""
+        self.folder = Path(self.output_dir or shared_run_directory(trainer) / "predictions")
+        self.folder.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(
         self,
@@ -202,10 +219,8 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         """Save the batch's predictions."""
-        folder = Path(self.output_dir or run_directory(trainer) / "predictions")
-        folder.mkdir(parents=True, exist_ok=True)
         num_classes = pl_module.hparams["num_classes"]
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
             indices = labels.to(torch.uint8).cpu().numpy()
-            Image.fromarray(indices).save(folder / f"{name}.png")
-            Image.fromarray(colorize(indices, num_classes)).save(folder / f"{name}_color.png")
+            Image.fromarray(indices).save(self.folder / f"{name}.png")
+            Image.fromarray(colorize(indices, num_classes)).save(self.folder / f"{name}_color.png")

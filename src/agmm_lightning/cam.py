@@ -29,8 +29,10 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from agmm_lightning.callbacks import shared_run_directory
 from agmm_lightning.inference import infer_logits
 from agmm_lightning.losses import VOID, present_classes
+from agmm_lightning.module import check_choice
 from agmm_lightning.weights import load_encoder_weights
 
 __all__ = ["CAMClassifier", "build_encoder", "cam_pseudo_labels", "normalize_cams"]
@@ -43,8 +45,8 @@ def build_encoder(name: str, weights: str | None, output_stride: int) -> tuple[n
 
     Args:
         name: An smp encoder name or ``tu-<timm model>``.
-        weights: None, ``"imagenet"`` (or another smp weights name) or a local file read by
-            :func:`agmm_lightning.weights.load_encoder_weights`.
+        weights: None, ``"imagenet"`` or a local file read by
+            :func:`agmm_lightning.weights.load_encoder_weights` (as for the segmenter).
         output_stride: 8, 16 or 32 (the last stages are dilated below 32).
 
     Returns:
@@ -54,7 +56,7 @@ def build_encoder(name: str, weights: str | None, output_stride: int) -> tuple[n
     Raises:
         ValueError: For an unknown encoder or weights name, or a file that does not fit.
     """
-    local = weights is not None and Path(weights).is_file()
+    local = weights not in (None, "imagenet")
     try:
         encoder = smp.encoders.get_encoder(
             name, weights=None if local else weights, output_stride=output_stride
@@ -179,9 +181,11 @@ class CAMClassifier(LightningModule):
         cam_flip: Also average the CAMs of the horizontally flipped images.
         foreground_threshold: Normalised CAM score above which a pixel takes the strongest class.
         background_threshold: Score at or below which a pixel is background.
-        output_dir: Folder of the pseudo-label PNGs; None uses ``<log_dir>/cam_labels``.
+        output_dir: Folder of the pseudo-label PNGs; None uses ``<run directory>/cam_labels``
+            (:func:`agmm_lightning.callbacks.run_directory`).
 
     Attributes:
+        output_folder: Where ``predict`` writes the PNGs (set when it starts).
         pseudo_label_quality: ``cam_miou``, ``pseudo_miou`` and ``pseudo_coverage`` of the last
             ``predict`` (empty when its batches had no dense masks).
 
@@ -190,6 +194,7 @@ class CAMClassifier(LightningModule):
     """
 
     foreground_classes: Tensor
+    output_folder: Path
 
     def __init__(
         self,
@@ -213,6 +218,7 @@ class CAMClassifier(LightningModule):
         _check_arguments(
             num_classes, background_index, cam_scales, foreground_threshold, background_threshold
         )
+        check_choice("optimizer", optimizer, ("sgd", "adamw"))
         self.save_hyperparameters()
         self.encoder, channels = build_encoder(encoder, encoder_weights, output_stride)
         self.classifier = nn.Conv2d(channels, num_classes - 1, kernel_size=1, bias=False)
@@ -376,8 +382,10 @@ class CAMClassifier(LightningModule):
 
     # ---------------------------------------------------------------------- prediction
     def on_predict_start(self) -> None:
-        """Create the output folder."""
-        self._output_folder().mkdir(parents=True, exist_ok=True)
+        """Fix the output folder once, the same on every rank, and create it."""
+        output_dir = self.hparams["output_dir"]
+        self.output_folder = Path(output_dir or shared_run_directory(self.trainer) / "cam_labels")
+        self.output_folder.mkdir(parents=True, exist_ok=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Write the CAM pseudo labels of a batch as ``<output_dir>/<name>.png``.
@@ -400,15 +408,15 @@ class CAMClassifier(LightningModule):
             )
         else:
             labels = self.pseudo_labels(self.class_activation_maps(batch["image"], tags))
-        folder = self._output_folder()
         for name, label in zip(batch["name"], labels.to(torch.uint8).cpu().numpy(), strict=True):
-            Image.fromarray(label).save(folder / f"{name}.png")
+            Image.fromarray(label).save(self.output_folder / f"{name}.png")
         return list(batch["name"])
 
     def on_predict_epoch_end(self) -> None:
         """Print (and send to the loggers) the pseudo-label quality when masks were there."""
-        folder = self._output_folder()
-        rank_zero_info(f"CAM pseudo labels written to {folder} (use it as the data's cam_dir).")
+        rank_zero_info(
+            f"CAM pseudo labels written to {self.output_folder} (use it as the data's cam_dir)."
+        )
         if not _updated(self.predict_label_metrics):
             return
         values = self.predict_label_metrics.compute()
@@ -418,12 +426,6 @@ class CAMClassifier(LightningModule):
         rank_zero_info(f"CAM pseudo labels against the dense masks: {summary}")
         for logger in self.trainer.loggers:
             logger.log_metrics({f"predict_{k}": v for k, v in self.pseudo_label_quality.items()})
-
-    def _output_folder(self) -> Path:
-        """``output_dir``, or ``<log_dir>/cam_labels``."""
-        if self.hparams["output_dir"] is not None:
-            return Path(self.hparams["output_dir"])
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "cam_labels"
 
 
 def _check_arguments(

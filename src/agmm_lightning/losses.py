@@ -73,7 +73,7 @@ def _axis_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
 
 
 def bilinear_taps(
-    row: Tensor, col: Tensor, source: tuple[int, int], size: tuple[int, int], dtype: torch.dtype
+    row: Tensor, col: Tensor, source: tuple[int, ...], size: tuple[int, ...], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """The feature cells that bilinear upsampling (align_corners=False) blends at some pixels.
 
@@ -95,7 +95,7 @@ def bilinear_taps(
 
 
 def _class_pooling(
-    features: Tensor, slots: int, size: tuple[int, int], pixels: tuple[Tensor, ...]
+    features: Tensor, slots: int, size: tuple[int, ...], pixels: tuple[Tensor, ...]
 ) -> Tensor:
     """``W [B, S, h·w]`` with ``W @ F`` the mean of the upsampled ``F`` over each slot's pixels.
 
@@ -417,7 +417,7 @@ def partial_cross_entropy(
         target: ``[B, H, W]`` target map.
         class_weights: Optional ``[C]`` per-class weights (weighted mean, as in PyTorch).
         hard_fraction: Online hard example mining: average over this fraction of the labelled
-            pixels with the largest loss (1 keeps all).
+            pixels with the largest (weighted) loss (1 keeps all).
 
     Returns:
         Scalar loss, 0 when no pixel is labelled.
@@ -431,11 +431,13 @@ def partial_cross_entropy(
     labels = target[labelled].long()
     if labels.numel() == 0:
         return logits.sum() * 0
-    if hard_fraction < 1:
-        loss = F.cross_entropy(pixel_logits, labels, reduction="none")
-        keep = max(1, int(hard_fraction * loss.numel()))
-        return loss.topk(keep).values.mean()
-    return F.cross_entropy(pixel_logits, labels, weight=class_weights)
+    if hard_fraction == 1:
+        return F.cross_entropy(pixel_logits, labels, weight=class_weights)
+    loss = F.cross_entropy(pixel_logits, labels, weight=class_weights, reduction="none")
+    hardest = loss.topk(max(1, int(hard_fraction * loss.numel()))).indices
+    if class_weights is None:
+        return loss[hardest].mean()
+    return loss[hardest].sum() / class_weights[labels[hardest]].sum().clamp_min(1e-12)
 
 
 def maximization_loss(

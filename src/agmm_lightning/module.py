@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -40,6 +41,12 @@ def _architectures() -> dict[str, type[nn.Module]]:
         and issubclass(cls, smp.base.SegmentationModel)
         and cls is not smp.base.SegmentationModel
     }
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the argument, its allowed values and the value given."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def build_model(
@@ -80,7 +87,7 @@ def build_model(
             ) from error
         raise
     if local:
-        load_encoder_weights(model.encoder, str(encoder_weights))
+        load_encoder_weights(cast(nn.Module, model.encoder), str(encoder_weights))
     return model
 
 
@@ -172,10 +179,16 @@ class AGMMSegmenter(LightningModule):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if method not in ("agmm", "cvpr", "baseline"):
-            raise ValueError(f"method must be 'agmm', 'cvpr' or 'baseline', got {method!r}")
+        check_choice("method", method, ("agmm", "cvpr", "baseline"))
+        check_choice("prior", prior, ("prediction", "uniform"))
+        check_choice("pseudo_mode", pseudo_mode, ("soft", "hard"))
+        check_choice("optimizer", optimizer, ("sgd", "adamw"))
         if warmup_steps < 0 or not 0 <= confidence <= 1:
             raise ValueError("warmup_steps must be >= 0 and confidence in [0, 1]")
+        if not 0 < hard_fraction <= 1:
+            raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
+        if adaptation is not None and adaptation <= 0:
+            raise ValueError(f"adaptation must be None or > 0, got {adaptation}")
         self.save_hyperparameters()
         self.model = build_model(arch, encoder, encoder_weights, num_classes)
         decoder_channels = self.model.segmentation_head[0].in_channels
@@ -228,7 +241,7 @@ class AGMMSegmenter(LightningModule):
             callbacks.append(AGMMPseudoLabeler())
         return callbacks
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD or AdamW with a lower encoder rate and a per-step poly schedule."""
         hp = self.hparams
         encoder = list(self.model.encoder.parameters())
@@ -352,7 +365,7 @@ class AGMMSegmenter(LightningModule):
             self._log_pseudo_label_quality(batch, output["posterior"])
         return {"loss": total, **output}
 
-    def _allowed(self, batch: dict[str, Any], size: tuple[int, int]) -> Tensor:
+    def _allowed(self, batch: dict[str, Any], size: tuple[int, ...]) -> Tensor:
         """``[B, C, *size]`` bool map of the classes each pixel may take (boxes or image tags)."""
         if "allowed" in batch:
             allowed = batch["allowed"].float()

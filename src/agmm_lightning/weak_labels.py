@@ -6,7 +6,7 @@ put ``C`` wherever nothing was annotated, void pixels of the dense mask included
 did not click there); ``255`` in a target map is left to the crop padding of the transforms.
 
 All randomness goes through a :class:`numpy.random.Generator`, so simulations are reproducible.
-Pure NumPy / OpenCV / SciPy: no torch here.
+Pure NumPy / OpenCV: no torch here.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ class COCODataModule(FileDataModule):
         test_split: Test image folder; None evaluates on ``val_split``.
         train_list: Training id list; None takes every image of ``train_split``.
         val_list: Validation id list; None takes every image of ``val_split``.
-        test_list: Test id list; None takes every image of the test folder.
+        test_list: Test id list (only with ``test_split``); None takes every image of the test
+            folder.
         mask_dir: Folder of the class-index masks, one sub-folder per split.
         tags_source: Where image-level tags come from: "masks" or "onehot" (``tags_file``).
         tags_file: NumPy dict id -> 80 floats (no background) for ``tags_source="onehot"``.
@@ -174,6 +175,11 @@ class COCODataModule(FileDataModule):
         )
         if tags_source not in ("masks", "onehot"):
             raise ValueError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")
+        if test_list is not None and test_split is None:
+            raise ValueError(
+                f"test_list={test_list!r} needs test_split, the folder of its images; without "
+                "test_split the test stage evaluates val_split (with val_list)."
+            )
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.mask_dir = mask_dir
