@@ -154,6 +154,27 @@ def test_equals_plain_reference_values_and_gradients(case, with_tags):
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
 
 
+def test_gradients_of_a_subset_of_the_terms_equal_the_reference():
+    # OEM mode adds only the kernel terms: the unused seg and absent outputs get no gradient.
+    features, logits, target = make_case(*CASES[0])
+    num_classes = CASES[0][5]
+    ref_features = features.detach().clone().requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ours = cvpr_agmm_losses(features, logits, target, num_classes)
+    theirs = reference_losses(ref_features, ref_logits, target, num_classes, None)
+    names = ["gmm_to_pred", "label_to_gmm", "separation"]
+    sum(ours[n] for n in names).backward()
+    sum(theirs[n] for n in names).backward()
+    torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+    # Only seg: the pixel terms' gradient paths are all skipped but the cross-entropy's.
+    logits.grad = None
+    ref_logits.grad = None
+    cvpr_agmm_losses(features, logits, target, num_classes)["seg"].backward()
+    reference_losses(ref_features, ref_logits, target, num_classes, None)["seg"].backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+
+
 def test_float32_matches_reference():
     features, logits, target = make_case(7, 2, 16, (8, 8), (31, 31), 4, "clicks")
     ours = cvpr_agmm_losses(features.float(), logits.float(), target, 4)

@@ -220,12 +220,13 @@ class _PixelLosses(torch.autograd.Function):
         )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
         ctx.buffer = log_not_probs  # free to overwrite: nothing else holds it
+        ctx.set_materialize_grads(False)
         return seg, gmm_to_pred, absent
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: Any, grad_seg: Tensor, grad_gmm: Tensor, grad_absent: Tensor
+        ctx: Any, grad_seg: Tensor | None, grad_gmm: Tensor | None, grad_absent: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         (
             probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
@@ -234,29 +235,34 @@ class _PixelLosses(torch.autograd.Function):
         # A second backward (retain_graph) finds the buffer taken and allocates a new one.
         grad, ctx.buffer = ctx.buffer if ctx.buffer is not None else torch.empty_like(probs), None
         index = slot_class[..., None, None].expand_as(kernel)
-        # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
-        torch.neg(probs, out=grad).add_(1 + _EPS)
-        torch.div(probs, grad, out=grad)
-        grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None])
-        # ... then of gmm_to_pred at each slot's class: w P [(1 - G)/(1 - P + eps) - G/(P + eps)].
-        slot_scale = (grad_gmm * slot_weight)[..., None, None]
-        to_not = slot_probs.neg().add_(1 + _EPS)
-        to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
-        to_fit = torch.add(slot_probs, _EPS)
-        to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
-        slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
-        grad.scatter_add_(1, index, slot_grad)
+        # Outputs left out of the loss (OEM mode uses only gmm_to_pred) come as None: skipped.
+        if grad_absent is None:
+            grad.zero_()
+        else:
+            # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
+            torch.neg(probs, out=grad).add_(1 + _EPS)
+            torch.div(probs, grad, out=grad)
+            grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None])
+        if grad_gmm is not None:
+            # ... then of gmm_to_pred at each slot's class: w P [(1-G)/(1-P+eps) - G/(P+eps)].
+            slot_scale = (grad_gmm * slot_weight)[..., None, None]
+            to_not = slot_probs.neg().add_(1 + _EPS)
+            to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
+            to_fit = torch.add(slot_probs, _EPS)
+            to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
+            slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
+            grad.scatter_add_(1, index, slot_grad)
         # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k, in place.
         grad_logits = grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
         image, row, col, labels, pixel_logits = ctx.labelled
-        if labels.numel():
+        if grad_seg is not None and labels.numel():
             ce = pixel_logits.softmax(1)
             ce[torch.arange(labels.numel(), device=labels.device), labels] -= 1
             grad_logits.permute(0, 2, 3, 1).index_put_(
                 (image, row, col), ce * (grad_seg / labels.numel()), accumulate=True
             )
         grad_kernel = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_gmm is not None:
             grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
             grad_kernel.mul_(pixel[:, None])
         return grad_logits, grad_kernel, None, None, None, None, None
