@@ -276,6 +276,24 @@ def test_blocks_explicit_size_and_void():
     assert np.array_equal(target[labelled], mask[labelled])
 
 
+def test_every_segment_gets_a_block_so_the_tags_are_complete():
+    # Random blocks of side 10 reach 10% in the two large regions long before the side is
+    # halved: only the first pass, one block per segment, reaches the small and thin ones.
+    mask = np.zeros((100, 100), np.uint8)
+    mask[10:60, 10:60] = 1
+    mask[70:76, 70:76] = 2
+    mask[85:91, 10:16] = 2
+    mask[65:95, 40:43] = 3  # 3 px wide: only blocks of side 2 fit
+    target = wl.simulate_blocks(
+        mask, np.random.default_rng(0), NUM_CLASSES, fraction=0.1, block_size=10, min_block_size=2
+    )
+    for cls, segment in segments(mask):
+        assert np.any(target[segment] == cls), f"a segment of class {cls} has no block"
+    labelled = target < NUM_CLASSES
+    assert np.array_equal(target[labelled], mask[labelled])
+    assert 0.1 <= labelled.mean() <= 0.1 + 100 / mask.size
+
+
 def test_blocks_reproducible_and_zero_fraction(mask):
     a = wl.simulate_blocks(mask, np.random.default_rng(5), NUM_CLASSES)
     b = wl.simulate_blocks(mask, np.random.default_rng(5), NUM_CLASSES)

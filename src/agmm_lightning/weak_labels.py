@@ -564,12 +564,15 @@ def simulate_blocks(
 ) -> np.ndarray:
     """Simulate block labels: squares lying entirely inside single-class regions.
 
-    Square blocks of side ``block_size`` are placed one at a time at a uniformly random free
-    position (a window whose pixels all hold one class, checked with a per-class summed-area table,
-    and that does not overlap an earlier block) until at least ``fraction`` of the image's pixels
-    are labelled. When no position is left, the side is halved (down to ``min_block_size``) and
-    filling continues, so small regions can still receive blocks. Coverage can fall short of
-    ``fraction`` only if the mask is too fragmented or void for blocks of ``min_block_size``.
+    Sides run from ``block_size`` down to ``min_block_size`` by halving. First every connected
+    segment (8-connectivity) gets one block, in random order while the budget lasts: the largest
+    side that gives every segment one within ``fraction`` of the image, or a smaller one where the
+    segment is too thin for it. The classes in the blocks are then the classes in the image, as
+    the absent-class loss assumes (METHOD §4: t = classes in blocks); a segment too small for a
+    block of ``min_block_size`` gets none. Then blocks are placed one at a time at uniformly random
+    free positions (single-class windows, checked with per-class summed-area tables, that overlap
+    no earlier block), halving the side when no position is left, until at least ``fraction`` of
+    the pixels are labelled. Coverage falls short only if the mask is too fragmented or void.
 
     Args:
         mask: Dense integer mask [H, W] with classes ``0..C-1`` and 255 for void.
@@ -605,24 +608,34 @@ def simulate_blocks(
         min_block_size = max(1, size // 4)
     if min_block_size < 1:
         raise ValueError(f"min_block_size must be >= 1, got {min_block_size}")
+    sides = [size]
+    while sides[-1] > min_block_size:
+        sides.append(max(min_block_size, sides[-1] // 2))
 
-    class_integrals = [
-        (int(cls), cv2.integral((mask == cls).astype(np.uint8), sdepth=cv2.CV_32S))
-        for cls in _present_classes(mask)
-    ]
-    labelled = np.zeros(mask.shape, dtype=np.uint8)
-    covered = 0
-    while covered < goal:
-        # Free top-left corners for this side: single-class window, no overlap with earlier blocks.
-        free_of_blocks = _window_sums(cv2.integral(labelled, sdepth=cv2.CV_32S), size) == 0
-        single_class = np.zeros_like(free_of_blocks)
-        for _, integral in class_integrals:
-            single_class |= _window_sums(integral, size) == size * size
-        valid = single_class & free_of_blocks
+    blocks = _Blocks(mask, target)
+    segments, count = _segment_ids(mask)
+    # One block per segment: start at the largest side that gives every segment one in budget.
+    first = next((i for i, side in enumerate(sides) if count * side * side <= goal), len(sides) - 1)
+    served = np.zeros(count + 1, dtype=bool)
+    served[0] = True  # void
+    for side in sides[first:]:
+        ys, xs = np.nonzero(blocks.free_corners(side))
+        owner = segments[ys, xs]
+        shuffled = rng.permutation(np.flatnonzero(~served[owner]))
+        _, pick = np.unique(owner[shuffled], return_index=True)  # one random corner per segment
+        for corner in shuffled[pick][rng.permutation(len(pick))]:
+            if blocks.covered >= goal:
+                return target
+            blocks.place(int(ys[corner]), int(xs[corner]), side)
+            served[owner[corner]] = True
+
+    # Random fill up to the fraction.
+    for side in sides:
+        valid = blocks.free_corners(side)
         valid_flat = valid.reshape(-1)
         order = rng.permutation(np.flatnonzero(valid_flat))
         cursor, step = 0, 256
-        while covered < goal and cursor < len(order):
+        while blocks.covered < goal and cursor < len(order):
             # Scan the shuffled candidates in chunks: one vectorised lookup skips every corner
             # invalidated by blocks placed since the shuffle.
             chunk = order[cursor : cursor + step]
@@ -630,17 +643,52 @@ def simulate_blocks(
             if not still_valid.any():
                 cursor += len(chunk)
                 continue
-            first = int(np.argmax(still_valid))
-            cursor += first + 1
-            y, x = divmod(int(chunk[first]), valid.shape[1])
-            target[y : y + size, x : x + size] = mask[y, x]
-            labelled[y : y + size, x : x + size] = 1
-            valid[max(0, y - size + 1) : y + size, max(0, x - size + 1) : x + size] = False
-            covered += size * size
-        if size <= min_block_size:
+            hit = int(np.argmax(still_valid))
+            cursor += hit + 1
+            y, x = divmod(int(chunk[hit]), valid.shape[1])
+            blocks.place(y, x, side)
+            valid[max(0, y - side + 1) : y + side, max(0, x - side + 1) : x + side] = False
+        if blocks.covered >= goal:
             break
-        size = max(min_block_size, size // 2)
     return target
+
+
+class _Blocks:
+    """Blocks placed so far in a target map, and where a new one may go."""
+
+    def __init__(self, mask: np.ndarray, target: np.ndarray) -> None:
+        self.mask, self.target = mask, target
+        self.labelled = np.zeros(mask.shape, dtype=np.uint8)
+        self.covered = 0
+        self.class_integrals = [
+            cv2.integral((mask == cls).astype(np.uint8), sdepth=cv2.CV_32S)
+            for cls in _present_classes(mask)
+        ]
+
+    def free_corners(self, side: int) -> np.ndarray:
+        """Top-left corners of ``side`` windows of one class that overlap no block."""
+        free = _window_sums(cv2.integral(self.labelled, sdepth=cv2.CV_32S), side) == 0
+        single_class = np.zeros_like(free)
+        for integral in self.class_integrals:
+            single_class |= _window_sums(integral, side) == side * side
+        return single_class & free
+
+    def place(self, y: int, x: int, side: int) -> None:
+        """Label the ``side`` square at top-left ``(y, x)`` with its class."""
+        self.target[y : y + side, x : x + side] = self.mask[y, x]
+        self.labelled[y : y + side, x : x + side] = 1
+        self.covered += side * side
+
+
+def _segment_ids(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """int32 map numbering the connected segments of every class from 1 (0 = void); the count."""
+    ids = np.zeros(mask.shape, dtype=np.int32)
+    count = 0
+    for _, _, labels, stats in _components(mask, 8):
+        inside = labels > 0
+        ids[inside] = labels[inside] + count
+        count += len(stats) - 1
+    return ids, count
 
 
 # --------------------------------------------------------------------------------------------
