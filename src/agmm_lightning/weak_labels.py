@@ -613,8 +613,23 @@ def simulate_blocks(
         sides.append(max(min_block_size, sides[-1] // 2))
 
     blocks = _Blocks(mask, target)
-    segments, count = _segment_ids(mask)
-    # One block per segment: start at the largest side that gives every segment one in budget.
+    _block_per_segment(blocks, sides, goal, rng)
+    for side in sides:
+        if blocks.covered >= goal:
+            break
+        _random_blocks(blocks, side, goal, rng)
+    return target
+
+
+def _block_per_segment(
+    blocks: _Blocks, sides: list[int], goal: float, rng: np.random.Generator
+) -> None:
+    """One block in every segment, in random order while the budget lasts.
+
+    The first side is the largest that gives every segment one within ``goal``; a segment with no
+    room for it gets the next side that fits.
+    """
+    segments, count = _segment_ids(blocks.mask)
     first = next((i for i, side in enumerate(sides) if count * side * side <= goal), len(sides) - 1)
     served = np.zeros(count + 1, dtype=bool)
     served[0] = True  # void
@@ -625,32 +640,30 @@ def simulate_blocks(
         _, pick = np.unique(owner[shuffled], return_index=True)  # one random corner per segment
         for corner in shuffled[pick][rng.permutation(len(pick))]:
             if blocks.covered >= goal:
-                return target
+                return
             blocks.place(int(ys[corner]), int(xs[corner]), side)
             served[owner[corner]] = True
 
-    # Random fill up to the fraction.
-    for side in sides:
-        valid = blocks.free_corners(side)
-        valid_flat = valid.reshape(-1)
-        order = rng.permutation(np.flatnonzero(valid_flat))
-        cursor, step = 0, 256
-        while blocks.covered < goal and cursor < len(order):
-            # Scan the shuffled candidates in chunks: one vectorised lookup skips every corner
-            # invalidated by blocks placed since the shuffle.
-            chunk = order[cursor : cursor + step]
-            still_valid = valid_flat[chunk]
-            if not still_valid.any():
-                cursor += len(chunk)
-                continue
-            hit = int(np.argmax(still_valid))
-            cursor += hit + 1
-            y, x = divmod(int(chunk[hit]), valid.shape[1])
-            blocks.place(y, x, side)
-            valid[max(0, y - side + 1) : y + side, max(0, x - side + 1) : x + side] = False
-        if blocks.covered >= goal:
-            break
-    return target
+
+def _random_blocks(blocks: _Blocks, side: int, goal: float, rng: np.random.Generator) -> None:
+    """Blocks of ``side`` at uniformly random free positions until ``goal`` or no room is left."""
+    valid = blocks.free_corners(side)
+    valid_flat = valid.reshape(-1)
+    order = rng.permutation(np.flatnonzero(valid_flat))
+    cursor, step = 0, 256
+    while blocks.covered < goal and cursor < len(order):
+        # Scan the shuffled candidates in chunks: one vectorised lookup skips every corner
+        # invalidated by blocks placed since the shuffle.
+        chunk = order[cursor : cursor + step]
+        still_valid = valid_flat[chunk]
+        if not still_valid.any():
+            cursor += len(chunk)
+            continue
+        hit = int(np.argmax(still_valid))
+        cursor += hit + 1
+        y, x = divmod(int(chunk[hit]), valid.shape[1])
+        blocks.place(y, x, side)
+        valid[max(0, y - side + 1) : y + side, max(0, x - side + 1) : x + side] = False
 
 
 class _Blocks:
