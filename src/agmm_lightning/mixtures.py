@@ -6,6 +6,7 @@ Pure torch: no Lightning here, so the algorithm can be tested and benchmarked al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -33,14 +34,13 @@ class Expectation(NamedTuple):
         component_mass: ``[N, K, C]`` (component-major) ``exp`` of each joint log-density minus
             its class's largest one.
         class_mass: ``[N, C]`` its sum over the components.
-        design: ``[N, 2D + 1]`` design ``[x⊙x, x, 1]`` of the features, which the statistics
-            reuse.
+        squares: ``[N, D]`` squared features ``x⊙x``, which the statistics reuse.
     """
 
     log_likelihood: Tensor
     component_mass: Tensor
     class_mass: Tensor
-    design: Tensor
+    squares: Tensor
 
     @property
     def responsibilities(self) -> Tensor:
@@ -166,8 +166,8 @@ class ClassMixtures(nn.Module):
     def component_log_prob(self, x: Tensor, means: Tensor | None = None) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
-        One matrix product of the design ``[x⊙x, x, 1]`` with the natural parameters,
-        never an ``[N, C, K, D]`` broadcast and no further pass over the ``[N, C·K]`` result.
+        Two matrix products, of ``x`` and of ``x⊙x`` with the natural parameters, accumulated
+        into one ``[N, K·C]`` result: never an ``[N, C, K, D]`` broadcast.
 
         Args:
             x: ``[N, D]`` features, or ``[G, M, D]`` groups of them when ``means`` is given.
@@ -179,18 +179,26 @@ class ClassMixtures(nn.Module):
             component-major ``[N, K, C]`` tensor.
         """
         self._check_features(x, means)
-        return self._log_joint(_design(x.to(self.means.dtype)), means).transpose(1, 2)
+        x = x.to(self.means.dtype)
+        return self._log_joint(x, x * x, means).transpose(1, 2)
 
-    def _log_joint(self, design: Tensor, means: Tensor | None = None) -> Tensor:
-        """Component-major ``[N, K, C]`` joint log-densities."""
-        log_joint = design @ self._natural_parameters(means)
+    def _log_joint(self, x: Tensor, squares: Tensor, means: Tensor | None = None) -> Tensor:
+        """Component-major ``[N, K, C]`` joint log-densities of ``x`` and its ``squares``."""
+        linear, quadratic, constant = self._natural_parameters(means)
+        if means is None:
+            log_joint = torch.addmm(constant, x, linear)
+        else:
+            log_joint = torch.baddbmm(constant[:, None], x, linear).flatten(0, 1)
+        log_joint = log_joint.addmm_(squares.flatten(0, -2), quadratic)
         return log_joint.view(-1, self.mixture_count, self.num_classes)
 
-    def _natural_parameters(self, means: Tensor | None = None) -> Tensor:
-        """``[..., 2D + 1, K·C]``: the rows ``-1/(2 sigma^2)``, ``mu/sigma^2`` and the constant.
+    def _natural_parameters(self, means: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The natural parameters of the log-densities, as matrix product operands.
 
-        ``means`` (``[..., C, K, D]``, default the mixtures' own) gives a leading shape. Columns
-        are component-major (``k·C + c``), so reductions over K run along contiguous classes.
+        ``mu/sigma^2`` (``[..., D, K·C]``), ``-1/(2 sigma^2)`` (``[D, K·C]``) and the constant
+        (``[..., K·C]``). ``means`` (``[..., C, K, D]``, default the mixtures' own) gives the
+        leading shape. Columns are component-major (``k·C + c``), so each component's classes
+        are contiguous.
         """
         means = self.means if means is None else means
         precision = self.variances.reciprocal()
@@ -201,9 +209,11 @@ class ClassMixtures(nn.Module):
             + self.dim * math.log(2 * math.pi)
         )
         constant = self.weights.clamp_min(1e-30).log() - 0.5 * quadratic_and_volume
-        quadratic = (-0.5 * precision).expand_as(scaled_means)
-        rows = torch.cat([quadratic, scaled_means, constant[..., None]], dim=-1)
-        return rows.transpose(-3, -2).flatten(-3, -2).transpose(-1, -2)
+        return (
+            _component_major(scaled_means).transpose(-1, -2),
+            _component_major(-0.5 * precision).T,
+            _component_major(constant[..., None]).squeeze(-1),
+        )
 
     @torch.no_grad()
     def adapted_means(
@@ -257,8 +267,10 @@ class ClassMixtures(nn.Module):
     def expectation(self, x: Tensor, means: Tensor | None = None) -> Expectation:
         """E-step: class log-likelihoods and component responsibilities from one density pass.
 
-        The component masses are computed in place in the ``[N, K, C]`` joint log-densities:
-        every pass over that size costs about as much as the matrix products themselves.
+        The component masses are computed in place in the ``[N, K, C]`` joint log-densities, and
+        the reductions over K are chains of ``[N, C]`` operations: every pass over ``[N, K, C]``
+        costs a fair share of a matrix product, and a reduction over a short middle dimension
+        several such passes on CPU.
 
         Args:
             x: ``[N, D]`` features (detached here), or ``[G, M, D]`` with ``means``.
@@ -269,17 +281,18 @@ class ClassMixtures(nn.Module):
             :meth:`posterior_from_log_likelihood` and :meth:`sufficient_statistics`.
         """
         self._check_features(x, means)
-        design = _design(x.detach().to(self.means.dtype))
-        log_joint = self._log_joint(design, means)
-        design = design.flatten(0, -2)
+        x = x.detach().to(self.means.dtype)
+        squares = x * x
+        log_joint = self._log_joint(x, squares, means)
+        squares = squares.flatten(0, -2)
         if self.mixture_count == 1:
             log_likelihood = log_joint[:, 0]
             mass, total = torch.ones_like(log_joint), torch.ones_like(log_likelihood)
-            return Expectation(log_likelihood, mass, total, design)
-        peak = log_joint.amax(1)
+            return Expectation(log_likelihood, mass, total, squares)
+        peak = _over_components(torch.maximum, log_joint)
         mass = log_joint.sub_(peak[:, None]).exp_()
-        total = mass.sum(1)
-        return Expectation(peak + total.log(), mass, total, design)
+        total = _over_components(torch.add, mass)
+        return Expectation(peak.add_(total.log()), mass, total, squares)
 
     def posterior(
         self,
@@ -321,8 +334,8 @@ class ClassMixtures(nn.Module):
             scores.add_(log_likelihood, alpha=1 / (temperature or self.dim))
         excluded = ~self.initialized if allowed is None else ~(allowed.bool() & self.initialized)
         scores.masked_fill_(excluded, float("-inf"))
-        has_class = scores.amax(1, keepdim=True) > float("-inf")
-        return scores.masked_fill_(~has_class, 0).softmax(1).mul_(has_class)
+        # A row without a class is all -inf, so its softmax is NaN: it gets zeros.
+        return scores.softmax(1).nan_to_num_(0.0)
 
     # -------------------------------------------------------------------------------- fitting
     @torch.no_grad()
@@ -349,10 +362,10 @@ class ClassMixtures(nn.Module):
             )
         x = x.detach().to(self.means.dtype)
         weights = weights.detach().to(self.means.dtype)
-        log_likelihood, mass, class_mass, design = expectation or self.expectation(x)
+        log_likelihood, mass, class_mass, squares = expectation or self.expectation(x)
         fitting = weights.sum(1) > 0
         if not fitting.all():
-            x, weights, design = x[fitting], weights[fitting], design[fitting]
+            x, weights, squares = x[fitting], weights[fitting], squares[fitting]
             log_likelihood, mass, class_mass = (
                 log_likelihood[fitting],
                 mass[fitting],
@@ -361,17 +374,17 @@ class ClassMixtures(nn.Module):
         if x.shape[0] == 0:
             return self._empty_statistics(x)
 
-        # Fitting weight times responsibility, component-major [N, K, C], times the design
-        # [x⊙x, x, 1]: S2, S1 and S0 at once.
-        weighted = mass.mul_((weights / class_mass)[:, None])
-        moments = weighted.view(x.shape[0], -1).T @ design
-        moments = moments.view(self.mixture_count, self.num_classes, -1).transpose(0, 1)
+        # Fitting weight times responsibility, component-major [N, K·C], summed alone and
+        # against x and x⊙x: S0, S1 and S2.
+        weighted = mass.mul_((weights / class_mass)[:, None]).view(x.shape[0], -1)
+        shape = (self.mixture_count, self.num_classes, -1)
+        moments = [m.view(shape).transpose(0, 1) for m in (weighted.T @ x, weighted.T @ squares)]
         candidates, valid, index = self._sample_candidates(x, weights)
         score = log_likelihood.gather(0, index.T).T.masked_fill(~valid, 0)
         return MixtureStatistics(
-            weight=moments[..., -1].contiguous(),
-            sum=moments[..., self.dim : 2 * self.dim].contiguous(),
-            square_sum=moments[..., : self.dim].contiguous(),
+            weight=weighted.sum(0).view(shape[:2]).T.contiguous(),
+            sum=moments[0].contiguous(),
+            square_sum=moments[1].contiguous(),
             candidates=candidates,
             candidate_valid=valid,
             candidate_score=score,
@@ -526,13 +539,20 @@ class ClassMixtures(nn.Module):
         return means, variances, weights / weights.sum(1, keepdim=True)
 
 
-def _design(x: Tensor) -> Tensor:
-    """``[x⊙x, x, 1]`` along the last dimension.
+def _component_major(parameters: Tensor) -> Tensor:
+    """``[..., C, K, P]`` -> ``[..., K·C, P]``: rows ordered ``k·C + c``."""
+    return parameters.transpose(-3, -2).flatten(-3, -2)
 
-    One matrix product with it gives every component's log-density (against the natural
-    parameters) or every sufficient statistic (against the weighted responsibilities).
+
+def _over_components(op: Callable[..., Tensor], tensor: Tensor) -> Tensor:
+    """Reduce ``[N, K, C]`` over K (K >= 2) by a chain of the binary ``op`` on ``[N, C]`` slices.
+
+    On CPU, ``amax``/``sum`` over a short middle dimension are several times slower.
     """
-    return torch.cat([x * x, x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    out = op(tensor[:, 0], tensor[:, 1])
+    for k in range(2, tensor.shape[1]):
+        op(out, tensor[:, k], out=out)
+    return out
 
 
 def _kmeans_seeds(
