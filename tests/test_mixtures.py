@@ -335,6 +335,21 @@ def test_bad_feature_and_weight_shapes():
         mixtures.sufficient_statistics(torch.randn(5, 4), torch.ones(5, 2))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_raise_and_leave_the_mixtures_unchanged(bad):
+    gen = torch.Generator().manual_seed(9)
+    mixtures = ClassMixtures(3, 4, mixture_count=2)
+    fitted(mixtures, torch.randn(200, 4, generator=gen), torch.ones(200, 3))
+    before = {name: value.clone() for name, value in mixtures.state_dict().items()}
+    x = torch.randn(20, 4, generator=gen)
+    x[3, 1] = bad
+    stats = mixtures.sufficient_statistics(x, torch.ones(20, 3))
+    with pytest.raises(ValueError, match="must be finite"):
+        mixtures.update(stats)
+    for name, value in mixtures.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_buffers_are_the_state():
     mixtures = ClassMixtures(3, 4, mixture_count=2)
     assert set(mixtures.state_dict()) == {"means", "variances", "weights", "initialized"}

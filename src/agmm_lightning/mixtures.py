@@ -447,7 +447,15 @@ class ClassMixtures(nn.Module):
 
         Args:
             stats: Statistics from :meth:`sufficient_statistics` (summed over ranks under DDP).
+
+        Raises:
+            ValueError: If the statistics hold NaN or inf; the mixtures are left unchanged.
         """
+        if not torch.isfinite(stats.weight.sum() + stats.sum.sum() + stats.square_sum.sum()):
+            raise ValueError(
+                "mixture statistics must be finite, got NaN or inf: the fitted features or "
+                "weights hold NaN or inf (a diverged network?); the mixtures were left unchanged"
+            )
         total = stats.weight.sum(1)
         observed = total > _MIN_OBSERVED
         if not observed.any():
