@@ -629,7 +629,7 @@ def _block_per_segment(
     The first side is the largest that gives every segment one within ``goal``; a segment with no
     room for it gets the next side that fits.
     """
-    segments, count = _segment_ids(blocks.mask)
+    segments, count = blocks.segments, blocks.segment_count
     first = next((i for i, side in enumerate(sides) if count * side * side <= goal), len(sides) - 1)
     served = np.zeros(count + 1, dtype=bool)
     served[0] = True  # void
@@ -667,16 +667,24 @@ def _random_blocks(blocks: _Blocks, side: int, goal: float, rng: np.random.Gener
 
 
 class _Blocks:
-    """Blocks placed so far in a target map, and where a new one may go."""
+    """Blocks placed so far in a target map, and where a new one may go.
+
+    Also numbers the connected segments (8-connectivity) of every class: ``segments`` is an
+    int32 map of them from 1 (0 = void), ``segment_count`` their number.
+    """
 
     def __init__(self, mask: np.ndarray, target: np.ndarray) -> None:
         self.mask, self.target = mask, target
         self.labelled = np.zeros(mask.shape, dtype=np.uint8)
         self.covered = 0
-        self.class_integrals = [
-            cv2.integral((mask == cls).astype(np.uint8), sdepth=cv2.CV_32S)
-            for cls in _present_classes(mask)
-        ]
+        self.class_integrals = []
+        self.segments = np.zeros(mask.shape, dtype=np.int32)
+        self.segment_count = 0
+        for _, indicator, labels, stats in _components(mask, 8):
+            self.class_integrals.append(cv2.integral(indicator, sdepth=cv2.CV_32S))
+            inside = labels > 0
+            self.segments[inside] = labels[inside] + self.segment_count
+            self.segment_count += len(stats) - 1
 
     def free_corners(self, side: int) -> np.ndarray:
         """Top-left corners of ``side`` windows of one class that overlap no block."""
@@ -691,17 +699,6 @@ class _Blocks:
         self.target[y : y + side, x : x + side] = self.mask[y, x]
         self.labelled[y : y + side, x : x + side] = 1
         self.covered += side * side
-
-
-def _segment_ids(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """int32 map numbering the connected segments of every class from 1 (0 = void); the count."""
-    ids = np.zeros(mask.shape, dtype=np.int32)
-    count = 0
-    for _, _, labels, stats in _components(mask, 8):
-        inside = labels > 0
-        ids[inside] = labels[inside] + count
-        count += len(stats) - 1
-    return ids, count
 
 
 # --------------------------------------------------------------------------------------------
