@@ -156,7 +156,7 @@ def test_equals_plain_reference_values_and_gradients(case, with_tags):
 
 def test_channel_blocks_of_the_distance_backward_give_the_reference_gradient(monkeypatch):
     # Blocks of 3 of the 8 channels (the last one short), as large features get on CPU.
-    seed, batch, channels, feat_size, label_size, num_classes, kind = CASES[5]
+    _, batch, _, feat_size, _, num_classes, _ = CASES[5]
     features, logits, target = make_case(*CASES[5])
     row_bytes = batch * feat_size[0] * feat_size[1] * features.element_size()
     monkeypatch.setattr("agmm_lightning.losses._CPU_BLOCK_BYTES", 3 * row_bytes)
