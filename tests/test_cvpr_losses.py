@@ -154,18 +154,6 @@ def test_equals_plain_reference_values_and_gradients(case, with_tags):
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
 
 
-def test_channel_blocks_of_the_distance_backward_give_the_reference_gradient(monkeypatch):
-    # Blocks of 3 of the 8 channels (the last one short), as large features get on CPU.
-    _, batch, _, feat_size, _, num_classes, _ = CASES[5]
-    features, logits, target = make_case(*CASES[5])
-    row_bytes = batch * feat_size[0] * feat_size[1] * features.element_size()
-    monkeypatch.setattr("agmm_lightning.losses._CPU_BLOCK_BYTES", 3 * row_bytes)
-    ref_features = features.detach().clone().requires_grad_()
-    cvpr_agmm_losses(features, logits, target, num_classes)["total"].backward()
-    reference_losses(ref_features, logits.detach(), target, num_classes, None)["total"].backward()
-    torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-7, atol=1e-10)
-
-
 def test_gradients_of_a_subset_of_the_terms_equal_the_reference():
     # OEM mode adds only the kernel terms: the unused seg and absent outputs get no gradient.
     features, logits, target = make_case(*CASES[0])
