@@ -2,7 +2,8 @@
 
 Every function takes the target map of METHOD §1: ``0..C-1`` labelled, ``C`` unlabelled and
 ``255`` void. Averages over an empty set of pixels are 0, so a crop without labels keeps every loss
-finite (the published code returns NaN there).
+finite (the published code returns NaN there). Every loss runs in float32 whatever the autocast
+state and the inputs' dtype (see :mod:`agmm_lightning.precision`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from agmm_lightning.precision import float32_math, in_float32
 
 VOID = 255
 _EPS = 1e-6
@@ -54,8 +57,7 @@ def check_target(target: Tensor, num_classes: int) -> None:
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` where ``mask`` holds, 0 where it holds nowhere."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    return (values * mask).sum() / mask.sum().clamp_min(1).to(values.dtype)
 
 
 def _binary_cross_entropy(p: Tensor, q: Tensor) -> Tensor:
@@ -63,9 +65,9 @@ def _binary_cross_entropy(p: Tensor, q: Tensor) -> Tensor:
     return -q * torch.log(p + _EPS) - (1 - q) * torch.log(1 - p + _EPS)
 
 
-def _axis_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
+def _axis_taps(index: Tensor, source: int, size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Source cells ``[n, 2]`` and weights ``[n, 2]`` of bilinear upsampling along one axis."""
-    position = ((index + 0.5) * (source / size) - 0.5).clamp_min(0)
+    position = ((index.to(dtype) + 0.5) * (source / size) - 0.5).clamp_min(0)
     low = position.floor()
     cells = torch.stack([low, (low + 1).clamp_max(source - 1)], dim=1).long()
     fraction = position - low
@@ -73,7 +75,11 @@ def _axis_taps(index: Tensor, source: int, size: int) -> tuple[Tensor, Tensor]:
 
 
 def bilinear_taps(
-    row: Tensor, col: Tensor, source: tuple[int, ...], size: tuple[int, ...], dtype: torch.dtype
+    row: Tensor,
+    col: Tensor,
+    source: tuple[int, ...],
+    size: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """The feature cells that bilinear upsampling (align_corners=False) blends at some pixels.
 
@@ -82,14 +88,16 @@ def bilinear_taps(
         col: ``[n]`` pixel columns.
         source: Feature map size ``(h, w)``.
         size: Label map size ``(H, W)``.
-        dtype: Floating dtype of the weights.
+        dtype: Floating dtype of the computation and the weights; half precision is raised to
+            float32, which keeps the ``.5`` of a pixel center above 1024 pixels.
 
     Returns:
         ``[n, 4]`` flat cell indices ``r·w + c`` and ``[n, 4]`` weights (summing to one), as
         ``F.interpolate`` computes them.
     """
-    rows, row_weight = _axis_taps(row.to(dtype), source[0], size[0])
-    cols, col_weight = _axis_taps(col.to(dtype), source[1], size[1])
+    dtype = torch.promote_types(dtype, torch.float32)
+    rows, row_weight = _axis_taps(row, source[0], size[0], dtype)
+    cols, col_weight = _axis_taps(col, source[1], size[1], dtype)
     cells = (rows[:, :, None] * source[1] + cols[:, None, :]).flatten(1)
     return cells, (row_weight[:, :, None] * col_weight[:, None, :]).flatten(1)
 
@@ -148,7 +156,7 @@ def absent_class_loss(logits: Tensor, allowed: Tensor, target: Tensor) -> Tensor
     Returns:
         Scalar loss.
     """
-    probs = logits.softmax(1)
+    probs = logits.float().softmax(1)
     if allowed.ndim == 2:
         allowed = allowed[:, :, None, None]
     forbidden = 1.0 - allowed.to(probs.dtype)
@@ -335,6 +343,19 @@ def cvpr_agmm_losses(
         ValueError: On shapes, dtypes or label values that do not fit.
     """
     _check_shapes(features, logits, target, num_classes)
+    features, logits = in_float32(features, logits)
+    with float32_math(logits.device):
+        return _cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
+
+
+def _cvpr_agmm_losses(
+    features: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    image_classes: Tensor | None,
+) -> dict[str, Tensor]:
+    """:func:`cvpr_agmm_losses` on checked float32 inputs, with autocast off."""
     batch, channels, height, width = features.shape
     labelled = target < num_classes
     valid = target != VOID
@@ -433,10 +454,10 @@ def partial_cross_entropy(
     num_classes = logits.shape[1]
     labelled = target < num_classes
     # Gather the labelled pixels first: with sparse labels this is a tiny fraction of the map.
-    pixel_logits = logits.permute(0, 2, 3, 1)[labelled]
+    pixel_logits = logits.permute(0, 2, 3, 1)[labelled].float()
     labels = target[labelled].long()
     if labels.numel() == 0:
-        return logits.sum() * 0
+        return logits.float().sum() * 0
     if hard_fraction == 1:
         return F.cross_entropy(pixel_logits, labels, weight=class_weights)
     loss = F.cross_entropy(pixel_logits, labels, weight=class_weights, reduction="none")
@@ -467,7 +488,7 @@ def maximization_loss(
     Returns:
         Scalar loss, 0 when no feature counts.
     """
-    scores = log_likelihood / temperature
+    scores = log_likelihood.float() / temperature
     own_class = torch.ones_like(labels, dtype=torch.bool)
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
@@ -497,6 +518,7 @@ def pseudo_label_loss(
     Returns:
         Scalar loss, 0 when no pixel counts.
     """
+    logits, posterior = in_float32(logits, posterior)
     num_classes = logits.shape[1]
     confident, hard_label = posterior.max(1)
     unlabelled = (target == num_classes) & (confident > 0)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from agmm_lightning.precision import float32_method
+
 __all__ = ["ClassMixtures", "Expectation", "MixtureStatistics"]
 
 # Weight below which a class counts as unobserved in a batch.
@@ -163,6 +165,7 @@ class ClassMixtures(nn.Module):
                 f"means, got {tuple(x.shape)}"
             )
 
+    @float32_method
     def component_log_prob(self, x: Tensor, means: Tensor | None = None) -> Tensor:
         """``log w_ck + log N(x; mu_ck, diag sigma^2_ck)`` for every class and component.
 
@@ -215,6 +218,7 @@ class ClassMixtures(nn.Module):
             _component_major(constant[..., None]).squeeze(-1),
         )
 
+    @float32_method
     @torch.no_grad()
     def adapted_means(
         self, x: Tensor, labels: Tensor, groups: Tensor, num_groups: int, relevance: float
@@ -252,6 +256,7 @@ class ClassMixtures(nn.Module):
         adapted = (total + relevance * prior) / (count[..., None] + relevance)
         return adapted.view(num_groups, *self.means.shape)
 
+    @float32_method
     def log_likelihood(self, x: Tensor) -> Tensor:
         """``log p(x | c)`` of every feature under every class's mixture.
 
@@ -263,6 +268,7 @@ class ClassMixtures(nn.Module):
         """
         return self.component_log_prob(x).logsumexp(-1)
 
+    @float32_method
     @torch.no_grad()
     def expectation(self, x: Tensor, means: Tensor | None = None) -> Expectation:
         """E-step: class log-likelihoods and component responsibilities from one density pass.
@@ -294,6 +300,7 @@ class ClassMixtures(nn.Module):
         total = _over_components(torch.add, mass)
         return Expectation(peak.add_(total.log()), mass, total, squares)
 
+    @float32_method
     def posterior(
         self,
         x: Tensor,
@@ -319,6 +326,7 @@ class ClassMixtures(nn.Module):
             self.log_likelihood(x), prior, allowed, temperature
         )
 
+    @float32_method
     def posterior_from_log_likelihood(
         self,
         log_likelihood: Tensor,
@@ -327,6 +335,7 @@ class ClassMixtures(nn.Module):
         temperature: float | None = None,
     ) -> Tensor:
         """:meth:`posterior` from class log-likelihoods already computed (``[N, C]``)."""
+        log_likelihood = log_likelihood.float()
         if prior is None:
             scores = log_likelihood / (temperature or self.dim)
         else:
@@ -338,6 +347,7 @@ class ClassMixtures(nn.Module):
         return scores.softmax(1).nan_to_num_(0.0)
 
     # -------------------------------------------------------------------------------- fitting
+    @float32_method
     @torch.no_grad()
     def sufficient_statistics(
         self, x: Tensor, weights: Tensor, expectation: Expectation | None = None
@@ -437,6 +447,7 @@ class ClassMixtures(nn.Module):
         candidates = x[index] * valid[..., None]
         return candidates, valid, index
 
+    @float32_method
     @torch.no_grad()
     def update(self, stats: MixtureStatistics) -> None:
         """M-step with the online update of METHOD §3.4, for the classes observed in ``stats``.

@@ -26,6 +26,7 @@ from agmm_lightning.losses import (
     pseudo_label_loss,
 )
 from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.precision import float32_math
 from agmm_lightning.weights import load_encoder_weights
 
 Method = Literal["agmm", "cvpr", "baseline"]
@@ -302,10 +303,10 @@ class AGMMSegmenter(LightningModule):
             features: ``[..., D0]`` decoder feature vectors (channels last).
 
         Returns:
-            ``[..., D]`` embeddings, L2-normalised when ``normalize_embeddings``.
+            ``[..., D]`` float32 embeddings, L2-normalised when ``normalize_embeddings``.
         """
         head = self.embedding_head
-        embeddings = F.linear(features, head.weight.flatten(1), head.bias)
+        embeddings = F.linear(features.float(), head.weight.flatten(1), head.bias)
         if self.hparams["normalize_embeddings"]:
             embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
@@ -340,16 +341,17 @@ class AGMMSegmenter(LightningModule):
         logits, features = self(batch["image"])
         method = self.hparams["method"]
         output: dict[str, Any] = {"logits": logits.detach()}
-        if method == "baseline":
-            losses = {"seg": partial_cross_entropy(logits, target)}
-        elif method == "cvpr":
-            losses = cvpr_agmm_losses(
-                features, logits, target, self.hparams["num_classes"], batch.get("image_classes")
-            )
-            losses.pop("total")
-        else:
-            losses, extra = self._oem_losses(batch, logits, features)
-            output.update(extra)
+        # The network runs in the autocast dtype; the losses in float32, each upcasting its inputs.
+        with float32_math(logits.device):
+            if method == "baseline":
+                losses = {"seg": partial_cross_entropy(logits, target)}
+            elif method == "cvpr":
+                num_classes, tags = self.hparams["num_classes"], batch.get("image_classes")
+                losses = cvpr_agmm_losses(features, logits, target, num_classes, tags)
+                losses.pop("total")
+            else:
+                losses, extra = self._oem_losses(batch, logits, features)
+                output.update(extra)
         return losses, output
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -408,7 +410,7 @@ class AGMMSegmenter(LightningModule):
             expectation = self.mixtures.expectation(pixels, means)
             prior = None
             if hp["prior"] == "prediction":
-                prior = logits.detach().softmax(1)
+                prior = logits.detach().float().softmax(1)
                 if prior.shape[-2:] != (height, width):
                     prior = F.adaptive_avg_pool2d(prior, (height, width))
                 prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
@@ -473,9 +475,7 @@ class AGMMSegmenter(LightningModule):
             keep = torch.randperm(index.shape[0], device=index.device)
             index = index[keep[: self.hparams["max_labelled_samples"]]]
         image, row, col = index.unbind(1)
-        cells, weights = bilinear_taps(
-            row, col, features.shape[-2:], target.shape[-2:], features.dtype
-        )
+        cells, weights = bilinear_taps(row, col, features.shape[-2:], target.shape[-2:])
         taps = features.flatten(2)[image[:, None], :, cells]  # [n, 4, D0]
         samples = (self.embed(taps) * weights[..., None]).sum(1)
         labels = target[image, row, col].long()
