@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from agmm_lightning.data import (
     FolderDataModule,
     VOCDataModule,
 )
+from agmm_lightning.data.checks import decode_all
 from agmm_lightning.data.files import FileDataModule, FileDataset
 from agmm_lightning.data.transforms import train_transform
 from agmm_lightning.weak_labels import (
@@ -248,6 +250,23 @@ def test_voc_tags_from_annotations_masks_and_onehot() -> None:
             assert set(np.flatnonzero(label.tags).tolist()) == expected[name], source
             # Without CAM pseudo labels every pixel is unlabelled.
             assert (label.target == 21).all() and label.target.shape == image.shape[:2]
+
+
+class RunsCode:
+    """A pickled object that would run a shell command when unpickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_tags_table_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    root = copy_of("voc", tmp_path)
+    table = np.load(root / "cls_labels_onehot.npy", allow_pickle=True).item()
+    table["2007_000032"] = RunsCode()
+    np.save(root / "cls_labels_onehot.npy", table)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"cls_labels_onehot\.npy: .*posix\.system.* not an array"):
+        train_set("voc", root, weak_label="image", tags_source="onehot")
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_coco_tags_from_masks_and_onehot() -> None:
@@ -548,9 +567,8 @@ def test_mask_of_another_size(tmp_path: Path) -> None:
     root = copy_of("voc", tmp_path)
     path = root / "SegmentationClassAug" / "2007_000033.png"
     Image.open(path).resize((28, 20)).save(path)
-    dataset = module("voc", root).build_dataset("val")
     with pytest.raises(ValueError, match="differs from its image") as error:
-        dataset[0]
+        module("voc", root).setup("validate")
     assert str(path) in str(error.value) and "2007_000033.jpg" in str(error.value)
 
 
@@ -569,9 +587,10 @@ def test_mask_values_out_of_range(tmp_path: Path, dataset_name: str, mask: str) 
     raw[0, 0] = 200
     Image.fromarray(raw).save(path)
     dataset = module(dataset_name, root).build_dataset("val")
-    with pytest.raises(ValueError, match="out of range") as error:
-        dataset[0]
-    assert str(path) in str(error.value) and "200" in str(error.value)
+    (problem,) = decode_all(dataset, "val")
+    assert "out of range" in problem and str(path) in problem and "200" in problem
+    with pytest.warns(UserWarning, match="out of range.*left out of the metrics"):
+        assert (dataset[0]["mask"] == VOID).all()
 
 
 def test_weak_label_file_for_unknown_id(tmp_path: Path) -> None:
@@ -602,9 +621,8 @@ def test_weak_label_of_another_size(tmp_path: Path) -> None:
     root = copy_of("ade20k", tmp_path)
     path = root / "train" / "sparse_label" / "block10" / "ADE_train_00000001.png"
     Image.open(path).resize((10, 10)).save(path)
-    dataset = train_set("ade20k", root, weak_label="block")
     with pytest.raises(ValueError, match="differs from its image") as error:
-        dataset[0]
+        module("ade20k", root, weak_label="block").setup("fit")
     assert str(path) in str(error.value)
 
 
@@ -622,7 +640,6 @@ def test_colour_masks_are_rejected(tmp_path: Path) -> None:
     root = copy_of("folder", tmp_path)
     path = root / "masks" / "d.png"
     Image.open(path).convert("RGB").save(path)
-    dataset = module("folder", root).build_dataset("val")
     with pytest.raises(ValueError, match="class-index PNG") as error:
-        dataset[0]
+        module("folder", root).setup("validate")
     assert str(path) in str(error.value)

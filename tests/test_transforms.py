@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import albumentations as A
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from agmm_lightning.data import SyntheticDataModule
 from agmm_lightning.data.transforms import (
     build_eval_sample,
     build_train_sample,
@@ -182,15 +185,33 @@ class _SameImage(Dataset[torch.Tensor]):
         return sample["image"]
 
 
-def _epochs(seed: int, epochs: int = 2) -> list[torch.Tensor]:
+def _epochs(seed: int, epochs: int = 2, rank: int = 0, context: str | None = None) -> list:
     loader = DataLoader(
         _SameImage(),
         batch_size=1,
         num_workers=2,
-        worker_init_fn=seed_worker,
+        worker_init_fn=partial(seed_worker, rank=rank),
         generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=context,
     )
     return [torch.cat(list(loader)) for _ in range(epochs)]
+
+
+def test_ranks_get_their_own_augmentations_under_the_spawn_start_method() -> None:
+    """Spawned workers have no process group: the rank comes from the loader's owner."""
+    (rank_zero,) = _epochs(seed=0, epochs=1, context="spawn")
+    (rank_one,) = _epochs(seed=0, epochs=1, rank=1, context="spawn")
+    assert not torch.equal(rank_zero, rank_one)
+    assert torch.equal(rank_zero, _epochs(seed=0, epochs=1)[0])  # spawn or fork: the same stream
+
+
+def test_the_datamodule_seeds_its_workers_with_the_trainers_rank(tmp_path) -> None:
+    data = SyntheticDataModule(num_train=4, num_val=2, image_size=32, crop_size=32, batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    data.trainer = trainer
+    for loader in (data.train_dataloader(), data.val_dataloader()):
+        assert loader.worker_init_fn.func is seed_worker
+        assert loader.worker_init_fn.keywords == {"rank": trainer.global_rank}
 
 
 def test_workers_and_epochs_get_different_augmentations() -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agmm_lightning.errors import InputError
+
 __all__ = [
     "CITYSCAPES_LABELID_TO_TRAINID",
     "VOC_CLASSES",
@@ -929,15 +931,15 @@ def read_voc_points(path: str | Path) -> dict[str, np.ndarray]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise InputError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a JSON object id -> list of clicks, got {type(data).__name__}"
         )
     points: dict[str, np.ndarray] = {}
     for image_id, clicks in data.items():
         if not isinstance(clicks, list):
-            raise ValueError(
+            raise InputError(
                 f"{path}: entry {image_id!r} must be a list of clicks, got {type(clicks).__name__}"
             )
         rows = []
@@ -945,7 +947,7 @@ def read_voc_points(path: str | Path) -> dict[str, np.ndarray]:
             try:
                 rows.append((float(click["x"]), float(click["y"]), float(click["cls"])))
             except (TypeError, KeyError, ValueError) as error:
-                raise ValueError(
+                raise InputError(
                     f"{path}: click {click!r} of {image_id!r} must be an object with numeric "
                     f'"x", "y" and "cls"'
                 ) from error
@@ -957,7 +959,7 @@ def _parse_xml(path: Path) -> ET.Element:
     try:
         return ET.parse(path).getroot()
     except ET.ParseError as error:
-        raise ValueError(f"{path}: not valid XML ({error})") from error
+        raise InputError(f"{path}: not valid XML ({error})") from error
 
 
 def _xml_number(element: ET.Element, tag: str, path: Path) -> float:
@@ -965,7 +967,7 @@ def _xml_number(element: ET.Element, tag: str, path: Path) -> float:
     try:
         return float(child.text)  # type: ignore[union-attr, arg-type]
     except (AttributeError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: expected a number in <{tag}> of <{element.tag}>") from error
+        raise InputError(f"{path}: expected a number in <{tag}> of <{element.tag}>") from error
 
 
 def _class_index(name: str, class_names: Sequence[str], aliases: dict[str, str], path: Path) -> int:
@@ -973,7 +975,7 @@ def _class_index(name: str, class_names: Sequence[str], aliases: dict[str, str],
     key = " ".join(name.strip().lower().split())
     key = key if key in lookup else aliases.get(key, key)
     if key not in lookup:
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown class tag {name!r}; expected one of {list(class_names)} "
             f"or an alias in {sorted(aliases)}"
         )
@@ -1005,13 +1007,13 @@ def read_scribblesup_xml(
     root = _parse_xml(path)
     size = root.find("size")
     if size is None:
-        raise ValueError(f"{path}: expected <size><width/><height/></size> in <{root.tag}>")
+        raise InputError(f"{path}: expected <size><width/><height/></size> in <{root.tag}>")
     shape = (int(_xml_number(size, "height", path)), int(_xml_number(size, "width", path)))
     polylines: list[tuple[int, np.ndarray]] = []
     for polygon in root.iter("polygon"):
         tag = polygon.findtext("tag")
         if tag is None:
-            raise ValueError(f"{path}: <polygon> without a <tag>")
+            raise InputError(f"{path}: <polygon> without a <tag>")
         cls = _class_index(tag, class_names, VOC_SCRIBBLE_ALIASES, path)
         xy = [
             (_xml_number(point, "X", path), _xml_number(point, "Y", path))
@@ -1101,13 +1103,13 @@ def read_voc_annotation(
     for obj in root.iter("object"):
         name = obj.findtext("name")
         if name is None:
-            raise ValueError(f"{path}: <object> without a <name>")
+            raise InputError(f"{path}: <object> without a <name>")
         cls = _class_index(name, class_names, {}, path)
         if not include_difficult and (obj.findtext("difficult") or "0").strip() == "1":
             continue
         bndbox = obj.find("bndbox")
         if bndbox is None:
-            raise ValueError(f"{path}: object {name!r} has no <bndbox>")
+            raise InputError(f"{path}: object {name!r} has no <bndbox>")
         xmin, ymin, xmax, ymax = (
             _xml_number(bndbox, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")
         )

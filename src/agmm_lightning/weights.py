@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from agmm_lightning.errors import InputError
+
 __all__ = ["load_encoder_weights", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"encoder_weights={str(path)!r} is neither 'imagenet', None, nor an existing file"
         )
     if path.suffix == ".safetensors":
@@ -51,13 +53,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(
+            raise InputError(
                 f"{path} is not a torch.save file of tensors readable with weights_only=True "
                 f"({str(error).splitlines()[0]}); save the encoder's state_dict() instead"
             ) from error
     tensors = _unwrap(state)
     if not tensors:
-        raise ValueError(f"{path} holds no tensors (expected a state dict, optionally nested)")
+        raise InputError(f"{path} holds no tensors (expected a state dict, optionally nested)")
     return tensors
 
 
@@ -73,7 +75,7 @@ def _unwrap(state: object) -> dict[str, Tensor]:
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     if importlib.util.find_spec("safetensors") is None:
-        raise ValueError(f"{path} is a .safetensors file: install the 'safetensors' package")
+        raise InputError(f"{path} is a .safetensors file: install the 'safetensors' package")
     from safetensors.torch import load_file
 
     return load_file(str(path), device="cpu")
@@ -110,9 +112,9 @@ def _match_by_name(
     matched = {}
     for key, (source, *others) in sources.items():
         if others:
-            raise ValueError(f"the file's keys {[source, *others]} all name the encoder's {key!r}")
+            raise InputError(f"the file's keys {[source, *others]} all name the encoder's {key!r}")
         if found[source].shape != expected[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"key {source!r} has shape {list(found[source].shape)}, "
                 f"the encoder's {key!r} has {list(expected[key].shape)}"
             )
@@ -131,18 +133,18 @@ def _match_by_position(
     found_items = list(found.items())
     for position, (key, tensor) in enumerate(expected.items()):
         if position >= len(found_items):
-            raise ValueError(
+            raise InputError(
                 f"the file has {len(found_items)} tensors, the encoder {len(expected)}: "
                 f"nothing for the encoder's {key!r} {list(tensor.shape)}"
             )
         found_key, found_tensor = found_items[position]
         if found_tensor.shape != tensor.shape:
-            raise ValueError(
+            raise InputError(
                 f"first mismatch at tensor {position}: the file's {found_key!r} "
                 f"{list(found_tensor.shape)} against the encoder's {key!r} {list(tensor.shape)}"
             )
     if len(found_items) != len(expected):
-        raise ValueError(
+        raise InputError(
             f"the file has {len(found_items)} tensors, the encoder {len(expected)}; the first "
             f"extra one is {found_items[len(expected)][0]!r}"
         )
@@ -175,7 +177,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         if matched is None and path.suffix == ".safetensors":
             names = {_canonical(key) for key in found}
             missing = next(key for key in expected if _canonical(key) not in names)
-            raise ValueError(
+            raise InputError(
                 f"the encoder's {missing!r} is not in the file (.safetensors files store their "
                 "tensors sorted by name, so they are only matched by name)"
             )
@@ -187,7 +189,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
                 len(matched),
             )
     except ValueError as error:
-        raise ValueError(
+        raise InputError(
             f"{path} does not fit the encoder ({type(encoder).__name__}): {error}"
         ) from error
     ignored = len(found) - len(matched)

@@ -27,6 +27,7 @@ from agmm_lightning.data.files import (
     match_images,
     require_directory,
 )
+from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import VOID
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataModule", "reduce_zero_label"]
@@ -301,7 +302,7 @@ class ADE20KDataModule(FileDataModule):
         folder = require_directory(self.root / "images" / folder_name, option, "<stem>.jpg images")
         images = index_files(folder, (".jpg",))
         if not images:
-            raise ValueError(
+            raise InputError(
                 f"{folder}: no .jpg image; expected the {split} images. Check `{option}`."
             )
         annotations = self.root / "annotations" / folder_name

@@ -14,12 +14,14 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, cast, get_args
 
 import albumentations as A
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agmm_lightning.data.transforms import (
@@ -29,6 +31,7 @@ from agmm_lightning.data.transforms import (
     seed_worker,
     train_transform,
 )
+from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import (
     boxes_from_mask,
     sample_points,
@@ -42,7 +45,16 @@ Split = Literal["train", "val", "test", "predict"]
 Mode = Literal["train", "eval", "predict", "tagged"]
 PredictSplit = Literal["test", "train"]
 
+STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+"""The splits each Trainer stage reads."""
+
 __all__ = [
+    "STAGE_SPLITS",
     "AGMMDataModule",
     "Mode",
     "PredictSplit",
@@ -133,7 +145,7 @@ def simulate_weak_label(
     if form == "image":
         unlabelled = np.full(mask.shape, num_classes, np.uint8)
         return WeakLabel(target=unlabelled, tags=tags_from_mask(mask, num_classes))
-    raise ValueError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
+    raise InputError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
 
 
 def check_simulation_options(
@@ -154,9 +166,9 @@ def check_simulation_options(
             stacklevel=3,
         )
     if points_per_segment < 1:
-        raise ValueError(f"points_per_segment must be >= 1, got {points_per_segment}.")
+        raise InputError(f"points_per_segment must be >= 1, got {points_per_segment}.")
     if not 0 < block_fraction <= 1 or not 0 <= box_core_fraction <= 1:
-        raise ValueError(
+        raise InputError(
             "Expected 0 < block_fraction <= 1 and 0 <= box_core_fraction <= 1, got "
             f"{block_fraction} and {box_core_fraction}."
         )
@@ -194,7 +206,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         box_core_fraction: float = 0.0,
     ) -> None:
         if weak_label not in get_args(WeakLabelForm):
-            raise ValueError(
+            raise InputError(
                 f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
             )
         self.num_classes = num_classes
@@ -236,7 +248,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             ValueError: If there is no dense mask to simulate from.
         """
         if mask is None:
-            raise ValueError(
+            raise InputError(
                 f"Image {name!r} has no dense mask to simulate a {self.weak_label_form!r} label "
                 "from; provide ready-made weak labels or dense masks."
             )
@@ -257,7 +269,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         if self.mode == "tagged":
             tags = self.weak_label(name, mask).tags
             if tags is None:
-                raise ValueError(
+                raise InputError(
                     f"Image {name!r} has no image-level tags; predicting on tagged training "
                     "images needs weak_label='image'."
                 )
@@ -266,7 +278,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             )
         if self.mode == "eval":
             if mask is None:
-                raise ValueError(f"Evaluation needs a dense mask, but image {name!r} has none.")
+                raise InputError(f"Evaluation needs a dense mask, but image {name!r} has none.")
             return build_eval_sample(self.transform, image, name=name, mask=mask)
         label = self.weak_label(name, mask)
         return build_train_sample(
@@ -348,18 +360,18 @@ class AGMMDataModule(LightningDataModule, ABC):
     ) -> None:
         super().__init__()
         if batch_size < 1 or crop_size < 1 or num_workers < 0:
-            raise ValueError(
+            raise InputError(
                 "Expected batch_size >= 1, crop_size >= 1 and num_workers >= 0, got "
                 f"{batch_size}, {crop_size} and {num_workers}."
             )
         if weak_label not in get_args(WeakLabelForm):
-            raise ValueError(
+            raise InputError(
                 f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
             )
         if predict_split not in get_args(PredictSplit):
-            raise ValueError(f"predict_split must be 'test' or 'train', got {predict_split!r}.")
+            raise InputError(f"predict_split must be 'test' or 'train', got {predict_split!r}.")
         if predict_split == "train" and weak_label != "image":
-            raise ValueError(
+            raise InputError(
                 "predict_split='train' predicts with the training images' tags, which "
                 f"weak_label='image' reads; got weak_label={weak_label!r}."
             )
@@ -441,13 +453,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         Args:
             stage: "fit", "validate", "test" or "predict".
         """
-        splits: dict[str, tuple[Split, ...]] = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("predict",),
-        }
-        for split in splits[stage]:
+        for split in STAGE_SPLITS[stage]:
             self._dataset(split)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
@@ -462,7 +468,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         dataset = self._dataset("train")
         size = len(cast(Sized, dataset))
         if size < self.batch_size:
-            raise ValueError(
+            raise InputError(
                 f"The training split has {size} images, fewer than one batch "
                 f"(batch_size={self.batch_size}); lower batch_size or add images."
             )
@@ -493,10 +499,24 @@ class AGMMDataModule(LightningDataModule, ABC):
         *,
         train: bool = False,
     ) -> DataLoader[dict[str, Any]]:
-        """Wrap a dataset in a DataLoader; training loaders shuffle (seeded) and drop_last."""
+        """Wrap a dataset in a DataLoader; training loaders shuffle (seeded) and drop_last.
+
+        Under DDP, evaluation loaders deal the images out to the ranks without padding: the
+        sampler Lightning would add repeats images to even out the ranks, and a repeated image
+        would count twice in the whole-split confusion matrix.
+        """
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world_size = trainer.world_size if trainer is not None else 1
         # The generator also draws the workers' base seed, so augmentations follow `seed` too.
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        sampler = EpochShuffleSampler(len(cast(Sized, dataset)), self.seed) if train else None
+        sampler: Sampler[int] | None = None
+        if train:
+            sampler = EpochShuffleSampler(len(cast(Sized, dataset)), self.seed)
+        elif world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -505,5 +525,6 @@ class AGMMDataModule(LightningDataModule, ABC):
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker,
+            # The rank is read here: a worker started by spawn or forkserver cannot know it.
+            worker_init_fn=partial(seed_worker, rank=rank),
         )

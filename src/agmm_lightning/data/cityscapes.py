@@ -32,6 +32,7 @@ from agmm_lightning.data.files import (
     match_images,
     require_directory,
 )
+from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import VOID, cityscapes_labelids_to_target
 
 __all__ = [
@@ -202,7 +203,7 @@ class CityscapesDataModule(FileDataModule):
         )
         images = index_files(folder, (IMAGE_SUFFIX,), recursive=True)
         if not images:
-            raise ValueError(
+            raise InputError(
                 f"{folder}: no *{IMAGE_SUFFIX} image in its city folders; expected the "
                 f"{split} images. Check `{option}`."
             )

@@ -31,6 +31,7 @@ from agmm_lightning.data.files import (
     require_directory,
     require_entries,
 )
+from agmm_lightning.errors import InputError
 
 __all__ = ["COCO_CLASSES", "COCODataModule"]
 
@@ -174,9 +175,9 @@ class COCODataModule(FileDataModule):
             root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         if tags_source not in ("masks", "onehot"):
-            raise ValueError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")
+            raise InputError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")
         if test_list is not None and test_split is None:
-            raise ValueError(
+            raise InputError(
                 f"test_list={test_list!r} needs test_split, the folder of its images; without "
                 "test_split the test stage evaluates val_split (with val_list)."
             )
@@ -233,7 +234,7 @@ class COCODataModule(FileDataModule):
             names = list(index_files(folder, (".jpg",)))
             source = f"{folder} (`{split}_split`)"
             if not names:
-                raise ValueError(
+                raise InputError(
                     f"{folder}: no .jpg image; expected the {split} images. Check "
                     f"`{split}_split`, or give `{list_option}`."
                 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import compress
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import albumentations as A
 import cv2
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from agmm_lightning.data.base import (
+    STAGE_SPLITS,
     AGMMDataModule,
     Mode,
     PredictSplit,
@@ -40,6 +42,8 @@ from agmm_lightning.data.base import (
     WeakLabelForm,
     check_simulation_options,
 )
+from agmm_lightning.data.transforms import build_eval_sample
+from agmm_lightning.errors import InputError, MissingInputError
 from agmm_lightning.weak_labels import VOID, tags_from_mask
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "image_size",
     "index_files",
     "index_label_files",
+    "label_size",
     "match_images",
     "points_from_target",
     "read_class_index_png",
@@ -71,6 +76,7 @@ __all__ = [
     "read_json",
     "read_label_file",
     "read_onehot_tags",
+    "read_pickled_table",
     "read_rgb_image",
     "require_directory",
     "require_entries",
@@ -108,7 +114,7 @@ def require_directory(path: Path, option: str, expected: str) -> Path:
         FileNotFoundError: If ``path`` is not a directory.
     """
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path}: directory not found; expected {expected}. Check the `{option}` option."
         )
     return path
@@ -129,7 +135,7 @@ def require_file(path: Path, option: str, expected: str) -> Path:
         FileNotFoundError: If ``path`` is not a file.
     """
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path}: file not found; expected {expected}. Check the `{option}` option."
         )
     return path
@@ -209,7 +215,7 @@ def read_id_list(path: Path, option: str) -> list[str]:
         stem, suffix = os.path.splitext(name)
         ids.append(stem if suffix.lower() in IMAGE_SUFFIXES else name)
     if not ids:
-        raise ValueError(
+        raise InputError(
             f"{path}: the split list is empty; expected one image id per line. Fill it or point "
             f"`{option}` at another list."
         )
@@ -235,7 +241,7 @@ def read_json(path: Path, option: str, expected: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); expected {expected}.") from error
+        raise InputError(f"{path}: not valid JSON ({error}); expected {expected}.") from error
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,7 @@ def match_images(
     """
     missing = [name for name in names if name not in images]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{source} names {len(missing)} image(s) that do not exist, e.g. "
             f"{expected_image(missing[0])} (ids {missing[:5]}). Remove them from the list, or "
             "check the `root` option."
@@ -297,9 +303,9 @@ def _open_image(path: Path) -> Image.Image:
     try:
         return Image.open(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found.") from None
+        raise MissingInputError(f"{path}: file not found.") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a readable image ({error}); expected a JPEG or PNG file. Replace it, "
             "or remove its id from the split."
         ) from error
@@ -322,7 +328,7 @@ def read_rgb_image(path: Path) -> np.ndarray:
         try:
             return np.array(image.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(
+            raise InputError(
                 f"{path}: the image is corrupt ({error}); expected a complete JPEG or PNG file. "
                 "Replace it, or remove its id from the split."
             ) from error
@@ -346,6 +352,36 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
+def _open_label(path: Path) -> Image.Image:
+    """Open a label PNG lazily, checking from its header that it holds class indices."""
+    image = _open_image(path)
+    if image.mode not in _INDEX_MODES:
+        image.close()
+        raise InputError(
+            f"{path}: expected a single-channel class-index PNG (palette or greyscale), got "
+            f"mode {image.mode!r}. Convert colour-coded labels to class indices."
+        )
+    return image
+
+
+def label_size(path: Path) -> tuple[int, int]:
+    """Read a label PNG's ``(height, width)`` from its header, checking it holds class indices.
+
+    Args:
+        path: Label file (palette, greyscale or 16-bit PNG).
+
+    Returns:
+        ``(height, width)``.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not an image or holds colours instead of indices.
+    """
+    with _open_label(path) as image:
+        width, height = image.size
+    return height, width
+
+
 def read_class_index_png(path: Path) -> np.ndarray:
     """Read the values of a single-channel label PNG (palette indices for mode "P").
 
@@ -359,23 +395,20 @@ def read_class_index_png(path: Path) -> np.ndarray:
         FileNotFoundError: If the file does not exist.
         ValueError: If it cannot be decoded or holds colours instead of indices.
     """
-    with _open_image(path) as image:
-        if image.mode not in _INDEX_MODES:
-            raise ValueError(
-                f"{path}: expected a single-channel class-index PNG (palette or greyscale), got "
-                f"mode {image.mode!r}. Convert colour-coded labels to class indices."
-            )
+    with _open_label(path) as image:
         try:
             return np.array(image)
         except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{path}: the label PNG is corrupt ({error}). Replace it.") from error
+            raise InputError(f"{path}: the label PNG is corrupt ({error}). Replace it.") from error
 
 
-def check_same_size(label: np.ndarray, shape: tuple[int, int], path: Path, image: Path) -> None:
+def check_same_size(
+    label: tuple[int, ...], shape: tuple[int, int], path: Path, image: Path
+) -> None:
     """Raise unless a label map has its image's size.
 
     Args:
-        label: The label map [h,w].
+        label: The label map's ``(height, width)``.
         shape: The image's ``(height, width)``.
         path: The label's file.
         image: The image's file.
@@ -383,9 +416,9 @@ def check_same_size(label: np.ndarray, shape: tuple[int, int], path: Path, image
     Raises:
         ValueError: If the sizes differ (the message names both files).
     """
-    if label.shape != tuple(shape):
-        raise ValueError(
-            f"{path}: size {label.shape[1]}x{label.shape[0]} (WxH) differs from its image "
+    if tuple(label) != tuple(shape):
+        raise InputError(
+            f"{path}: size {label[1]}x{label[0]} (WxH) differs from its image "
             f"{image} ({shape[1]}x{shape[0]}); expected labels of the image's size. Replace the "
             "file, or check that the label folder belongs to these images."
         )
@@ -420,7 +453,7 @@ def check_label_values(
     bad = ((values < 0) | (values >= limit)) & (values != VOID)
     if bad.any():
         shown = np.unique(raw[bad])[:8].tolist()
-        raise ValueError(
+        raise InputError(
             f"{path}: stored values {shown} are out of range (after decoding, expected "
             f"0..{limit - 1} or {VOID}). {fix}"
         )
@@ -503,6 +536,64 @@ def clip_boxes(boxes: np.ndarray, shape: tuple[int, int], path: Path) -> np.ndar
     return kept
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds NumPy arrays and plain Python containers, and nothing else.
+
+    A pickle names the functions that rebuild its objects, so a crafted ``.npy`` file read with
+    ``np.load(allow_pickle=True)`` can run any code; this one admits only the array builders.
+    """
+
+    _ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed array builder, refuse anything else."""
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it would call {module}.{name}, which is not an array")
+
+
+def read_pickled_table(path: Path) -> object:
+    """Read the object a ``.npy`` file pickled (``np.save`` of a dict), admitting only arrays.
+
+    Args:
+        path: The ``.npy`` file.
+
+    Returns:
+        The object: what ``np.load(path, allow_pickle=True).item()`` would return.
+
+    Raises:
+        ValueError: If the file is not a ``.npy`` file of one pickled object, or its pickle would
+            build anything but NumPy arrays, numbers, strings and containers.
+    """
+    with path.open("rb") as file:
+        try:
+            version = np.lib.format.read_magic(file)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(file)
+            if dtype != np.dtype(object) or shape != ():
+                raise InputError(
+                    f"{path}: holds a {dtype} array of shape {shape}; expected a saved dict "
+                    "(np.save(path, {id: tags}))."
+                )
+            table = _ArrayUnpickler(file).load()
+        except (ValueError, EOFError, pickle.UnpicklingError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise InputError(
+                f"{path}: not a NumPy file holding a dict of arrays ({error}); expected "
+                "np.save(path, {id: tags})."
+            ) from error
+    return table.item() if isinstance(table, np.ndarray) else table
+
+
 def read_onehot_tags(path: Path, num_classes: int, option: str) -> dict[str, np.ndarray]:
     """Read a ``cls_labels_onehot.npy`` dict of image tags (id -> C - 1 floats, no background).
 
@@ -521,17 +612,14 @@ def read_onehot_tags(path: Path, num_classes: int, option: str) -> dict[str, np.
         ValueError: If it is not a dict of vectors of C - 1 values.
     """
     require_file(path, option, "a NumPy dict id -> multi-hot foreground tags")
-    try:
-        table = np.load(path, allow_pickle=True).item()
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{path}: not a NumPy file holding a dict ({error}).") from error
+    table = read_pickled_table(path)
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected a dict id -> tags, got {type(table).__name__}.")
+        raise InputError(f"{path}: expected a dict id -> tags, got {type(table).__name__}.")
     tags = {}
     for name, vector in table.items():
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         if vector.size != num_classes - 1:
-            raise ValueError(
+            raise InputError(
                 f"{path}: tags of {name!r} have {vector.size} values; expected {num_classes - 1} "
                 "(one per foreground class, background excluded)."
             )
@@ -599,7 +687,7 @@ class LabelFiles:
             FileNotFoundError: If the folder has none.
         """
         if name not in self.paths:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{self.directory}: no label file for image {name!r}. Add it, point "
                 f"`{self.option}` at a complete folder, or set `simulate: true`."
             )
@@ -636,14 +724,14 @@ def index_label_files(
     paths = index_files(directory, suffixes)
     unknown = sorted(set(paths) - set(known))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{paths[unknown[0]]}: weak label for id {unknown[0]!r}, which has no image "
             f"({len(unknown)} such file(s) in {directory}); expected file names <id>{suffix} of "
             f"the dataset's images. Remove them, or point `{option}` at this dataset's labels."
         )
     missing = [name for name in needed if name not in paths]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{directory / (missing[0] + suffix)}: weak-label file not found ({len(missing)} "
             f"training image(s) have none, e.g. {missing[:5]}). Add them, point `{option}` at a "
             "complete folder, or set `simulate: true` to derive labels from the dense masks."
@@ -679,7 +767,7 @@ def read_label_file(
     """
     path = files.path(record.name)
     raw = read_class_index_png(path)
-    check_same_size(raw, shape, path, record.image)
+    check_same_size(raw.shape, shape, path, record.image)
     return check_label_values(decode(raw, path), raw, num_classes, path, unlabeled=True, fix=fix)
 
 
@@ -763,7 +851,7 @@ class MaskTags:
     def __call__(self, name: str, mask: np.ndarray | None) -> np.ndarray:
         """Return the tags of image ``name`` (see :class:`TagReader`)."""
         if mask is None:
-            raise ValueError(f"Image {name!r} has no dense mask to take its tags from.")
+            raise InputError(f"Image {name!r} has no dense mask to take its tags from.")
         return tags_from_mask(mask, self.num_classes)
 
 
@@ -835,13 +923,13 @@ def require_entries(
     """
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{path}: entries for {len(unknown)} id(s) without an image, e.g. {unknown[:5]}; "
             f"expected ids of the dataset's images. Point `{option}` at this dataset's file."
         )
     missing = [name for name in names if name not in table]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: no entry for {len(missing)} training image(s), e.g. {missing[:5]}. Point "
             f"`{option}` at a complete file, or set `simulate: true`."
         )
@@ -909,6 +997,40 @@ class FileDataset(WeakLabelDataset):
         """Return the number of images."""
         return len(self.records)
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return the sample of image ``index``; a file that fails to decode does not end the run.
+
+        The header check at ``setup`` finds most bad files; one whose pixels are corrupt behind a
+        good header is found only here. A training sample is then replaced by the next good one
+        and an evaluation sample by an all-void one (left out of the metrics), with a warning
+        naming the file.
+        """
+        try:
+            return super().__getitem__(index)
+        except InputError as error:
+            if self.mode == "train":
+                return self._replace_training_sample(index, error)
+            if self.mode == "eval":
+                return self._void_sample(index, error)
+            raise
+
+    def _replace_training_sample(self, index: int, error: InputError) -> dict[str, Any]:
+        warnings.warn(f"{error} Training goes on with the next image instead.", stacklevel=2)
+        for offset in range(1, len(self)):
+            try:
+                return super().__getitem__((index + offset) % len(self))
+            except InputError:
+                continue
+        raise InputError(f"No training image of the split can be read; the first: {error}")
+
+    def _void_sample(self, index: int, error: InputError) -> dict[str, Any]:
+        record = self.records[index]
+        height, width = image_size(record.image)
+        warnings.warn(f"{error} The image is left out of the metrics.", stacklevel=2)
+        image = np.zeros((height, width, 3), np.uint8)
+        void = np.full((height, width), VOID, np.uint8)
+        return build_eval_sample(self.transform, image, name=record.name, mask=void)
+
     def load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None]:
         """Read image ``index`` and, except for prediction, its dense mask.
 
@@ -931,7 +1053,7 @@ class FileDataset(WeakLabelDataset):
         if record.mask is None:
             return record.name, image, np.full(image.shape[:2], VOID, np.uint8)
         raw = read_class_index_png(record.mask)
-        check_same_size(raw, image.shape[:2], record.mask, record.image)
+        check_same_size(raw.shape, image.shape[:2], record.mask, record.image)
         mask = check_label_values(
             self.decode_mask(raw, record.mask),
             raw,
@@ -1037,7 +1159,7 @@ class FileDataModule(AGMMDataModule):
             predict_split=predict_split,
         )
         if unlabeled_value is not None and not 0 <= unlabeled_value <= VOID:
-            raise ValueError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
+            raise InputError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
         check_simulation_options(weak_label, points_per_segment, block_fraction, box_core_fraction)
         self.root = Path(root)
         self.simulate = simulate
@@ -1047,6 +1169,7 @@ class FileDataModule(AGMMDataModule):
         self.block_fraction = block_fraction
         self.box_core_fraction = box_core_fraction
         self._image_index: dict[str, Path] | None = None
+        self._checked_splits: set[Split] = set()
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -1090,7 +1213,7 @@ class FileDataModule(AGMMDataModule):
             ValueError: If the dataset has no files of this form (the default).
         """
         del names
-        raise ValueError(
+        raise InputError(
             f"{type(self).__name__} has no {form!r} label files to read; set `simulate: true` "
             "to derive them from the dense masks."
         )
@@ -1177,7 +1300,7 @@ class FileDataModule(AGMMDataModule):
         )
         if decode is None:
             if self.unlabeled_value is not None and self.unlabeled_value < self.num_classes:
-                raise ValueError(
+                raise InputError(
                     f"unlabeled_value={self.unlabeled_value} is a class index; expected "
                     f"{self.num_classes} (C), 255 or None (detect)."
                 )
@@ -1187,6 +1310,36 @@ class FileDataModule(AGMMDataModule):
                 unlabeled_value=self.unlabeled_value,
             )
         return RasterWeakLabels(files, self.num_classes, decode, as_points=as_points, fix=fix)
+
+    def setup(self, stage: str) -> None:
+        """Build the stage's datasets and read the headers of every file they use.
+
+        A missing or unreadable file, or a label whose size differs from its image, fails here,
+        in seconds, rather than when the DataLoader reaches it, and all such files are listed
+        together. ``agmm check-data`` decodes every file for a full check.
+
+        Args:
+            stage: "fit", "validate", "test" or "predict".
+
+        Raises:
+            InputError: Listing the files that cannot be used.
+        """
+        from agmm_lightning.data.checks import read_headers, summarize
+
+        super().setup(stage)
+        rank_zero = self.trainer is None or self.trainer.is_global_zero
+        for split in STAGE_SPLITS[stage]:
+            if split in self._checked_splits:
+                continue
+            dataset = self._dataset(split)
+            problems = read_headers(cast(FileDataset, dataset), split, progress=rank_zero)
+            if problems:
+                raise InputError(
+                    f"{summarize(problems, f'the {split} split')}\nReplace or remove them; "
+                    "`agmm check-data --config <your config>` decodes every file and lists all "
+                    "that fail."
+                )
+            self._checked_splits.add(split)
 
     def build_dataset(self, split: Split) -> FileDataset:
         """Build the dataset of one split, checking its folders, lists and label files.
@@ -1250,7 +1403,7 @@ class FileDataModule(AGMMDataModule):
             if mask is not None and not mask.parent.is_dir():
                 example = f"{mask.parent}: directory not found, so {example}"
             why = "evaluation" if self.mode(split) == "eval" else f"weak_label={self.weak_label!r}"
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{example}: dense mask not found ({len(missing)} {split} image(s) have none); "
                 f"{why} needs the dense masks. {self.mask_fix}"
             )

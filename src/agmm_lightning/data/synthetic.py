@@ -26,6 +26,7 @@ from agmm_lightning.data.base import (
     WeakLabelForm,
     check_simulation_options,
 )
+from agmm_lightning.errors import InputError
 
 __all__ = ["SHAPE_NAMES", "SyntheticDataModule", "SyntheticDataset", "render_scene"]
 
@@ -210,9 +211,9 @@ def render_scene(
 def _check_scene_args(image_size: int, num_classes: int) -> None:
     """Raise a ValueError unless the scene size and class count are supported."""
     if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
+        raise InputError(f"image_size must be at least 16 pixels, got {image_size}.")
     if not 2 <= num_classes <= len(SHAPE_NAMES) + 1:
-        raise ValueError(
+        raise InputError(
             f"num_classes must be in 2..{len(SHAPE_NAMES) + 1} (background + shapes "
             f"{SHAPE_NAMES}), got {num_classes}."
         )
@@ -254,7 +255,7 @@ class SyntheticDataset(WeakLabelDataset):
         box_core_fraction: float = 0.0,
     ) -> None:
         if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}.")
+            raise InputError(f"length must be >= 0, got {length}.")
         _check_scene_args(image_size, num_classes)
         super().__init__(
             num_classes,
@@ -350,7 +351,7 @@ class SyntheticDataModule(AGMMDataModule):
             predict_split=predict_split,
         )
         if min(num_train, num_val, num_test) < 0:
-            raise ValueError(
+            raise InputError(
                 "Scene counts must be >= 0, got "
                 f"num_train={num_train}, num_val={num_val}, num_test={num_test}."
             )

@@ -137,23 +137,24 @@ def reseed_transform(transform: A.BaseCompose, seed: int | None) -> None:
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int, rank: int = 0) -> None:
     """Reseed numpy, ``random`` and the dataset's albumentations pipelines in a DataLoader worker.
 
-    Use it as ``worker_init_fn``. Workers inherit copies of the parent's generators, so without
-    it every worker (and every epoch of non-persistent workers) replays the same augmentations.
-    The seed is ``torch.initial_seed()``, which the DataLoader sets to its base seed (drawn from
-    the loader's generator each time its workers start) plus ``worker_id``, mixed with the
-    distributed rank: different per worker and rank, and reproducible under a fixed loader
-    generator. Non-persistent workers restart (and reseed) every epoch; persistent ones keep
+    Use it as ``worker_init_fn=functools.partial(seed_worker, rank=trainer.global_rank)``. Workers
+    inherit copies of the parent's generators, so without it every worker (and every epoch of
+    non-persistent workers) replays the same augmentations. The seed is ``torch.initial_seed()``,
+    which the DataLoader sets to its base seed (drawn from the loader's generator each time its
+    workers start) plus ``worker_id``, mixed with the distributed rank: different per worker and
+    rank, and reproducible under a fixed loader generator. The rank is given by the parent: a
+    worker started by spawn or forkserver (macOS, and Linux from Python 3.14) has no process
+    group to ask. Non-persistent workers restart (and reseed) every epoch; persistent ones keep
     drawing from their generators, so epochs differ either way.
 
     Args:
         worker_id: Index of the worker (already part of ``torch.initial_seed()``).
+        rank: Distributed rank of the process that owns the DataLoader.
     """
     del worker_id
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
     global_seed, pipeline_seed = (
         int(seed) for seed in np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(2)
     )

@@ -45,6 +45,7 @@ from agmm_lightning.data.files import (
     require_entries,
     require_file,
 )
+from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import (
     VOC_CLASSES,
     rasterize_polylines,
@@ -86,7 +87,7 @@ def read_click_files(
         require_entries(names, clicks, known, path, option)
         classes = np.concatenate([rows[:, 2] for rows in clicks.values()] or [np.zeros(0)])
         if ((classes < 0) | (classes >= len(VOC_CLASSES))).any():
-            raise ValueError(
+            raise InputError(
                 f"{path}: click classes {np.unique(classes).astype(int).tolist()[:8]} are out of "
                 f"range; expected 0..{len(VOC_CLASSES) - 1}. Check `{option}`."
             )
@@ -127,7 +128,7 @@ class ScribbleWeakLabels:
         path = self.files.path(record.name)
         size, polylines = read_scribblesup_xml(path, VOC_CLASSES)
         if size != tuple(shape):
-            raise ValueError(
+            raise InputError(
                 f"{path}: <size> is {size[1]}x{size[0]} (WxH) but its image {record.image} is "
                 f"{shape[1]}x{shape[0]}; expected the scribbles of this image. Check "
                 f"`{self.files.option}`."
@@ -243,7 +244,7 @@ class VOCDataModule(FileDataModule):
             root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
         )
         if tags_source not in ("annotations", "masks", "onehot"):
-            raise ValueError(
+            raise InputError(
                 f"tags_source must be 'annotations', 'masks' or 'onehot', got {tags_source!r}."
             )
         self.mask_dir = mask_dir
