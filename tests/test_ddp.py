@@ -169,15 +169,8 @@ def fit(
 
 
 def tiny_data(batch_size: int = RANK_BATCH, data_class: type = SyntheticDataModule, **kwargs):
-    return data_class(
-        num_train=NUM_TRAIN,
-        num_val=4,
-        image_size=32,
-        crop_size=32,
-        batch_size=batch_size,
-        augment=False,
-        **kwargs,
-    )
+    args = dict(num_train=NUM_TRAIN, num_val=4, image_size=32, crop_size=32, augment=False)
+    return data_class(batch_size=batch_size, **(args | kwargs))
 
 
 def load_ranks(folder: Path, world_size: int = WORLD_SIZE) -> list[dict]:
@@ -269,3 +262,25 @@ def test_the_slurm_script_runs_one_ddp_process_per_gpu(capsys: pytest.CaptureFix
     # Trainer parses devices="4" as four devices, as it does on the command line.
     assert (trainer["num_nodes"], trainer["devices"], trainer["strategy"]) == (2, "4", "ddp")
     assert trainer["sync_batchnorm"] is True
+
+
+def test_validation_under_ddp_counts_every_image_once(tmp_path: Path) -> None:
+    """5 val images on 2 ranks: no image is repeated to even out the ranks."""
+    data = tiny_data(num_val=5)
+    pl.seed_everything(0)
+    model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
+    results = {}
+    for devices in (1, 2):
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        (results[devices],) = trainer.validate(model, data, verbose=False)
+    assert results[2]["val_miou"] == pytest.approx(results[1]["val_miou"], abs=1e-6)
+    for name, value in results[1].items():
+        assert results[2][name] == pytest.approx(value, abs=1e-6), name

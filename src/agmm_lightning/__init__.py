@@ -6,9 +6,8 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-from agmm_lightning.callbacks import AGMMPseudoLabeler  # noqa: E402
 from agmm_lightning.cam import CAMClassifier  # noqa: E402
 from agmm_lightning.mixtures import ClassMixtures  # noqa: E402
 from agmm_lightning.module import AGMMSegmenter  # noqa: E402
 
-__all__ = ["AGMMPseudoLabeler", "AGMMSegmenter", "CAMClassifier", "ClassMixtures"]
+__all__ = ["AGMMSegmenter", "CAMClassifier", "ClassMixtures"]

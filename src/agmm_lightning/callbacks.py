@@ -1,29 +1,36 @@
-"""Callbacks: the online-EM refit of the class mixtures, and image panels."""
+"""Callbacks: image panels and prediction PNGs; run folders; statistics summed across ranks."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmm_lightning.losses import posterior_labels
-from agmm_lightning.mixtures import ClassMixtures, MixtureStatistics
+from agmm_lightning.mixtures import MixtureStatistics
 
 __all__ = [
-    "AGMMPseudoLabeler",
     "PredictionWriter",
     "SegmentationPanels",
     "colorize",
+    "print_line",
     "run_directory",
     "shared_run_directory",
 ]
+
+
+@rank_zero_only
+def print_line(text: str) -> None:
+    """Print on rank 0 to stdout, flushed: what a cluster job's redirected log shows at once."""
+    print(text, flush=True)
 
 
 def run_directory(trainer: Trainer) -> Path:
@@ -71,36 +78,6 @@ def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStat
             gathered = trainer.strategy.all_gather(value)
             reduced[field.name] = gathered.transpose(0, 1).flatten(1, 2)
     return MixtureStatistics(**reduced)
-
-
-class AGMMPseudoLabeler(Callback):
-    """Refit the module's :class:`ClassMixtures` after every training batch (METHOD §3.4).
-
-    ``training_step`` returns the detached E-step statistics as ``mixture_stats``; this callback
-    sums them across ranks, so every rank applies the same update and holds identical mixtures,
-    then logs the mixtures' mean variance and number of live components.
-    """
-
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """Apply the OEM update with this step's statistics."""
-        stats = outputs.get("mixture_stats") if isinstance(outputs, dict) else None
-        if stats is None:
-            return
-        mixtures = cast(ClassMixtures, pl_module.mixtures)
-        mixtures.update(reduce_statistics(stats, trainer))
-        initialized = mixtures.initialized
-        if initialized.any():
-            live = (mixtures.weights[initialized] >= 0.1 / mixtures.mixture_count).sum()
-            pl_module.log("mixture_mean_variance", mixtures.variances[initialized].mean())
-            pl_module.log("mixture_live_components", live.float())
-            pl_module.log("mixture_classes_seen", initialized.sum().float())
 
 
 def _voc_palette() -> np.ndarray:
@@ -221,6 +198,10 @@ class PredictionWriter(BasePredictionWriter):
         """Save the batch's predictions."""
         num_classes = pl_module.hparams["num_classes"]
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
-            indices = labels.to(torch.uint8).cpu().numpy()
+            indices = labels.cpu().numpy()
             Image.fromarray(indices).save(self.folder / f"{name}.png")
             Image.fromarray(colorize(indices, num_classes)).save(self.folder / f"{name}_color.png")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Say where the predictions went."""
+        print_line(f"Predictions written to {self.folder} (<name>.png and <name>_color.png)")

@@ -18,7 +18,6 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from PIL import Image
 from torch import Tensor, nn
@@ -29,7 +28,8 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from agmm_lightning.callbacks import shared_run_directory
+from agmm_lightning.callbacks import print_line, shared_run_directory
+from agmm_lightning.errors import InputError
 from agmm_lightning.inference import infer_logits
 from agmm_lightning.losses import VOID, present_classes
 from agmm_lightning.module import check_choice
@@ -62,7 +62,7 @@ def build_encoder(name: str, weights: str | None, output_stride: int) -> tuple[n
             name, weights=None if local else weights, output_stride=output_stride
         )
     except (KeyError, RuntimeError) as error:
-        raise ValueError(
+        raise InputError(
             f"Unknown encoder {name!r} or weights {weights!r}: use an smp encoder name "
             f"(smp.encoders.get_encoder_names()) or 'tu-<timm model>', and weights None, "
             f"'imagenet' or a local file. ({error})"
@@ -120,7 +120,7 @@ def cam_pseudo_labels(
         ValueError: If ``background_threshold > foreground_threshold``.
     """
     if background_threshold > foreground_threshold:
-        raise ValueError(
+        raise InputError(
             f"background_threshold={background_threshold} exceeds "
             f"foreground_threshold={foreground_threshold}"
         )
@@ -304,7 +304,7 @@ class CAMClassifier(LightningModule):
         """
         num_classes = self.hparams["num_classes"]
         if image_classes.ndim != 2 or image_classes.shape[1] != num_classes:
-            raise ValueError(
+            raise InputError(
                 f"Expected image_classes of shape [B, {num_classes}] (num_classes, background "
                 f"included), got {list(image_classes.shape)}."
             )
@@ -397,7 +397,7 @@ class CAMClassifier(LightningModule):
             ValueError: If the batch has no ``image_classes`` (the images' tags).
         """
         if "image_classes" not in batch:
-            raise ValueError(
+            raise InputError(
                 "CAMClassifier.predict needs each image's tags: use the datamodule's "
                 "predict_split='train' with weak_label='image'."
             )
@@ -414,7 +414,7 @@ class CAMClassifier(LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         """Print (and send to the loggers) the pseudo-label quality when masks were there."""
-        rank_zero_info(
+        print_line(
             f"CAM pseudo labels written to {self.output_folder} (use it as the data's cam_dir)."
         )
         if not _updated(self.predict_label_metrics):
@@ -423,7 +423,7 @@ class CAMClassifier(LightningModule):
         self.predict_label_metrics.reset()
         self.pseudo_label_quality = {name: float(value) for name, value in values.items()}
         summary = ", ".join(f"{k} {v:.4f}" for k, v in self.pseudo_label_quality.items())
-        rank_zero_info(f"CAM pseudo labels against the dense masks: {summary}")
+        print_line(f"CAM pseudo labels against the dense masks: {summary}")
         for logger in self.trainer.loggers:
             logger.log_metrics({f"predict_{k}": v for k, v in self.pseudo_label_quality.items()})
 
@@ -437,15 +437,15 @@ def _check_arguments(
 ) -> None:
     """Raise a ValueError for out-of-range arguments of :class:`CAMClassifier`."""
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}")
+        raise InputError(f"num_classes must be >= 2 (background included), got {num_classes}")
     if not 0 <= background_index < num_classes:
-        raise ValueError(
+        raise InputError(
             f"background_index must be in 0..{num_classes - 1}, got {background_index}"
         )
     if not cam_scales or min(cam_scales) <= 0:
-        raise ValueError(f"cam_scales must be positive scales, got {cam_scales}")
+        raise InputError(f"cam_scales must be positive scales, got {cam_scales}")
     if not 0 <= background_threshold <= foreground_threshold <= 1:
-        raise ValueError(
+        raise InputError(
             "Expected 0 <= background_threshold <= foreground_threshold <= 1, got "
             f"{background_threshold} and {foreground_threshold}"
         )

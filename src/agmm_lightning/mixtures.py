@@ -449,28 +449,31 @@ class ClassMixtures(nn.Module):
 
     @float32_method
     @torch.no_grad()
-    def update(self, stats: MixtureStatistics) -> None:
+    def update(self, stats: MixtureStatistics) -> Tensor:
         """M-step with the online update of METHOD §3.4, for the classes observed in ``stats``.
 
         ``s <- m·s + (1 - m)·s_hat`` on statistics normalised per class; a class seen for the first
         time is initialised from the batch alone (k-means++-style seeding for K > 1); a component
         whose weight falls below ``1/(10K)`` is re-seeded at the class's worst-explained candidate.
+        Statistics that hold NaN or inf (a diverged batch) change nothing: the update is skipped,
+        and the caller learns it from the result without waiting for the device.
 
         Args:
             stats: Statistics from :meth:`sufficient_statistics` (summed over ranks under DDP).
 
-        Raises:
-            ValueError: If the statistics hold NaN or inf; the mixtures are left unchanged.
+        Returns:
+            A bool scalar tensor: whether the update was applied (False for non-finite stats).
         """
-        if not torch.isfinite(stats.weight.sum() + stats.sum.sum() + stats.square_sum.sum()):
-            raise ValueError(
-                "mixture statistics must be finite, got NaN or inf: the fitted features or "
-                "weights hold NaN or inf (a diverged network?); the mixtures were left unchanged"
-            )
-        total = stats.weight.sum(1)
+        finite = (
+            stats.weight.isfinite().all()
+            & stats.sum.isfinite().all()
+            & stats.square_sum.isfinite().all()
+        )
+        # Non-finite statistics count as no observation at all.
+        total = torch.where(finite, stats.weight.sum(1), 0.0)
         observed = total > _MIN_OBSERVED
         if not observed.any():
-            return
+            return finite
         norm = total.clamp_min(_MIN_OBSERVED)
         batch_s0 = stats.weight / norm[:, None]
         batch_s1 = stats.sum / norm[:, None, None]
@@ -506,6 +509,7 @@ class ClassMixtures(nn.Module):
         self.variances.copy_(torch.where(rows[..., None], variances, self.variances))
         self.weights.copy_(torch.where(rows, weights, self.weights))
         self.initialized |= observed
+        return finite
 
     def _seed_fresh(
         self,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
+import warnings
 from typing import Any, Literal, cast
 
 import segmentation_models_pytorch as smp
@@ -14,6 +17,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from agmm_lightning.callbacks import print_line, reduce_statistics
+from agmm_lightning.errors import InputError
 from agmm_lightning.inference import infer_logits
 from agmm_lightning.losses import (
     VOID,
@@ -25,13 +30,33 @@ from agmm_lightning.losses import (
     partial_cross_entropy,
     pseudo_label_loss,
 )
-from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.mixtures import ClassMixtures, MixtureStatistics
 from agmm_lightning.precision import float32_math
 from agmm_lightning.weights import load_encoder_weights
 
 Method = Literal["agmm", "cvpr", "baseline"]
 
-__all__ = ["AGMMSegmenter"]
+__all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
+
+# Options only OEM mode reads; "cvpr" also ignores hard_fraction (its seg term is the paper's CE).
+_OEM_OPTIONS = (
+    "mixture_count",
+    "oem_momentum",
+    "embed_dim",
+    "normalize_embeddings",
+    "min_variance",
+    "temperature",
+    "prior",
+    "adaptation",
+    "lambda_max",
+    "lambda_gmm",
+    "lambda_kernel",
+    "pseudo_mode",
+    "confidence",
+    "warmup_steps",
+    "max_labelled_samples",
+)
+_IGNORED_OPTIONS = {"baseline": _OEM_OPTIONS, "cvpr": (*_OEM_OPTIONS, "hard_fraction"), "agmm": ()}
 
 
 def _architectures() -> dict[str, type[nn.Module]]:
@@ -44,10 +69,64 @@ def _architectures() -> dict[str, type[nn.Module]]:
     }
 
 
+def check_inference_options(
+    tile_size: int | None, tile_stride: int | None, test_scales: tuple[float, ...]
+) -> None:
+    """Refuse sliding-window and multi-scale options that cannot cover an image.
+
+    Raises:
+        InputError: Naming the option and the values that work.
+    """
+    if tile_size is not None and tile_size < 1:
+        raise InputError(f"tile_size must be None (whole image) or >= 1, got {tile_size}")
+    if tile_stride is not None:
+        if tile_size is None:
+            raise InputError(
+                f"tile_stride={tile_stride} needs tile_size: set tile_size, or leave tile_stride "
+                "unset for whole-image inference"
+            )
+        if not 1 <= tile_stride <= tile_size:
+            raise InputError(
+                f"tile_stride must be in 1..tile_size={tile_size} so that the windows cover every "
+                f"pixel, got {tile_stride}"
+            )
+    if not test_scales or min(test_scales) <= 0:
+        raise InputError(f"test_scales must be one or more positive scales, got {test_scales}")
+
+
+def _warn_ignored_options(method: str, given: dict[str, Any]) -> None:
+    """Warn about options set away from their defaults that ``method`` does not read."""
+    defaults = inspect.signature(AGMMSegmenter.__init__).parameters
+    ignored = []
+    for name in _IGNORED_OPTIONS[method]:
+        if given[name] != defaults[name].default:
+            readers = [other for other, skips in _IGNORED_OPTIONS.items() if name not in skips]
+            ignored.append(f"{name}={given[name]!r} (read by {' and '.join(readers)} only)")
+    if ignored:
+        warnings.warn(f"method={method!r} does not use {', '.join(ignored)}", stacklevel=3)
+
+
+def format_iou_table(title: str, class_names: list[str], ious: list[float], mean: float) -> str:
+    """A plain-text table of per-class IoU and mIoU (percent), for logs read as text.
+
+    Args:
+        title: The first line.
+        class_names: One name per class.
+        ious: The IoU of each class in [0, 1].
+        mean: The mIoU in [0, 1].
+
+    Returns:
+        The table, one class per line, the mIoU last.
+    """
+    width = max(len(name) for name in [*class_names, "mIoU"])
+    rows = [*zip(class_names, ious, strict=True), ("mIoU", mean)]
+    return "\n".join([title] + [f"  {name:<{width}}  {100 * iou:5.1f}" for name, iou in rows])
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     """Raise a ValueError naming the argument, its allowed values and the value given."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def build_model(
@@ -72,7 +151,9 @@ def build_model(
     """
     architectures = _architectures()
     if arch not in architectures:
-        raise ValueError(f"Unknown arch {arch!r}; choose one of {sorted(architectures)}")
+        raise InputError(
+            f"arch={arch!r} is not an smp architecture; choose one of {sorted(architectures)}"
+        )
     local = encoder_weights is not None and encoder_weights != "imagenet"
     try:
         model = architectures[arch](
@@ -82,7 +163,7 @@ def build_model(
         )
     except (KeyError, ValueError, RuntimeError) as error:
         if "encoder" in str(error).lower() or "model" in str(error).lower():
-            raise ValueError(
+            raise InputError(
                 f"Unknown encoder {encoder!r} for {arch}: use an smp encoder name "
                 f"(smp.encoders.get_encoder_names()) or 'tu-<timm model>'. ({error})"
             ) from error
@@ -129,7 +210,8 @@ class AGMMSegmenter(LightningModule):
         warmup_steps: Steps over which the pseudo loss is ramped up; unlabelled pixels join the
             fitting set only after them.
         max_labelled_samples: Cap on the labelled features used per step (dense labels).
-        hard_fraction: OHEM fraction of the segmentation loss (1 disables it).
+        hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
+            disables it; CVPR mode keeps the paper's loss).
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
         lr: Learning rate of the decoder and heads.
         backbone_lr_multiplier: The encoder's learning rate is ``lr`` times this.
@@ -141,6 +223,8 @@ class AGMMSegmenter(LightningModule):
         test_flip: Also average horizontal flips.
         class_names: Names used in ``val_iou_<name>``; taken from the datamodule when None.
     """
+
+    skipped_refits: Tensor
 
     def __init__(
         self,
@@ -178,18 +262,20 @@ class AGMMSegmenter(LightningModule):
     ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise InputError(f"num_classes must be >= 2, got {num_classes}")
         check_choice("method", method, ("agmm", "cvpr", "baseline"))
         check_choice("prior", prior, ("prediction", "uniform"))
         check_choice("pseudo_mode", pseudo_mode, ("soft", "hard"))
         check_choice("optimizer", optimizer, ("sgd", "adamw"))
         if warmup_steps < 0 or not 0 <= confidence <= 1:
-            raise ValueError("warmup_steps must be >= 0 and confidence in [0, 1]")
+            raise InputError("warmup_steps must be >= 0 and confidence in [0, 1]")
         if not 0 < hard_fraction <= 1:
-            raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
+            raise InputError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
         if adaptation is not None and adaptation <= 0:
-            raise ValueError(f"adaptation must be None or > 0, got {adaptation}")
+            raise InputError(f"adaptation must be None or > 0, got {adaptation}")
+        check_inference_options(tile_size, tile_stride, test_scales)
         self.save_hyperparameters()
+        _warn_ignored_options(method, dict(self.hparams))
         self.model = build_model(arch, encoder, encoder_weights, num_classes)
         decoder_channels = self.model.segmentation_head[0].in_channels
         self.embedding_head = nn.Conv2d(decoder_channels, embed_dim, kernel_size=1)
@@ -199,6 +285,13 @@ class AGMMSegmenter(LightningModule):
         self.temperature = float(temperature or embed_dim)
         self.class_names = list(class_names or [])
         self._configure_metrics()
+        # Statistics of the micro-batches since the last optimizer step, refitted at the step.
+        self._pending_stats: MixtureStatistics | None = None
+        self.register_buffer("skipped_refits", torch.zeros((), dtype=torch.long), persistent=False)
+        self._skipped_refits_reported = 0
+        self.skipped_steps = 0
+        self._ious: tuple[str, int, list[float], float] | None = None
+        self._start_time = time.monotonic()
 
     # -------------------------------------------------------------------------- set-up
     def _configure_metrics(self) -> None:
@@ -222,7 +315,7 @@ class AGMMSegmenter(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.hparams["num_classes"]:
-            raise ValueError(
+            raise InputError(
                 f"model.num_classes={self.hparams['num_classes']} but the data has "
                 f"{data_classes} classes: set --model.num_classes={data_classes}"
             )
@@ -233,13 +326,10 @@ class AGMMSegmenter(LightningModule):
             self.class_names = [f"class_{i}" for i in range(self.hparams["num_classes"])]
 
     def configure_callbacks(self) -> list[Callback]:
-        """Panels, prediction PNGs, and the OEM refit callback in OEM mode."""
-        from agmm_lightning.callbacks import AGMMPseudoLabeler, PredictionWriter, SegmentationPanels
+        """Image panels and the prediction writer."""
+        from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels
 
-        callbacks: list[Callback] = [SegmentationPanels(), PredictionWriter()]
-        if self.hparams["method"] == "agmm":
-            callbacks.append(AGMMPseudoLabeler())
-        return callbacks
+        return [SegmentationPanels(), PredictionWriter()]
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD or AdamW with a lower encoder rate and a per-step poly schedule."""
@@ -344,7 +434,8 @@ class AGMMSegmenter(LightningModule):
         # The network runs in the autocast dtype; the losses in float32, each upcasting its inputs.
         with float32_math(logits.device):
             if method == "baseline":
-                losses = {"seg": partial_cross_entropy(logits, target)}
+                hard_fraction = self.hparams["hard_fraction"]
+                losses = {"seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction)}
             elif method == "cvpr":
                 num_classes, tags = self.hparams["num_classes"], batch.get("image_classes")
                 losses = cvpr_agmm_losses(features, logits, target, num_classes, tags)
@@ -355,8 +446,12 @@ class AGMMSegmenter(LightningModule):
         return losses, output
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Log the losses; in OEM mode also return the detached E-step statistics."""
+        """Log the losses; in OEM mode keep the E-step statistics for the refit at the step."""
         losses, output = self.compute_losses(batch)
+        stats = output.pop("mixture_stats", None)
+        if stats is not None:
+            pending = self._pending_stats
+            self._pending_stats = stats if pending is None else pending + stats
         total = sum(losses.values(), torch.zeros((), device=self.device))
         batch_size = batch["target"].shape[0]
         self.log("train_loss", total, prog_bar=True, batch_size=batch_size)
@@ -365,6 +460,33 @@ class AGMMSegmenter(LightningModule):
         if "posterior" in output:
             self._log_pseudo_label_quality(batch, output["posterior"])
         return {"loss": total, **output}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip a step whose gradients are not finite; refit the mixtures once per step.
+
+        A batch whose loss turned NaN or inf would write NaN into every weight: its gradients are
+        dropped instead (the same on every rank, since DDP has already summed them), BatchNorm
+        statistics it made non-finite restart, and the run goes on. Under ``16-mixed`` the
+        gradient scaler skips such steps itself.
+
+        The refit (METHOD §3.4) sums the statistics of every micro-batch since the last step
+        (gradient accumulation) and then across ranks, so every rank applies the same update.
+        Non-finite statistics skip it on every rank alike; :attr:`skipped_refits` counts them.
+        """
+        self._drop_non_finite_gradients()
+        if self._pending_stats is None:
+            return
+        stats, self._pending_stats = reduce_statistics(self._pending_stats, self.trainer), None
+        mixtures = self.mixtures
+        self.skipped_refits += ~mixtures.update(stats)
+        initialized = mixtures.initialized
+        live = (mixtures.weights >= 0.1 / mixtures.mixture_count) & initialized[:, None]
+        self.log("mixture_live_components", live.sum().float())
+        self.log("mixture_classes_seen", initialized.sum().float())
+        self.log("mixture_skipped_refits", self.skipped_refits.float())
+        mean_variance = mixtures.variances.mean((1, 2))
+        seen = initialized.sum().clamp_min(1)
+        self.log("mixture_mean_variance", (mean_variance * initialized).sum() / seen)
 
     def _allowed(self, batch: dict[str, Any], size: tuple[int, ...]) -> Tensor:
         """``[B, C, *size]`` bool map of the classes each pixel may take (boxes or image tags)."""
@@ -495,11 +617,48 @@ class AGMMSegmenter(LightningModule):
                 pseudo, batch["mask"].masked_fill(confidence == 0, VOID)
             )
 
+    def _drop_non_finite_gradients(self) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        if not parameters:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+        if torch.isfinite(norm):
+            return
+        for parameter in parameters:
+            parameter.grad = None
+        # The batch's forward has already fed BatchNorm its statistics: restart any that it spoilt.
+        for module in self.modules():
+            if not isinstance(module, nn.modules.batchnorm._NormBase):
+                continue
+            statistics = [module.running_mean, module.running_var]
+            if any(value is not None and not value.isfinite().all() for value in statistics):
+                module.reset_running_stats()
+        self.skipped_steps += 1
+        self.log("train_skipped_steps", float(self.skipped_steps))
+        warnings.warn(
+            f"step {self.global_step}: the loss or its gradients were NaN or inf, so this "
+            "optimizer step was skipped and the weights kept (a diverging batch; if it keeps "
+            "happening, lower the learning rate or use gradient clipping).",
+            stacklevel=1,
+        )
+
     def on_train_epoch_end(self) -> None:
-        """Log the pseudo-label mIoU accumulated over the epoch."""
+        """Log the pseudo-label mIoU of the epoch; warn about mixture refits that were skipped."""
         if self.train_pseudo_metrics["miou"].update_count:
             self.log("train_pseudo_miou", self.train_pseudo_metrics.compute()["miou"])
         self.train_pseudo_metrics.reset()
+        skipped = int(self.skipped_refits)  # one host read per epoch
+        if skipped > self._skipped_refits_reported:
+            warnings.warn(
+                f"{skipped - self._skipped_refits_reported} mixture refit(s) in epoch "
+                f"{self.current_epoch} were skipped: their statistics held NaN or inf (the "
+                "embeddings diverged on some batch). Training went on with the mixtures as they "
+                "were; if it keeps happening, lower the learning rate.",
+                stacklevel=1,
+            )
+            self._skipped_refits_reported = skipped
 
     # ---------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection) -> None:
@@ -508,10 +667,43 @@ class AGMMSegmenter(LightningModule):
 
     def _log_metrics(self, prefix: str, metrics: MetricCollection) -> None:
         values = metrics.compute()
+        metrics.reset()
         self.log(f"{prefix}_miou", values["miou"], prog_bar=True)
         for name, iou in zip(self.class_names, values["iou"], strict=True):
             self.log(f"{prefix}_iou_{name}", iou)
-        metrics.reset()
+        if self.trainer.sanity_checking:
+            return
+        self._ious = (prefix, self.current_epoch, values["iou"].tolist(), float(values["miou"]))
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - self._start_time))
+        print_line(
+            f"epoch {self.current_epoch} step {self.global_step}: {prefix}_miou "
+            f"{float(values['miou']):.4f} (elapsed {elapsed})"
+        )
+
+    def _print_ious(self) -> None:
+        """Print the per-class IoU of the last evaluation as a table."""
+        if self._ious is None:
+            return
+        prefix, epoch, ious, mean = self._ious
+        title = f"Per-class IoU (%), {prefix}, epoch {epoch}:"
+        print_line(format_iou_table(title, self.class_names, ious, mean))
+
+    def on_fit_start(self) -> None:
+        """Start the clock of the elapsed time printed after each validation."""
+        self._start_time = time.monotonic()
+
+    def on_fit_end(self) -> None:
+        """Print the per-class IoU of the last validation."""
+        self._print_ious()
+
+    def on_validation_end(self) -> None:
+        """Print the per-class IoU table at the end of ``validate`` (``fit`` prints its own)."""
+        if not self.trainer.training and self.trainer.state.fn == "validate":
+            self._print_ious()
+
+    def on_test_end(self) -> None:
+        """Print the per-class IoU table of the test split."""
+        self._print_ious()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Accumulate the validation confusion matrix."""
@@ -530,5 +722,6 @@ class AGMMSegmenter(LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Class-index predictions with the images' names."""
-        return {"name": batch["name"], "prediction": self.predict_logits(batch["image"]).argmax(1)}
+        """uint8 class-index predictions with the images' names."""
+        prediction = self.predict_logits(batch["image"]).argmax(1).to(torch.uint8)
+        return {"name": batch["name"], "prediction": prediction}
