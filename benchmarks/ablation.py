@@ -70,8 +70,7 @@ def train(job: tuple) -> dict[str, float]:
         model_args, data_args = model_args | box_model, data_args | box_data
     model_args = model_args | options["model"] | {"method": method}
     data = datamodule(options["root"], form, data_args | options["data"], seed)
-    if options["root"] is not None:
-        model_args["num_classes"] = data.num_classes
+    model_args["num_classes"] = data.num_classes
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(**model_args)
     trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks")

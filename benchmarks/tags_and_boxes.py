@@ -75,6 +75,7 @@ def settings(quick: bool) -> dict[str, Any]:
     data.pop("weak_label")
     model = config["model"]["init_args"]
     model.pop("method")
+    model["num_classes"] = data["num_classes"]
     epochs = config["trainer"]["max_epochs"]
     cam = dict(CAM_ARGS)
     if quick:

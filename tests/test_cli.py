@@ -1,9 +1,14 @@
 """The command line: fit/validate/test/predict through `main`, and its error messages."""
 
 import os
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import (
@@ -17,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.cli import AGMMLightningCLI, long_run_callbacks, main
-from agmm_lightning.data import AGMMDataModule
+from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
 
@@ -40,13 +45,15 @@ def test_saved_configs_never_collide(tmp_path):
     assert "mixture_count: 2" in (tmp_path / "config_1.yaml").read_text()
 
 
-def test_fit_then_validate_test_and_predict_from_the_checkpoint(tmp_path):
+def test_fit_then_validate_test_and_predict_from_the_checkpoint(tmp_path, capsys):
     run(tmp_path, "fit", "--trainer.logger=false", "--model.oem_momentum=0.99")
     checkpoint = next(tmp_path.rglob("*.ckpt"))
     for stage in ("validate", "test"):
         run(tmp_path, stage, f"--ckpt_path={checkpoint}", "--trainer.logger=false")
     out = tmp_path / "predictions"
+    capsys.readouterr()
     run(tmp_path, "predict", f"--ckpt_path={checkpoint}", "--trainer.logger=false")
+    assert f"Predictions written to {out}" in capsys.readouterr().out
     indices = sorted(p for p in out.glob("*.png") if not p.stem.endswith("_color"))
     assert len(indices) == 4 and len(list(out.glob("*_color.png"))) == 4
     labels = Image.open(indices[0])
@@ -65,7 +72,7 @@ def test_print_config_of_the_demo(capsys):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("--model.arch=NotANet", "Unknown arch 'NotANet'; choose one of"),
+        ("--model.arch=NotANet", "arch='NotANet' is not an smp architecture; choose one of"),
         ("--model.encoder=not_an_encoder", "Unknown encoder 'not_an_encoder'"),
         ("--model.num_classes=5", "set --model.init_args.num_classes=6"),
         ("--model.mixture_cnt=3", "mixture_cnt"),
@@ -177,3 +184,93 @@ def test_inference_options_given_with_a_checkpoint_are_kept(tmp_path):
     )
     assert cli.model.hparams["test_flip"] and cli.model.hparams["tile_size"] == 16
     assert "val_miou" in cli.trainer.callback_metrics
+
+
+def test_the_class_count_comes_from_the_data(tmp_path):
+    """The folder layout trains with num_classes given nowhere but in classes.txt."""
+    config = tmp_path / "folder.yaml"
+    config.write_text(
+        "model:\n  class_path: agmm_lightning.AGMMSegmenter\n"
+        "  init_args:\n    arch: Unet\n    encoder: tu-test_resnet\n"
+        "data:\n  class_path: agmm_lightning.data.FolderDataModule\n"
+        f"  init_args:\n    root: {Path(__file__).parent / 'data' / 'folder'}\n"
+        "    batch_size: 2\n    crop_size: 32\n"
+    )
+    main(
+        ["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"]
+        + ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    )
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3
+    assert checkpoint["state_dict"]["model.segmentation_head.0.weight"].shape[0] == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: None, "file not found"),
+        (lambda path: path.write_text("not a checkpoint"), "not a checkpoint (torch.load cannot"),
+        (lambda path: torch.save({"w": torch.ones(2)}, path), "not a Lightning checkpoint"),
+    ],
+)
+def test_a_missing_or_unreadable_checkpoint_is_one_line(tmp_path, capsys, make, message):
+    path = tmp_path / "model.ckpt"
+    make(path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "validate", f"--ckpt_path={path}")
+    assert exit_info.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"error: --ckpt_path={path}: {lines[0].split(': ', 2)[2]}"
+    assert message in lines[0] and len(lines) == 2 and "weights_only" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "first_line"),
+    [
+        (
+            "--model.mixture_cnt=3",
+            "error: --model.mixture_cnt: no such option of agmm_lightning.AGMMSegmenter "
+            "(did you mean mixture_count?)",
+        ),
+        ("--model.lambda_max=abc", "error: --model.lambda_max: Expected a float. Got value: abc"),
+        ("--trainer.max_epochs=abc", "error: --trainer.max_epochs: Expected an int, got abc"),
+        ("--trainer.max_step=2", "error: unrecognized arguments: --trainer.max_step=2"),
+    ],
+)
+def test_parser_errors_name_the_key_first_in_one_line(tmp_path, capsys, override, first_line):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "fit", override)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [first_line, "(`agmm fit --help` lists every option)"]
+
+
+def test_a_redirected_log_shows_every_validation_and_the_per_class_table(tmp_path):
+    """As under SLURM or nohup: stdout goes to a file, and the lines are there."""
+    log = tmp_path / "job.log"
+    with log.open("w") as stdout:
+        subprocess.run(
+            [sys.executable, "-m", "agmm_lightning", "fit", "--config", CONFIG]
+            + [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2"],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            check=True,
+            env=os.environ | {"PYTHONWARNINGS": "ignore"},
+        )
+    text = log.read_text()
+    assert re.search(r"^epoch 0 step 2: val_miou 0\.\d{4} \(elapsed \d\d:\d\d:\d\d\)$", text, re.M)
+    assert re.search(r"^epoch 1 step 4: val_miou", text, re.M)
+    table = text[text.index("Per-class IoU (%), val, epoch 1:") :].splitlines()[1:8]
+    assert [row.split()[0] for row in table] == [*SyntheticDataModule().class_names, "mIoU"]
+
+
+def test_the_lightning_command_runs_this_projects_cli(capsys):
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "lightning"]
+    assert script.value == "agmm_lightning.cli:main"
+    result = subprocess.run(
+        [Path(sys.executable).parent / "lightning", "fit", "--config", CONFIG, "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "class_path: agmm_lightning.data.SyntheticDataModule" in result.stdout

@@ -163,8 +163,9 @@ def test_bilinear_taps_of_a_2048_pixel_label_map_in_half_precision():
 
 
 def tiny_model(method, **kwargs):
-    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=0)
-    return AGMMSegmenter(method=method, **args, **kwargs)
+    oem = {"warmup_steps": 0} if method == "agmm" else {}
+    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet")
+    return AGMMSegmenter(method=method, **args, **oem, **kwargs)
 
 
 def tiny_data():

@@ -1,12 +1,22 @@
-"""The command line: ``agmm``, ``lightning`` and ``python -m agmm_lightning`` (LightningCLI)."""
+"""The command line: ``agmm``, ``lightning`` and ``python -m agmm_lightning`` (LightningCLI).
+
+Subcommands ``fit``, ``validate``, ``test`` and ``predict`` run the Trainer; ``check-data`` decodes
+every file of the configured dataset and lists the ones that fail. Mistakes in what the user gave
+(a key, a value, a file) end in one short message that names it, and a non-zero exit.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
 import pickle
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -20,12 +30,104 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from agmm_lightning.callbacks import run_directory
 from agmm_lightning.data import AGMMDataModule
+from agmm_lightning.errors import InputError
 from agmm_lightning.module import AGMMSegmenter
 
-__all__ = ["CHECKPOINT_KEYS", "AGMMLightningCLI", "RunConfigSaver", "long_run_callbacks", "main"]
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "AGMMArgumentParser",
+    "AGMMLightningCLI",
+    "RunConfigSaver",
+    "check_data",
+    "long_run_callbacks",
+    "main",
+]
 
 # Hyper-parameters that fix the shapes of a checkpoint's weights and mixtures.
 CHECKPOINT_KEYS = ("num_classes", "mixture_count", "embed_dim", "arch", "encoder")
+# Values of --ckpt_path that Lightning resolves itself.
+_CHECKPOINT_ALIASES = ("best", "last", "hpc", "registry")
+# Lines of jsonargparse's union-type errors that say nothing about the mistake.
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+    "Parser key",
+    "Problem with given class_path",
+)
+
+
+def concise_error(message: str) -> str:
+    """Jsonargparse's nested error text, reduced to the key first and the reason after it.
+
+    ``Parser key "model": Does not validate against any of the Union subtypes ... Option
+    'mixture_cnt' is not accepted ... Given value: ...`` becomes ``--model.mixture_cnt: Option
+    'mixture_cnt' is not accepted by agmm_lightning.AGMMSegmenter (did you mean mixture_count?)``.
+
+    Args:
+        message: The parser's message.
+
+    Returns:
+        The short message.
+    """
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    given = re.findall(r"Given value: (?:NestedArg\(key='[^']*', val=(.*)\)|(.*))", message)
+    reasons = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text and not text.startswith(_NOISE) and text not in reasons:
+            reasons.append(text)
+    if not keys:
+        return "; ".join(reasons) or message
+    key = ".".join(keys + ([unknown.group(1)] if unknown else []))
+    if unknown and classes:
+        reason = f"no such option of {classes[-1]}"
+        suggestion = difflib.get_close_matches(unknown.group(1), _init_arguments(classes[-1]), 1)
+        reason += f" (did you mean {suggestion[0]}?)" if suggestion else ""
+    else:
+        reason = "; ".join(reasons) or "not a valid value"
+        if given and "Got value" not in reason:
+            reason += f", got {next(part for part in given[-1] if part)}"
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason).replace(" a int", " an int")
+    return f"--{key}: {reason}"
+
+
+def _init_arguments(class_path: str) -> list[str]:
+    """The init argument names of a class given by its dotted path (none if it cannot load)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+
+
+class AGMMArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors name the offending key first in one short message.
+
+    ``predict`` defaults to ``return_predictions=False``: the prediction writer has written every
+    prediction, and keeping them would hold every full-resolution map in memory.
+    """
+
+    def add_method_arguments(self, theclass: Any, themethod: str, *args: Any, **kwargs: Any) -> Any:
+        """Add a method's arguments (a subcommand's); ``predict`` keeps no predictions."""
+        added = super().add_method_arguments(theclass, themethod, *args, **kwargs)
+        if themethod == "predict" and "return_predictions" in added:
+            self.set_defaults(return_predictions=False)
+        return added
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Print the concise message and a pointer to ``--help``, then exit with status 2."""
+        if not self.exit_on_error:
+            super().error(message, ex)  # an inner parser: its caller reports
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {concise_error(message)}\n(`{prog} --help` lists every option)\n")
+        sys.exit(2)
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -97,54 +199,104 @@ def long_run_callbacks(
 
 
 class AGMMLightningCLI(LightningCLI):
-    """LightningCLI whose configuration errors end in a message, not a traceback.
+    """LightningCLI that takes the class count from the data and checks what it is given.
 
-    It also refuses a ``--ckpt_path`` whose model differs from the configured one in a key of
-    :data:`CHECKPOINT_KEYS`, and adds :func:`long_run_callbacks` to every run.
+    The model's ``num_classes`` is linked to the datamodule's (give it nowhere, or give the same
+    number). A ``--ckpt_path`` must be a readable checkpoint of the configured kind of model (the
+    keys of :data:`CHECKPOINT_KEYS` agree); the configured model options are kept rather than
+    replaced by the checkpoint's, so ``--model.test_flip=true`` at validate/test/predict works.
+    Every run gets :func:`long_run_callbacks`, and ``predict`` keeps no predictions in memory
+    (the prediction writer has written them).
     """
 
-    def _parse_ckpt_path(self) -> None:
-        """Keep the configured model arguments when a checkpoint is given.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", AGMMArgumentParser)
+        self._saved_hparams: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
 
-        LightningCLI would overwrite them with the checkpoint's hyper-parameters, so options such
-        as ``--model.test_flip=true`` or ``--model.tile_size=512`` at validate/test/predict were
-        silently ignored. The keys that decide the checkpoint's shapes are checked instead.
-        """
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The parser, without abbreviated options (``--trainer.max_step`` is not max_steps)."""
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the model's class count to the data's."""
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse the arguments, then check ``--ckpt_path`` against the configured model.
+        """Parse, then check that a ``--ckpt_path`` file is a checkpoint this library reads.
 
-        Args:
-            parser: The parser.
-            args: The arguments (None: ``sys.argv``).
+        The parsed configuration is kept: LightningCLI next overwrites the model options with the
+        checkpoint's, and :meth:`before_instantiate_classes` puts the configured ones back.
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        self._configured = self.config.clone()
         if subcommand:
-            self._check_checkpoint(self.config[subcommand])
+            self._saved_hparams = self._read_checkpoint(self.config[subcommand].get("ckpt_path"))
 
-    def _check_checkpoint(self, config: Any) -> None:
-        """Exit with a parser error if ``config.ckpt_path`` holds another kind of model."""
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # None, or "last"/"best"/"hpc", which Lightning resolves itself
+    def _read_checkpoint(self, ckpt_path: str | None) -> dict[str, Any]:
+        """The hyper-parameters of the checkpoint at ``ckpt_path``, or a parser error."""
+        if not ckpt_path:
+            return {}
+        path = Path(ckpt_path)
+        if not path.is_file():
+            if ckpt_path in _CHECKPOINT_ALIASES or ckpt_path.startswith("registry:"):
+                return {}
+            self.parser.error(f"--ckpt_path={ckpt_path}: file not found")
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            self.parser.error(f"--ckpt_path={ckpt_path} is not a readable checkpoint: {error}")
-        saved = checkpoint.get("hyper_parameters", {})
-        model = config.get("model")
-        if model is None:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            self.parser.error(
+                f"--ckpt_path={ckpt_path}: not a checkpoint (torch.load cannot read it as a file "
+                "of weights); give a .ckpt file written by `agmm fit`"
+            )
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            self.parser.error(
+                f"--ckpt_path={ckpt_path}: not a Lightning checkpoint (it holds no state_dict); "
+                "give a .ckpt file written by `agmm fit`"
+            )
+        return dict(checkpoint.get("hyper_parameters") or {})
+
+    def before_instantiate_classes(self) -> None:
+        """Restore the configured options over those LightningCLI took from the checkpoint."""
+        self.config = self._configured
+
+    def instantiate_classes(self) -> None:
+        """Build model and data (bad values become parser errors), then check them."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse wraps the InputError of a class it builds
+            self.parser.error(str(error))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        given = (config.get("model") or {}).get("init_args", {}).get("num_classes")
+        data_classes = getattr(self.datamodule, "num_classes", None)
+        if given is not None and data_classes is not None and given != data_classes:
+            self.parser.error(
+                f"--model.init_args.num_classes={given} but the data has {data_classes} "
+                f"classes: leave model.num_classes out (the model takes the data's), or set "
+                f"--model.init_args.num_classes={data_classes}"
+            )
+        if self.subcommand:
+            self._check_checkpoint(config.get("ckpt_path"))
+
+    def _check_checkpoint(self, ckpt_path: str | None) -> None:
+        """Exit with a parser error if the checkpoint holds another kind of model."""
+        saved = self._saved_hparams
+        if not saved:
             return
-        init_args = model.get("init_args") or {}
+        built = dict(self.model.hparams)
         differences = {
-            key: (saved[key], init_args[key])
+            key: (saved[key], built[key])
             for key in CHECKPOINT_KEYS
-            if key in saved and key in init_args and saved[key] != init_args[key]
+            if key in saved and key in built and saved[key] != built[key]
         }
+        model_class = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
         saved_class = saved.get("_class_path")
-        if saved_class and saved_class != model.get("class_path"):
-            differences["class_path"] = (saved_class, model.get("class_path"))
+        if saved_class and _class_name(saved_class) != _class_name(model_class):
+            differences["class_path"] = (saved_class, model_class)
         if differences:
             found = ", ".join(f"{key}={old!r}" for key, (old, _) in differences.items())
             asked = ", ".join(f"{key}={new!r}" for key, (_, new) in differences.items())
@@ -152,20 +304,6 @@ class AGMMLightningCLI(LightningCLI):
                 f"--ckpt_path={ckpt_path} holds a model with {found}, but the config asks for "
                 f"{asked}: resume with the checkpoint's values, or start a new run from its "
                 f"encoder only with --model.init_args.encoder_weights={ckpt_path}"
-            )
-
-    def instantiate_classes(self) -> None:
-        """Build model and data, turning bad values into parser errors."""
-        try:
-            super().instantiate_classes()
-        except ValueError as error:
-            self.parser.error(str(error))
-        model_classes = self.model.hparams.get("num_classes")
-        data_classes = getattr(self.datamodule, "num_classes", model_classes)
-        if model_classes != data_classes:
-            self.parser.error(
-                f"model.init_args.num_classes={model_classes} but the data has {data_classes} "
-                f"classes: set --model.init_args.num_classes={data_classes}"
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -185,19 +323,110 @@ class AGMMLightningCLI(LightningCLI):
         return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
 
+def _class_name(class_path: str) -> str:
+    """The class of a dotted path (the package re-exports the classes of its modules)."""
+    return class_path.rpartition(".")[2]
+
+
+class _DataOnlyCLI(AGMMLightningCLI):
+    """Parses a full run configuration but builds only its datamodule (for ``check-data``)."""
+
+    def instantiate_classes(self) -> None:
+        """Instantiate the data alone: the model is not needed to check files."""
+        config = self.config.clone()
+        config.model = None
+        try:
+            self.datamodule = self.parser.instantiate_classes(config).get("data")
+        except InputError as error:
+            self.parser.error(str(error))
+
+
+def check_data(args: list[str]) -> int:
+    """``agmm check-data``: decode every file of the configured dataset, list those that fail.
+
+    Args:
+        args: The options after ``check-data``: the run's ``--config`` and any overrides.
+
+    Returns:
+        The exit status: 0 when every file decodes, 1 otherwise.
+    """
+    from agmm_lightning.data.checks import decode_all, read_headers
+    from agmm_lightning.data.files import FileDataModule
+
+    cli = _DataOnlyCLI(
+        LightningModule,
+        AGMMDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        seed_everything_default=False,
+        run=False,
+        args=args,
+        parser_kwargs={"prog": f"{_program()} check-data"},
+    )
+    data = cli.datamodule
+    if not isinstance(data, FileDataModule):
+        print(f"{type(data).__name__} makes its images: there are no files to check.")
+        return 0
+    problems, counts, seen = [], [], set()
+    for split in ("train", "val", "test"):
+        try:
+            dataset = data.build_dataset(split)
+        except InputError as error:
+            problems.append(f"[{split}] {error}")
+            continue
+        images = tuple(record.image for record in dataset.records)
+        if (dataset.mode, images) in seen:
+            continue  # the test split is the validation split
+        seen.add((dataset.mode, images))
+        counts.append(f"{len(images)} {split}")
+        found = read_headers(dataset, split, progress=False) + decode_all(dataset, split)
+        problems += [f"[{split}] {problem}" for problem in dict.fromkeys(found)]
+    checked = f"{', '.join(counts) or 'no'} images of {type(data).__name__} at {data.root}"
+    if not problems:
+        print(f"Checked {checked}: every file decodes.")
+        return 0
+    print(f"Checked {checked}: {len(problems)} problem(s).", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
+def _program() -> str:
+    """The command's name in messages: ``lightning`` when run as that, else ``agmm``."""
+    return "lightning" if Path(sys.argv[0]).name == "lightning" else "agmm"
+
+
+def _user_message(error: InputError) -> str:
+    """The error's own message, without what a DataLoader worker wraps around it."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    return text
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI (``fit``, ``validate``, ``test`` or ``predict``).
+    """Run the CLI (``fit``, ``validate``, ``test``, ``predict`` or ``check-data``).
 
     Args:
         args: Arguments instead of ``sys.argv[1:]`` (for tests).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    AGMMLightningCLI(
-        LightningModule,
-        AGMMDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RunConfigSaver,
-        save_config_kwargs={"save_to_log_dir": False},
-        args=args,
-    )
+    given = sys.argv[1:] if args is None else list(args)
+    try:
+        if given[:1] == ["check-data"]:
+            sys.exit(check_data(given[1:]))
+        AGMMLightningCLI(
+            LightningModule,
+            AGMMDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"save_to_log_dir": False},
+            args=args,
+            parser_kwargs={"prog": _program()},
+        )
+    except InputError as error:
+        sys.stderr.write(f"error: {_user_message(error)}\n")
+        sys.exit(1)

@@ -39,6 +39,7 @@ from agmm_lightning.data.files import (
     read_json,
     require_directory,
 )
+from agmm_lightning.errors import InputError, MissingInputError
 
 __all__ = ["FolderDataModule", "read_box_file"]
 
@@ -62,16 +63,16 @@ def read_box_file(path: Path, num_classes: int) -> np.ndarray:
     expected = 'a JSON list of {"label": int, "box": [x0, y0, x1, y1]}'
     entries = read_json(path, "weak/box", expected)
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected {expected}, got {type(entries).__name__}.")
+        raise InputError(f"{path}: expected {expected}, got {type(entries).__name__}.")
     rows = []
     for entry in entries:
         try:
             label = int(entry["label"])
             x0, y0, x1, y1 = (float(value) for value in entry["box"])
         except (TypeError, KeyError, ValueError) as error:
-            raise ValueError(f"{path}: entry {entry!r} is not {expected}.") from error
+            raise InputError(f"{path}: entry {entry!r} is not {expected}.") from error
         if not 0 <= label < num_classes:
-            raise ValueError(
+            raise InputError(
                 f"{path}: box label {label} is out of range; expected 0..{num_classes - 1}."
             )
         rows.append((x0, y0, x1, y1, label))
@@ -146,6 +147,9 @@ class FolderDataModule(FileDataModule):
         )
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self._class_names = self._read_class_names(num_classes)
+        # The count the data has, not the None it was given: the model's must equal it when the
+        # Trainer merges both modules' hyper-parameters.
+        self.hparams["num_classes"] = self.num_classes
 
     def _read_class_names(self, num_classes: int | None) -> list[str]:
         """Class names from ``classes.txt``, or ``class_<i>`` when only ``num_classes`` is given."""
@@ -153,14 +157,14 @@ class FolderDataModule(FileDataModule):
         if not path.is_file():
             if num_classes is None:
                 require_directory(self.root, "root", self.layout)
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{path}: file not found; expected one class name per line. Add it, or set "
                     "the `num_classes` option."
                 )
             return [f"class_{index}" for index in range(num_classes)]
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if num_classes is not None and num_classes != len(names):
-            raise ValueError(
+            raise InputError(
                 f"{path}: lists {len(names)} classes but num_classes={num_classes}. Fix one of "
                 "them (or leave `num_classes` unset)."
             )
@@ -260,7 +264,7 @@ class FolderDataModule(FileDataModule):
         if (self.root / "masks").is_dir():
             return MaskTags(self.num_classes)
         if self.cam_folder() is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.root}: weak_label='image' needs tags or pseudo labels, but there is "
                 "neither masks/ nor weak/image/. Add one of them, or set the `cam_dir` option."
             )

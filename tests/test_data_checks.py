@@ -1,0 +1,144 @@
+"""Bad data is found before training (header reads at setup, `agmm check-data`), and a file that
+fails only when decoded mid-run costs one sample, not the run."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agmm_lightning.cli import main
+from agmm_lightning.data import FolderDataModule
+from agmm_lightning.errors import InputError
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "folder"
+    shutil.copytree(DATA / "folder", root)
+    return root
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file short: its header still reads, its pixels no longer decode."""
+    content = path.read_bytes()
+    path.write_bytes(content[: int(len(content) * keep)])
+
+
+def resize_mask(path: Path) -> None:
+    mask = Image.open(path)
+    mask.resize((mask.width + 3, mask.height)).save(path)
+
+
+def test_setup_lists_every_bad_header_of_the_splits_in_use(folder: Path) -> None:
+    (folder / "images" / "a.png").write_bytes(b"not an image")
+    resize_mask(folder / "masks" / "c.png")  # c is the last training id
+    resize_mask(folder / "masks" / "d.png")  # d is the only validation id
+    data = FolderDataModule(str(folder))
+    with pytest.raises(InputError) as error:
+        data.setup("fit")
+    message = str(error.value)
+    assert message.startswith("2 problem(s) with the files of the train split:")
+    assert "a.png: not a readable image" in message
+    assert "c.png: size 59x40 (WxH) differs from its image" in message
+    assert "agmm check-data" in message
+    (folder / "images" / "a.png").write_bytes((DATA / "folder" / "images" / "a.png").read_bytes())
+    shutil.copy(DATA / "folder" / "masks" / "c.png", folder / "masks" / "c.png")
+    with pytest.raises(
+        InputError, match=r"(?s)1 problem\(s\) with the files of the val split:.*d\.png"
+    ):
+        FolderDataModule(str(folder)).setup("fit")
+
+
+def test_a_weak_label_png_of_another_size_fails_at_setup(folder: Path) -> None:
+    resize_mask(folder / "weak" / "point" / "b.png")
+    with pytest.raises(InputError, match=r"weak/point/b\.png: size .* differs from its image"):
+        FolderDataModule(str(folder), weak_label="point").setup("fit")
+
+
+def test_a_good_dataset_passes_setup(folder: Path) -> None:
+    data = FolderDataModule(str(folder), weak_label="scribble")
+    data.setup("fit")
+    data.setup("test")
+    assert {"train", "val", "test"} <= set(data.datasets)
+
+
+def test_a_training_image_that_fails_to_decode_is_replaced_with_a_warning(folder: Path) -> None:
+    truncate(folder / "images" / "b.png")
+    dataset = FolderDataModule(str(folder), crop_size=32).build_dataset("train")
+    with pytest.warns(UserWarning, match=r"b\.png: the image is corrupt.*next image instead"):
+        sample = dataset[1]
+    assert sample["name"] == "c"
+
+
+def test_a_validation_image_that_fails_to_decode_is_left_out_of_the_metrics(folder: Path) -> None:
+    jpeg = folder / "images" / "d.jpg"
+    Image.open(jpeg).save(folder / "images" / "d.png")
+    jpeg.unlink()
+    truncate(folder / "images" / "d.png")
+    dataset = FolderDataModule(str(folder)).build_dataset("val")
+    with pytest.warns(UserWarning, match=r"d\.png: the image is corrupt.*left out of the metrics"):
+        sample = dataset[0]
+    assert (sample["mask"] == 255).all()
+    assert sample["image"].shape[1:] == (40, 56)
+
+
+def config(tmp_path: Path, root: Path, weak_label: str = "point") -> str:
+    path = tmp_path / "folder.yaml"
+    path.write_text(
+        "model:\n  class_path: agmm_lightning.AGMMSegmenter\n  init_args:\n"
+        "    arch: Unet\n    encoder: tu-test_resnet\n"
+        "data:\n  class_path: agmm_lightning.data.FolderDataModule\n  init_args:\n"
+        f"    root: {root}\n    weak_label: {weak_label}\n    batch_size: 2\n    crop_size: 32\n"
+        "trainer:\n  accelerator: cpu\n  logger: false\n  enable_progress_bar: false\n"
+        f"  default_root_dir: {tmp_path / 'run'}\n"
+    )
+    return str(path)
+
+
+def test_check_data_decodes_everything_and_lists_every_bad_file(
+    tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncate(folder / "images" / "c.png")  # the last training image: header fine, pixels not
+    mask = np.array(Image.open(folder / "masks" / "b.png"))
+    mask[0, 0] = 7  # out of range for 3 classes
+    Image.fromarray(mask).save(folder / "masks" / "b.png")
+    truncate(folder / "weak" / "scribble" / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", "--config", config(tmp_path, folder, "scribble")])
+    assert exit_info.value.code == 1
+    report = capsys.readouterr().err
+    assert "3 train, 1 val images of FolderDataModule" in report and "3 problem(s)" in report
+    assert "[train] " + str(folder / "images" / "c.png") + ": the image is corrupt" in report
+    assert "masks/b.png: stored values [7] are out of range" in report
+    assert "weak/scribble/a.png: the label PNG is corrupt" in report
+
+
+def test_check_data_of_a_good_dataset(
+    tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", "--config", config(tmp_path, folder)])
+    assert exit_info.value.code == 0
+    assert "every file decodes" in capsys.readouterr().out
+
+
+def test_a_bad_dataset_ends_fit_with_a_message_and_no_traceback(
+    tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resize_mask(folder / "masks" / "c.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config(tmp_path, folder), "--trainer.max_steps=1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: 1 problem(s) with the files of the train split:" in err
+    assert "Traceback" not in err
+    shutil.rmtree(folder / "images")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config(tmp_path, folder), "--trainer.max_steps=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "images: directory not found" in err
+    assert "Traceback" not in err
