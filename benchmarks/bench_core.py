@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
 
-from agmm_lightning.losses import cvpr_agmm_losses
-from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.agmm import ClassMixtures, cvpr_agmm_losses
 
 
 def broadcast_cvpr_losses(features, logits, target, num_classes):

@@ -27,8 +27,7 @@ import torch
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
 from bench_core import click_target, loss_block
 
-from agmm_lightning import AGMMSegmenter
-from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.agmm import AGMMModel, ClassMixtures, OEMOptions, build_network
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,9 +49,8 @@ def training_step(method: str, setup: dict, device: torch.device):
     """A closure running one full training step of ``method`` on a fixed batch with clicks."""
     gen = torch.Generator().manual_seed(0)
     classes, batch, size = setup["num_classes"], setup["batch"], setup["size"]
-    model = AGMMSegmenter(
-        classes, arch=setup["arch"], encoder=setup["encoder"], method=method, warmup_steps=0
-    ).to(device)
+    network = build_network(setup["arch"], setup["encoder"], None, classes)
+    model = AGMMModel(network, classes, method, OEMOptions(warmup_steps=0)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = click_target(batch, size, classes, 4, gen)
     data = {
@@ -63,12 +61,12 @@ def training_step(method: str, setup: dict, device: torch.device):
     data = {key: value.to(device) for key, value in data.items()}
 
     def step() -> None:
-        losses, output = model.compute_losses(data)
+        losses, _ = model.losses(data)
         optimizer.zero_grad()
-        sum(losses.values()).backward()
+        sum(losses.terms.values()).backward()
         optimizer.step()
-        if "mixture_stats" in output:
-            model.mixtures.update(output["mixture_stats"])
+        if losses.stats is not None:
+            model.mixtures.update(losses.stats)
 
     return step
 

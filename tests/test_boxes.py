@@ -1,4 +1,4 @@
-"""Box supervision end to end: the allowed map from the files through AGMMSegmenter's losses."""
+"""Box supervision end to end: the allowed map from the files through the model's losses."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agmm_lightning import AGMMSegmenter
+from agmm_lightning.agmm import AGMMModel, OEMOptions, build_network
+from agmm_lightning.agmm.losses import absent_class_loss
 from agmm_lightning.data import FolderDataModule, VOCDataModule
 from agmm_lightning.data.transforms import build_train_sample, train_transform
-from agmm_lightning.losses import VOID, absent_class_loss, posterior_labels
+from agmm_lightning.targets import VOID, posterior_labels
+from agmm_lightning.weak_labels import WeakLabel
 
 DATA = Path(__file__).parent / "data"
 VOC_CLASSES = 21
@@ -28,17 +30,11 @@ def voc_box_batch(root: Path = DATA / "voc", **kwargs: Any) -> dict[str, Any]:
     return next(iter(data.train_dataloader()))
 
 
-def initialised_model(**kwargs: Any) -> AGMMSegmenter:
-    """A tiny segmenter whose mixtures already hold every class (as after some training)."""
-    args: dict[str, Any] = {
-        "num_classes": VOC_CLASSES,
-        "arch": "Unet",
-        "encoder": "tu-test_resnet",
-        "embed_dim": 8,
-        "warmup_steps": 0,
-        "confidence": 0.0,
-    }
-    model = AGMMSegmenter(**(args | kwargs)).eval()
+def initialised_model(arch: str = "Unet") -> AGMMModel:
+    """A tiny model whose mixtures already hold every class (as after some training)."""
+    network = build_network(arch, "tu-test_resnet", None, VOC_CLASSES)
+    options = OEMOptions(embed_dim=8, warmup_steps=0, confidence=0.0)
+    model = AGMMModel(network, VOC_CLASSES, "agmm", options).eval()
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(4 * VOC_CLASSES, 8, generator=generator), dim=1)
     weights = F.one_hot(torch.arange(4 * VOC_CLASSES) % VOC_CLASSES, VOC_CLASSES).float()
@@ -56,7 +52,7 @@ def raster(boxes: list[list[float]], core_fraction: float = 0.0) -> dict[str, An
         image,
         6,
         name="boxes",
-        boxes=np.array(boxes, np.float32),
+        label=WeakLabel(boxes=np.array(boxes, np.float32)),
         box_core_fraction=core_fraction,
     )
 
@@ -70,13 +66,13 @@ def raster(boxes: list[list[float]], core_fraction: float = 0.0) -> dict[str, An
 def test_posterior_is_zero_outside_the_allowed_map(arch: str) -> None:
     batch = voc_box_batch()
     with torch.no_grad():
-        _, output = initialised_model(arch=arch).compute_losses(batch)
-    posterior, allowed = output["posterior"], batch["allowed"]
+        step, _ = initialised_model(arch=arch).losses(batch)
+    posterior, allowed = step.posterior, batch["allowed"]
     assert posterior.shape == allowed.shape
     assert (posterior[~allowed] == 0).all()
     inside_image = batch["target"] != VOID
     assert torch.allclose(posterior.sum(1)[inside_image], torch.ones(()))
-    pseudo = posterior_labels(output["posterior"])
+    pseudo = posterior_labels(posterior)
     assert (pseudo[~inside_image] == VOID).all()
     assert allowed.gather(1, pseudo.clamp(max=VOC_CLASSES - 1)[:, None])[:, 0][inside_image].all()
 
@@ -87,9 +83,9 @@ def test_a_pixel_outside_every_box_is_background() -> None:
     assert outside.any()
     assert (batch["target"][outside] == 0).all()
     with torch.no_grad():
-        _, output = initialised_model().compute_losses(batch)
-    assert (output["posterior"][:, 0][outside] == 1).all()
-    assert (posterior_labels(output["posterior"])[outside] == 0).all()
+        step, _ = initialised_model().losses(batch)
+    assert (step.posterior[:, 0][outside] == 1).all()
+    assert (posterior_labels(step.posterior)[outside] == 0).all()
 
 
 def test_fitting_set_stays_inside_the_allowed_map() -> None:
@@ -109,9 +105,9 @@ def test_fitting_set_stays_inside_the_allowed_map() -> None:
         "image_classes": image_classes,
     }
     with torch.no_grad():
-        _, output = initialised_model().compute_losses(batch)
+        step, _ = initialised_model().losses(batch)
     # The Unet's features are at label resolution: one feature per pixel, weights <= 1.
-    fitted = output["mixture_stats"].weight.sum(1)
+    fitted = step.stats.weight.sum(1)
     assert fitted[0] > 0 and 0 < fitted[2] <= 16 * 16 and 0 < fitted[5] <= 8 * 8
     others = [c for c in range(VOC_CLASSES) if c not in (0, 2, 5)]
     assert (fitted[others] == 0).all()
@@ -121,11 +117,10 @@ def test_absent_loss_is_per_pixel() -> None:
     batch = voc_box_batch()
     model = initialised_model()
     with torch.no_grad():
-        losses, _ = model.compute_losses(batch)
-        logits = model(batch["image"])[0]
+        step, logits = model.losses(batch)
     per_pixel = absent_class_loss(logits, batch["allowed"], batch["target"])
     per_image = absent_class_loss(logits, batch["image_classes"], batch["target"])
-    assert torch.allclose(losses["absent"], per_pixel)
+    assert torch.allclose(step.terms["absent"], per_pixel)
     # Outside its box, a tagged class is forbidden too: the per-pixel loss is larger.
     assert per_pixel > per_image
 
@@ -137,8 +132,8 @@ def test_the_labelled_box_core_initialises_the_box_classes() -> None:
     model = initialised_model()
     model.mixtures.initialized.zero_()
     with torch.no_grad():
-        _, output = model.compute_losses(batch)
-    model.mixtures.update(output["mixture_stats"])
+        step, _ = model.losses(batch)
+    model.mixtures.update(step.stats)
     assert model.mixtures.initialized[[0, 1, 13, 15, 20]].all()
 
 

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from agmm_lightning import CAMClassifier
-from agmm_lightning.cam import cam_pseudo_labels, normalize_cams
 from agmm_lightning.cli import main
 from agmm_lightning.data import SyntheticDataModule, VOCDataModule
+from agmm_lightning.tasks.cam import cam_pseudo_labels, normalize_cams
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -115,7 +115,7 @@ def test_background_index_other_than_zero() -> None:
         ({"background_index": 6}, "background_index must be in 0..5"),
         ({"foreground_threshold": 0.2}, "background_threshold <= foreground_threshold"),
         ({"cam_scales": ()}, "cam_scales"),
-        ({"encoder": "not_an_encoder"}, "Unknown encoder 'not_an_encoder'"),
+        ({"encoder": "not_an_encoder"}, "encoder='not_an_encoder' is neither an smp encoder"),
         ({"encoder_weights": "typo.pth"}, "'typo.pth' is neither 'imagenet', None, nor an"),
         ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
     ],
@@ -200,7 +200,7 @@ def test_two_stage_cli_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(path.stem for path in cams.glob("*.png")) == ids
     for name in ids:
         written = Image.open(cams / f"{name}.png")
-        assert written.mode == "L" and written.size == (56, 40)
+        assert written.mode == "P" and written.size == (56, 40)
         assert max(written.getdata()) <= VOC_CLASSES
     # Stage 2 reads them back unchanged as its target maps (unlabelled = C).
     dataset = VOCDataModule(str(DATA / "voc"), weak_label="image", cam_dir=str(cams))
@@ -251,6 +251,5 @@ def test_a_cam_label_of_another_size_names_the_file(tmp_path: Path) -> None:
     for name in ("2007_000032", "2007_000039", "2008_000008"):
         Image.fromarray(np.zeros((20, 28), np.uint8)).save(cams / f"{name}.png")
     data = VOCDataModule(str(DATA / "voc"), weak_label="image", cam_dir=str(cams))
-    train = data.build_dataset("train")
     with pytest.raises(ValueError, match=r"cams/2007_000032\.png: size 28x20"):
-        train[0]
+        data.setup("fit")

@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import wandb
@@ -21,6 +22,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agmm_lightning import AGMMSegmenter
+from agmm_lightning.callbacks import colorize
 from agmm_lightning.cli import AGMMLightningCLI, long_run_callbacks, main
 from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
 
@@ -54,12 +56,14 @@ def test_fit_then_validate_test_and_predict_from_the_checkpoint(tmp_path, capsys
     capsys.readouterr()
     run(tmp_path, "predict", f"--ckpt_path={checkpoint}", "--trainer.logger=false")
     assert f"Predictions written to {out}" in capsys.readouterr().out
-    indices = sorted(p for p in out.glob("*.png") if not p.stem.endswith("_color"))
-    assert len(indices) == 4 and len(list(out.glob("*_color.png"))) == 4
-    labels = Image.open(indices[0])
-    assert labels.mode == "L" and labels.size == (32, 32)
-    assert max(labels.getdata()) < 6
-    assert Image.open(out / f"{indices[0].stem}_color.png").mode == "RGB"
+    written = sorted(out.glob("*.png"))
+    assert [path.stem for path in written] == [f"test_{i:05d}" for i in range(4)]
+    labels = Image.open(written[0])
+    assert labels.mode == "P" and labels.size == (32, 32)
+    indices = np.array(labels)
+    assert indices.max() < 6
+    colours = np.array(labels.convert("RGB"))
+    assert (colours == colorize(indices, 6)).all()
 
 
 def test_print_config_of_the_demo(capsys):
@@ -73,7 +77,7 @@ def test_print_config_of_the_demo(capsys):
     ("override", "message"),
     [
         ("--model.arch=NotANet", "arch='NotANet' is not an smp architecture; choose one of"),
-        ("--model.encoder=not_an_encoder", "Unknown encoder 'not_an_encoder'"),
+        ("--model.encoder=not_an_encoder", "encoder='not_an_encoder' is neither an smp encoder"),
         ("--model.num_classes=5", "set --model.init_args.num_classes=6"),
         ("--model.mixture_cnt=3", "mixture_cnt"),
         ("--model.method=magic", "magic"),
@@ -202,7 +206,7 @@ def test_the_class_count_comes_from_the_data(tmp_path):
     )
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
     assert checkpoint["hyper_parameters"]["num_classes"] == 3
-    assert checkpoint["state_dict"]["model.segmentation_head.0.weight"].shape[0] == 3
+    assert checkpoint["state_dict"]["model.network.segmentation_head.0.weight"].shape[0] == 3
 
 
 @pytest.mark.parametrize(

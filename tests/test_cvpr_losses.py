@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agmm_lightning.losses import cvpr_agmm_losses
+from agmm_lightning.agmm import cvpr_agmm_losses
 
 EPS = 1e-6
 

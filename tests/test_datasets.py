@@ -23,16 +23,11 @@ from agmm_lightning.data import (
     VOCDataModule,
 )
 from agmm_lightning.data.checks import decode_all
+from agmm_lightning.data.cityscapes import CITYSCAPES_LABELID_TO_TRAINID
 from agmm_lightning.data.files import FileDataModule, FileDataset
 from agmm_lightning.data.transforms import train_transform
-from agmm_lightning.weak_labels import (
-    CITYSCAPES_LABELID_TO_TRAINID,
-    VOC_CLASSES,
-    rasterize_boxes,
-    rasterize_points,
-    rasterize_polylines,
-    read_scribblesup_xml,
-)
+from agmm_lightning.data.voc import VOC_CLASSES, read_scribblesup_xml
+from agmm_lightning.weak_labels import rasterize_boxes, rasterize_points, rasterize_polylines
 
 DATA = Path(__file__).parent / "data"
 VOID = 255

@@ -71,7 +71,7 @@ class RecordRun(pl.Callback):
         self.names.append(list(batch["name"]))
 
     def on_train_end(self, trainer, pl_module):
-        mixtures = {k: v.cpu().clone() for k, v in pl_module.mixtures.state_dict().items()}
+        mixtures = {k: v.cpu().clone() for k, v in pl_module.model.mixtures.state_dict().items()}
         record = {"names": self.names, "mixtures": mixtures, "global_step": trainer.global_step}
         torch.save(record, self.folder / f"rank{trainer.global_rank}.pt")
 
@@ -80,7 +80,7 @@ class RecordRestored(pl.Callback):
     """Keep the mixtures as restored from the checkpoint (restoring precedes ``on_fit_start``)."""
 
     def on_fit_start(self, trainer, pl_module):
-        self.mixtures = {k: v.clone() for k, v in pl_module.mixtures.state_dict().items()}
+        self.mixtures = {k: v.clone() for k, v in pl_module.model.mixtures.state_dict().items()}
 
 
 class ReplaySampler(Sampler[int]):
@@ -231,7 +231,7 @@ def test_a_ddp_checkpoint_resumes_on_one_process(ddp_run: Path, tmp_path: Path) 
     )
     (rank_zero, _) = load_ranks(ddp_run)
     for name, value in restored.mixtures.items():
-        assert torch.equal(value, saved[f"mixtures.{name}"]), name
+        assert torch.equal(value, saved[f"model.mixtures.{name}"]), name
         assert torch.equal(value, rank_zero["mixtures"][name]), name
     steps_before = EPOCHS * NUM_TRAIN // GLOBAL_BATCH
     assert trainer.global_step == steps_before + NUM_TRAIN // RANK_BATCH

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from agmm_lightning import AGMMSegmenter
+from agmm_lightning.agmm.losses import partial_cross_entropy
 from agmm_lightning.data import SyntheticDataModule
-from agmm_lightning.losses import partial_cross_entropy
 
 
 def tiny_model(**kwargs):
@@ -65,12 +65,12 @@ def test_the_baseline_uses_hard_example_mining():
     losses = {}
     for fraction in (1.0, 0.25):
         torch.manual_seed(0)
-        model = tiny_model(method="baseline", hard_fraction=fraction)
-        losses[fraction], _ = model.compute_losses(batch)
-        logits, _ = model(batch["image"])
+        model = tiny_model(method="baseline", hard_fraction=fraction).model
+        step, logits = model.losses(batch)
+        losses[fraction] = step.terms["seg"]
         expected = partial_cross_entropy(logits, batch["target"], hard_fraction=fraction)
-        torch.testing.assert_close(losses[fraction]["seg"], expected)
-    assert losses[0.25]["seg"] > losses[1.0]["seg"]
+        torch.testing.assert_close(losses[fraction], expected)
+    assert losses[0.25] > losses[1.0]
 
 
 def test_one_refit_per_optimizer_step_under_gradient_accumulation(tmp_path):
@@ -83,11 +83,12 @@ def test_one_refit_per_optimizer_step_under_gradient_accumulation(tmp_path):
     reference = tiny_model(lr=0.0, warmup_steps=100, mixture_count=2).train()
     quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2).fit(model, data)
     with torch.no_grad():
-        stats = [reference.compute_losses(batch)[1]["mixture_stats"] for batch in (first, second)]
-    reference.mixtures.update(stats[0] + stats[1])
-    assert reference.mixtures.initialized.any()
-    for name, value in reference.mixtures.state_dict().items():
-        torch.testing.assert_close(model.mixtures.state_dict()[name], value, msg=name)
+        stats = [reference.model.losses(batch)[0].stats for batch in (first, second)]
+    expected = reference.model.mixtures
+    expected.update(stats[0] + stats[1])
+    assert expected.initialized.any()
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(model.model.mixtures.state_dict()[name], value, msg=name)
 
 
 class PoisonBatch(pl.Callback):
@@ -112,7 +113,7 @@ def test_a_nan_batch_is_skipped_and_training_goes_on(tmp_path, method):
         assert value.is_floating_point() is False or torch.isfinite(value).all(), name
     if method == "agmm":
         assert int(model.skipped_refits) == 1
-        assert model.mixtures.initialized.any()
+        assert model.model.mixtures.initialized.any()
         assert float(trainer.callback_metrics["mixture_skipped_refits"]) == 1.0
     # The model still predicts: BatchNorm statistics spoilt by the NaN batch were restarted.
     model.eval()

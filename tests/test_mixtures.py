@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from agmm_lightning.mixtures import ClassMixtures
+from agmm_lightning.agmm import ClassMixtures
 
 
 def sample_mixture(means, stds, weights, count, gen):

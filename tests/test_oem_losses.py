@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agmm_lightning.losses import (
+from agmm_lightning.agmm.losses import (
     absent_class_loss,
     maximization_loss,
     partial_cross_entropy,

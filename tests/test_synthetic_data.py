@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
-from agmm_lightning.data.base import simulate_weak_label, weak_label_rng
 from agmm_lightning.data.synthetic import SHAPE_NAMES, render_scene
-from agmm_lightning.weak_labels import tags_from_mask
+from agmm_lightning.weak_labels import simulate_weak_label, tags_from_mask, weak_label_rng
 
 FORMS = ("full", "point", "scribble", "block", "box", "image")
 

@@ -21,6 +21,7 @@ from agmm_lightning.data.transforms import (
     seed_worker,
     train_transform,
 )
+from agmm_lightning.weak_labels import WeakLabel
 
 C = 4
 
@@ -43,7 +44,9 @@ def test_crop_padding_is_void_in_target_mask_and_allowed() -> None:
     image, mask = _scene()
     transform = _identity_geometry(64)
     boxes = np.array([[5, 5, 20, 20, 2], [30, 25, 48, 38, 3]], np.float32)
-    sample = build_train_sample(transform, image, C, name="a", boxes=boxes, mask=mask)
+    sample = build_train_sample(
+        transform, image, C, name="a", label=WeakLabel(boxes=boxes), mask=mask
+    )
     padding = sample["mask"] == 255
     assert sample["image"].shape == (3, 64, 64)
     assert int(padding.sum()) == 64 * 64 - 40 * 50
@@ -57,7 +60,9 @@ def test_points_are_rasterised_after_a_half_scale() -> None:
     image, mask = _scene(64, 64)
     points = np.array([[12.0, 12.0, 2], [40.0, 31.0, 3]], np.float32)
     transform = train_transform(32, (0.5, 0.5), flip_probability=0.0, seed=0)
-    sample = build_train_sample(transform, image, C, name="a", points=points, mask=mask)
+    sample = build_train_sample(
+        transform, image, C, name="a", label=WeakLabel(points=points), mask=mask
+    )
     target = sample["target"]
     for cls in (2, 3):
         labelled = target == cls
@@ -70,7 +75,9 @@ def test_horizontal_flip_moves_points_with_the_image() -> None:
     image, mask = _scene(48, 48)
     points = np.array([[10.0, 10.0, 2]], np.float32)
     transform = train_transform(48, (1.0, 1.0), flip_probability=1.0, seed=0)
-    sample = build_train_sample(transform, image, C, name="a", points=points, mask=mask)
+    sample = build_train_sample(
+        transform, image, C, name="a", label=WeakLabel(points=points), mask=mask
+    )
     ys, xs = torch.nonzero(sample["target"] == 2, as_tuple=True)
     assert xs.float().mean().item() == pytest.approx(48 - 1 - 10)
     assert ys.float().mean().item() == pytest.approx(10)
@@ -81,7 +88,9 @@ def test_mask_interpolation_is_nearest() -> None:
     image, mask = _scene()
     transform = train_transform(48, (1.37, 1.37), seed=0)
     target = np.where(mask == 0, C, mask).astype(np.uint8)
-    sample = build_train_sample(transform, image, C, name="a", target=target, mask=mask)
+    sample = build_train_sample(
+        transform, image, C, name="a", label=WeakLabel(target=target), mask=mask
+    )
     assert set(sample["mask"].unique().tolist()) <= {0, 2, 3, 255}
     assert set(sample["target"].unique().tolist()) <= {2, 3, C, 255}
 
@@ -90,7 +99,7 @@ def test_image_classes_come_from_the_whole_image() -> None:
     image, mask = _scene()
     points = np.array([[10.0, 10.0, 2], [40.0, 30.0, 3], [25.0, 2.0, 0]], np.float32)
     transform = train_transform(8, (1.0, 1.0), seed=0)
-    sample = build_train_sample(transform, image, C, name="a", points=points)
+    sample = build_train_sample(transform, image, C, name="a", label=WeakLabel(points=points))
     assert sample["image_classes"].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert (sample["target"] < C).sum() < 15  # at most one disc fits in an 8-px crop
 
@@ -98,10 +107,14 @@ def test_image_classes_come_from_the_whole_image() -> None:
 def test_box_image_classes_include_background_around_boxes() -> None:
     image, _ = _scene()
     boxes = np.array([[5, 5, 20, 20, 2]], np.float32)
-    sample = build_train_sample(_identity_geometry(16), image, C, name="a", boxes=boxes)
+    sample = build_train_sample(
+        _identity_geometry(16), image, C, name="a", label=WeakLabel(boxes=boxes)
+    )
     assert sample["image_classes"].tolist() == [1.0, 0.0, 1.0, 0.0]
     full = np.array([[0, 0, 50, 40, 3]], np.float32)
-    sample = build_train_sample(_identity_geometry(16), image, C, name="a", boxes=full)
+    sample = build_train_sample(
+        _identity_geometry(16), image, C, name="a", label=WeakLabel(boxes=full)
+    )
     assert sample["image_classes"].tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
@@ -109,9 +122,8 @@ def test_given_tags_override_the_weak_label_classes() -> None:
     image, mask = _scene()
     tags = np.array([1, 1, 0, 0], np.float32)
     target = np.full(mask.shape, C, np.uint8)
-    sample = build_train_sample(
-        _identity_geometry(16), image, C, name="a", target=target, image_classes=tags
-    )
+    label = WeakLabel(target=target, tags=tags)
+    sample = build_train_sample(_identity_geometry(16), image, C, name="a", label=label)
     assert sample["image_classes"].tolist() == tags.tolist()
     assert set(sample["target"].unique().tolist()) == {C}
 
@@ -120,15 +132,14 @@ def test_exactly_one_weak_label_form_is_required() -> None:
     image, mask = _scene()
     transform = _identity_geometry(16)
     with pytest.raises(ValueError, match="exactly one"):
-        build_train_sample(transform, image, C, name="a")
+        WeakLabel()
     with pytest.raises(ValueError, match="exactly one"):
-        build_train_sample(
-            transform, image, C, name="a", target=mask, points=np.zeros((0, 3), np.float32)
-        )
+        WeakLabel(target=mask, points=np.zeros((0, 3), np.float32))
     with pytest.raises(ValueError, match="shape"):
-        build_train_sample(transform, image, C, name="a", target=mask[:10])
+        build_train_sample(transform, image, C, name="a", label=WeakLabel(target=mask[:10]))
     with pytest.raises(ValueError, match="uint8"):
-        build_train_sample(transform, image.astype(np.float32), C, name="a", target=mask)
+        image = image.astype(np.float32)
+        build_train_sample(transform, image, C, name="a", label=WeakLabel(target=mask))
 
 
 def test_eval_sample_keeps_full_resolution() -> None:
@@ -161,10 +172,14 @@ def test_same_seed_same_augmentation() -> None:
     image, mask = _scene()
     target = np.where(mask == 0, C, mask).astype(np.uint8)
     first, second = (
-        build_train_sample(train_transform(24, seed=5), image, C, name="a", target=target)
+        build_train_sample(
+            train_transform(24, seed=5), image, C, name="a", label=WeakLabel(target=target)
+        )
         for _ in range(2)
     )
-    other = build_train_sample(train_transform(24, seed=6), image, C, name="a", target=target)
+    other = build_train_sample(
+        train_transform(24, seed=6), image, C, name="a", label=WeakLabel(target=target)
+    )
     assert torch.equal(first["image"], second["image"])
     assert not torch.equal(first["image"], other["image"])
 
@@ -181,7 +196,9 @@ class _SameImage(Dataset[torch.Tensor]):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         target = np.where(self.mask == 0, C, self.mask).astype(np.uint8)
-        sample = build_train_sample(self.transform, self.image, C, name="a", target=target)
+        sample = build_train_sample(
+            self.transform, self.image, C, name="a", label=WeakLabel(target=target)
+        )
         return sample["image"]
 
 

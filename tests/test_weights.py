@@ -32,7 +32,7 @@ def timm_weights() -> dict[str, Tensor]:
 
 
 def assert_encoder_holds(model: AGMMSegmenter, weights: dict[str, Tensor]) -> None:
-    encoder = model.model.encoder.state_dict()
+    encoder = model.model.network.encoder.state_dict()
     assert len(encoder) == len(weights) - 2  # the classifier head (fc) is not in the encoder
     for key, tensor in encoder.items():
         torch.testing.assert_close(tensor, weights[key.removeprefix("model.")], rtol=0, atol=0)
@@ -79,7 +79,7 @@ def test_the_encoder_of_a_segmenter_checkpoint_loads(timm_weights, tmp_path) -> 
 
 
 def test_renamed_keys_load_by_position_with_a_note(timm_weights, tmp_path, caplog) -> None:
-    encoder_keys = list(tiny_model().model.encoder.state_dict())
+    encoder_keys = list(tiny_model().model.network.encoder.state_dict())
     renamed = {
         f"layer_{i}": timm_weights[k.removeprefix("model.")] for i, k in enumerate(encoder_keys)
     }
@@ -95,7 +95,7 @@ def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path) -> No
     other = timm.create_model("test_efficientnet").state_dict()
     path = tmp_path / "efficientnet.pth"
     torch.save(other, path)
-    encoder = tiny_model().model.encoder
+    encoder = tiny_model().model.network.encoder
     expected = list(encoder.state_dict().items())
     position = next(
         i
@@ -119,7 +119,7 @@ def test_a_namesake_of_another_shape_is_named(timm_weights, tmp_path) -> None:
 
 
 def test_a_safetensors_file_is_never_matched_by_position(timm_weights, tmp_path) -> None:
-    encoder_keys = list(tiny_model().model.encoder.state_dict())
+    encoder_keys = list(tiny_model().model.network.encoder.state_dict())
     renamed = {
         f"t{i:03d}": timm_weights[k.removeprefix("model.")] for i, k in enumerate(encoder_keys)
     }

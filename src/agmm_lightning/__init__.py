@@ -6,8 +6,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-from agmm_lightning.cam import CAMClassifier  # noqa: E402
-from agmm_lightning.mixtures import ClassMixtures  # noqa: E402
-from agmm_lightning.module import AGMMSegmenter  # noqa: E402
+from agmm_lightning.agmm import ClassMixtures  # noqa: E402
+from agmm_lightning.tasks import AGMMSegmenter, CAMClassifier  # noqa: E402
 
 __all__ = ["AGMMSegmenter", "CAMClassifier", "ClassMixtures"]

@@ -1,8 +1,7 @@
-"""Callbacks: image panels and prediction PNGs; run folders; statistics summed across ranks."""
+"""Callbacks: image panels and prediction PNGs, and the run folder they write to."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from agmm_lightning.losses import posterior_labels
-from agmm_lightning.mixtures import MixtureStatistics
+from agmm_lightning.targets import posterior_labels
 
 __all__ = [
     "PredictionWriter",
     "SegmentationPanels",
     "colorize",
+    "palette_of",
     "print_line",
     "run_directory",
     "shared_run_directory",
@@ -63,23 +62,6 @@ def shared_run_directory(trainer: Trainer) -> Path:
     return Path(trainer.strategy.broadcast(str(run_directory(trainer))))
 
 
-def reduce_statistics(stats: MixtureStatistics, trainer: Trainer) -> MixtureStatistics:
-    """Sum the statistics and pool the candidates of every rank (every rank must call)."""
-    if trainer.world_size == 1:
-        return stats
-    reduced = {}
-    for field in fields(stats):
-        value = getattr(stats, field.name)
-        if field.name in MixtureStatistics._SUMMED:
-            # all_reduce works in place; on a non-contiguous view (moments are sliced from one
-            # matmul) gloo reduces a temporary copy and the view keeps this rank's local sum.
-            reduced[field.name] = trainer.strategy.reduce(value.contiguous(), reduce_op="sum")
-        else:  # [world, C, M, ...] -> [C, world * M, ...]
-            gathered = trainer.strategy.all_gather(value)
-            reduced[field.name] = gathered.transpose(0, 1).flatten(1, 2)
-    return MixtureStatistics(**reduced)
-
-
 def _voc_palette() -> np.ndarray:
     """The PASCAL VOC colour map: class bits spread over the high bits of R, G and B."""
     index = np.arange(256)
@@ -93,12 +75,17 @@ def _voc_palette() -> np.ndarray:
 _PALETTE = _voc_palette()
 
 
-def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """RGB image of a class-index map in the VOC palette; unlabelled grey, void white."""
+def palette_of(num_classes: int) -> np.ndarray:
+    """uint8 [256, 3] colours of class indices: the VOC palette, C (unlabelled) grey, void white."""
     palette = _PALETTE.copy()
     palette[num_classes] = (96, 96, 96)
     palette[255] = 255
-    return palette[labels]
+    return palette
+
+
+def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """RGB image of a class-index map in :func:`palette_of` colours."""
+    return palette_of(num_classes)[labels]
 
 
 def _denormalize(image: torch.Tensor) -> np.ndarray:
@@ -165,13 +152,14 @@ class SegmentationPanels(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write each prediction as an index PNG and a colour-palette PNG.
+    """Write each prediction as ``<name>.png``: class indices, coloured by a palette.
 
-    Files go to ``<output_dir>/<name>.png`` (class indices) and ``<output_dir>/<name>_color.png``.
+    A palette PNG (the VOC ground-truth format) holds the indices as its pixel values and shows
+    them in colour: index C (unlabelled, in CAM pseudo labels) is grey, void white. Files go to
+    ``output_dir``, or to the task's :meth:`~agmm_lightning.tasks.base.BaseTask.prediction_folder`.
 
     Args:
-        output_dir: Folder of the predictions; None uses ``<run directory>/predictions`` (see
-            :func:`run_directory`).
+        output_dir: Folder of the predictions; None asks the task.
     """
 
     folder: Path
@@ -182,7 +170,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the folder once, the same on every rank."""
-        self.folder = Path(self.output_dir or shared_run_directory(trainer) / "predictions")
+        default = pl_module.prediction_folder(trainer)  # type: ignore[operator]
+        self.folder = Path(self.output_dir) if self.output_dir else default
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(
@@ -196,12 +185,12 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         """Save the batch's predictions."""
-        num_classes = pl_module.hparams["num_classes"]
+        palette = palette_of(pl_module.hparams["num_classes"])
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
-            indices = labels.cpu().numpy()
-            Image.fromarray(indices).save(self.folder / f"{name}.png")
-            Image.fromarray(colorize(indices, num_classes)).save(self.folder / f"{name}_color.png")
+            image = Image.fromarray(labels.cpu().numpy())
+            image.putpalette(palette.flatten().tolist())
+            image.save(self.folder / f"{name}.png")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say where the predictions went."""
-        print_line(f"Predictions written to {self.folder} (<name>.png and <name>_color.png)")
+        print_line(f"Predictions written to {self.folder} (class-index palette PNGs)")

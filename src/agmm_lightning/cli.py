@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from agmm_lightning.callbacks import run_directory
 from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.errors import InputError
-from agmm_lightning.module import AGMMSegmenter
+from agmm_lightning.tasks import AGMMSegmenter
 
 __all__ = [
     "CHECKPOINT_KEYS",

@@ -18,15 +18,30 @@ from torch import Tensor, nn
 
 from agmm_lightning.errors import InputError
 
-__all__ = ["load_encoder_weights", "read_state_dict"]
+__all__ = ["load_encoder_weights", "read_state_dict", "split_weights"]
 
 logger = logging.getLogger(__name__)
 
 # Keys under which checkpoints nest the state dict (Lightning, timm/DeiT training scripts, ...).
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-# Leading key parts that wrappers add: DDP (module.), smp models and timm-universal encoders
-# (model., encoder.), detection-style backbones (backbone.), torch.compile (_orig_mod.).
-_WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
+# Leading key parts that wrappers add: DDP (module.), segmenter checkpoints, smp models and
+# timm-universal encoders (model., network., encoder.), detection-style backbones (backbone.),
+# torch.compile (_orig_mod.).
+_WRAPPER_PREFIXES = ("module.", "model.", "network.", "encoder.", "backbone.", "_orig_mod.")
+
+
+def split_weights(weights: str | None) -> tuple[str | None, str | None]:
+    """Split an ``encoder_weights`` value into what smp downloads and what is read from disk.
+
+    Args:
+        weights: None, ``"imagenet"``, or the path of a local weights file.
+
+    Returns:
+        ``(weights for smp, local file)``: ``(None, path)`` for a file, ``(weights, None)`` else.
+    """
+    if weights is None or weights == "imagenet":
+        return weights, None
+    return None, weights
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -28,11 +28,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from agmm_lightning.weak_labels import (
-    CITYSCAPES_LABELID_TO_TRAINID,
-    VOC_CLASSES,
-    rasterize_points,
-)
+from agmm_lightning.data.cityscapes import CITYSCAPES_LABELID_TO_TRAINID
+from agmm_lightning.data.voc import VOC_CLASSES
+from agmm_lightning.weak_labels import rasterize_points
 
 HERE = Path(__file__).resolve().parent
 VOID = 255

@@ -17,18 +17,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabelForm
-from agmm_lightning.data.files import (
-    FileDataModule,
-    ImageRecord,
-    LabelDecoder,
-    WeakLabelReader,
-    index_files,
-    match_images,
-    require_directory,
-)
-from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import VOID
+from agmm_lightning.data.files import FileDataModule, folder_split
+from agmm_lightning.data.io import LabelDecoder, index_files, require_directory
+from agmm_lightning.data.readers import ImageRecord, WeakLabelReader
+from agmm_lightning.targets import VOID
+from agmm_lightning.weak_labels import WeakLabelForm
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataModule", "reduce_zero_label"]
 
@@ -217,16 +210,10 @@ class ADE20KDataModule(FileDataModule):
         val_split: Validation folder.
         test_split: Test folder; None evaluates on ``val_split``.
         block_dir: Folder of block PNGs in the raw encoding.
-        batch_size: Training images per batch.
-        crop_size: Side of the square training crop, in pixels.
-        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
-            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
-            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
-
-    Raises:
-        ValueError: If an option is out of range.
+        **kwargs: Options of :class:`~agmm_lightning.data.files.FileDataModule`.
     """
 
+    classes = ADE20K_CLASSES
     layout = "images/{training,validation}/ and annotations/{training,validation}/"
     mask_fix = "Annotations must be raw ADE20K PNGs (0 = other, 1..150 = classes)."
 
@@ -238,97 +225,40 @@ class ADE20KDataModule(FileDataModule):
         val_split: str = "validation",
         test_split: str | None = None,
         block_dir: str = "train/sparse_label/block10",
-        batch_size: int = 16,
-        crop_size: int = 512,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
-        )
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        splits = {"train": train_split, "val": val_split, "test": test_split}
+        super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         self.block_dir = block_dir
 
-    @property
-    def num_classes(self) -> int:
-        """150 classes."""
-        return len(ADE20K_CLASSES)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The ADE20K class names."""
-        return list(ADE20K_CLASSES)
-
     def mask_decoder(self) -> LabelDecoder:
-        """Reduce zero label: 0 -> void, k -> k - 1.
-
-        Returns:
-            The decoder.
-        """
+        """Reduce zero label: 0 -> void, k -> k - 1."""
         return partial(reduce_zero_label, zero_value=VOID)
 
     def find_images(self) -> dict[str, Path]:
-        """Index ``images/<split>/`` for every configured split.
-
-        Returns:
-            ``stem -> image file``.
-
-        Raises:
-            FileNotFoundError: If ``images/`` does not exist.
-        """
+        """Index ``images/<split>/`` for every configured split."""
         folder = require_directory(self.root / "images", "root", "images/<split>/<stem>.jpg")
         index: dict[str, Path] = {}
-        for name in self.split_names.values():
+        for name in self.splits.values():
             if name is not None:
                 index.update(index_files(folder / name, (".jpg",)))
         return index
 
     def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
-        """List ``images/<split>/`` and pair each image with its annotation.
-
-        Args:
-            split: "train", "val" or "test" (``val_split`` when ``test_split`` is None).
-
-        Returns:
-            The split's records.
-
-        Raises:
-            FileNotFoundError: If the split's folder does not exist.
-            ValueError: If it holds no image.
-        """
-        if split == "test" and self.split_names["test"] is None:
-            split = "val"
-        folder_name = str(self.split_names[split])
-        option = f"{split}_split"
-        folder = require_directory(self.root / "images" / folder_name, option, "<stem>.jpg images")
-        images = index_files(folder, (".jpg",))
-        if not images:
-            raise InputError(
-                f"{folder}: no .jpg image; expected the {split} images. Check `{option}`."
-            )
-        annotations = self.root / "annotations" / folder_name
-        return match_images(
-            list(images),
-            images,
-            source=f"{folder} (`{option}`)",
-            expected_image=lambda stem: folder / f"{stem}.jpg",
-            mask_path=lambda stem: annotations / f"{stem}.png",
+        """``images/<split>/`` paired with ``annotations/<split>/``."""
+        name = str(self.splits[split])
+        images = folder_split(
+            self.root / "images" / name, ".jpg", split=split, option=f"{split}_split"
         )
+        annotations = self.root / "annotations" / name
+        return [
+            ImageRecord(stem, path, annotations / f"{stem}.png") for stem, path in images.items()
+        ]
 
     def native_weak_labels(
         self, form: WeakLabelForm, names: Sequence[str]
     ) -> WeakLabelReader | None:
-        """Read ``block_dir`` ("block").
-
-        Args:
-            form: The weak-label form.
-            names: The training stems.
-
-        Returns:
-            The reader.
-
-        Raises:
-            ValueError: For forms without files.
-        """
+        """Read ``block_dir`` ("block")."""
         if form == "block":
             return self.png_weak_labels(
                 self.path(self.block_dir),

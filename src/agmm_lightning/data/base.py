@@ -1,4 +1,4 @@
-"""Shared dataset and DataModule machinery: weak-label simulation, sample assembly, loaders.
+"""Shared dataset and DataModule machinery: sample assembly, seeded loaders, DDP evaluation.
 
 A concrete dataset only says how to read image ``index`` (its name, RGB image and dense mask);
 :class:`WeakLabelDataset` turns that into the sample dicts of METHOD §1, simulating the weak label
@@ -9,11 +9,8 @@ the dataset of each split.
 
 from __future__ import annotations
 
-import warnings
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, cast, get_args
 
@@ -32,15 +29,9 @@ from agmm_lightning.data.transforms import (
     train_transform,
 )
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import (
-    boxes_from_mask,
-    sample_points,
-    simulate_blocks,
-    simulate_scribbles,
-    tags_from_mask,
-)
+from agmm_lightning.weak_labels import SimulationOptions, WeakLabel, WeakLabelForm, check_form
+from agmm_lightning.weak_labels.forms import simulate_weak_label, weak_label_rng
 
-WeakLabelForm = Literal["full", "point", "scribble", "block", "box", "image"]
 Split = Literal["train", "val", "test", "predict"]
 Mode = Literal["train", "eval", "predict", "tagged"]
 PredictSplit = Literal["test", "train"]
@@ -59,119 +50,8 @@ __all__ = [
     "Mode",
     "PredictSplit",
     "Split",
-    "WeakLabel",
     "WeakLabelDataset",
-    "WeakLabelForm",
-    "simulate_weak_label",
-    "weak_label_rng",
 ]
-
-
-@dataclass(frozen=True)
-class WeakLabel:
-    """One image's weak label, in the form the augmentation carries it.
-
-    Exactly one of ``target``, ``points`` and ``boxes`` is set.
-
-    Attributes:
-        target: Raster [H,W] (0..C-1 labelled, C unlabelled, 255 void).
-        points: Clicks, float32 [N,3] rows of (x, y, class).
-        boxes: Boxes, float32 [N,5] rows of (x0, y0, x1, y1, class).
-        tags: Classes known present, float32 [C]; None derives them from the label itself.
-    """
-
-    target: np.ndarray | None = None
-    points: np.ndarray | None = None
-    boxes: np.ndarray | None = None
-    tags: np.ndarray | None = None
-
-
-def weak_label_rng(seed: int, name: str) -> np.random.Generator:
-    """Return the generator that simulates the weak label of image ``name``.
-
-    Args:
-        seed: The experiment's data seed.
-        name: The image's identifier (stable across split files, unlike its index).
-
-    Returns:
-        A generator that depends only on ``(seed, name)``.
-    """
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def simulate_weak_label(
-    mask: np.ndarray,
-    form: WeakLabelForm,
-    num_classes: int,
-    rng: np.random.Generator,
-    *,
-    points_per_segment: int = 1,
-    block_fraction: float = 0.1,
-) -> WeakLabel:
-    """Simulate a weak label of the given form from a dense mask (METHOD §4).
-
-    Void pixels of the mask become unlabelled (C), as in every simulated form: in a target map
-    255 is left to crop padding.
-
-    Args:
-        mask: Dense class-index mask [H,W] (255 void).
-        form: The weak-label form. "image" gives tags and an all-unlabelled target (the CAM
-            pseudo labels of METHOD §5 replace that target in the second stage).
-        num_classes: Number of classes C.
-        rng: Generator for the random parts of the simulation.
-        points_per_segment: Clicks per connected segment for the "point" form.
-        block_fraction: Fraction of the image covered by blocks for the "block" form.
-
-    Returns:
-        The simulated weak label.
-
-    Raises:
-        ValueError: If ``form`` is not a known weak-label form.
-    """
-    if form == "full":
-        # Dense supervision has no unlabelled pixels: the dataset's "don't care" stays void.
-        return WeakLabel(target=mask.astype(np.uint8))
-    if form == "point":
-        points = sample_points(
-            mask, rng, points_per_segment=points_per_segment, num_classes=num_classes
-        )
-        return WeakLabel(points=points)
-    if form == "scribble":
-        return WeakLabel(target=simulate_scribbles(mask, rng, num_classes))
-    if form == "block":
-        return WeakLabel(target=simulate_blocks(mask, rng, num_classes, fraction=block_fraction))
-    if form == "box":
-        return WeakLabel(boxes=boxes_from_mask(mask, num_classes))
-    if form == "image":
-        unlabelled = np.full(mask.shape, num_classes, np.uint8)
-        return WeakLabel(target=unlabelled, tags=tags_from_mask(mask, num_classes))
-    raise InputError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
-
-
-def check_simulation_options(
-    weak_label: WeakLabelForm,
-    points_per_segment: int,
-    block_fraction: float,
-    box_core_fraction: float,
-) -> None:
-    """Raise a ValueError unless the weak-label options are in range.
-
-    Boxes without a labelled core get a warning: they leave every box class unlabelled.
-    """
-    if weak_label == "box" and box_core_fraction == 0:
-        warnings.warn(
-            "weak_label='box' with box_core_fraction=0 labels no pixel of any box class (only "
-            "the background outside the boxes), so nothing can teach a box class: the AGMM "
-            "mixtures of those classes never start. Set box_core_fraction > 0 (e.g. 0.3).",
-            stacklevel=3,
-        )
-    if points_per_segment < 1:
-        raise InputError(f"points_per_segment must be >= 1, got {points_per_segment}.")
-    if not 0 < block_fraction <= 1 or not 0 <= box_core_fraction <= 1:
-        raise InputError(
-            "Expected 0 < block_fraction <= 1 and 0 <= box_core_fraction <= 1, got "
-            f"{block_fraction} and {box_core_fraction}."
-        )
 
 
 class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
@@ -188,9 +68,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         transform: The albumentations pipeline (see :mod:`agmm_lightning.data.transforms`).
         weak_label: Form of the training label.
         seed: Seed of the weak-label simulation.
-        points_per_segment: Clicks per connected segment for the "point" form.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
+        simulation: How weak labels are simulated and boxes read.
     """
 
     def __init__(
@@ -201,22 +79,15 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         transform: A.BaseCompose,
         weak_label: WeakLabelForm = "point",
         seed: int = 0,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
+        simulation: SimulationOptions | None = None,
     ) -> None:
-        if weak_label not in get_args(WeakLabelForm):
-            raise InputError(
-                f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
-            )
+        check_form(weak_label)
         self.num_classes = num_classes
         self.mode = mode
         self.transform = transform
         self.weak_label_form = weak_label
         self.seed = seed
-        self.points_per_segment = points_per_segment
-        self.block_fraction = block_fraction
-        self.box_core_fraction = box_core_fraction
+        self.simulation = simulation or SimulationOptions()
 
     @abstractmethod
     def __len__(self) -> int:
@@ -252,13 +123,9 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
                 f"Image {name!r} has no dense mask to simulate a {self.weak_label_form!r} label "
                 "from; provide ready-made weak labels or dense masks."
             )
+        rng = weak_label_rng(self.seed, name)
         return simulate_weak_label(
-            mask,
-            self.weak_label_form,
-            self.num_classes,
-            weak_label_rng(self.seed, name),
-            points_per_segment=self.points_per_segment,
-            block_fraction=self.block_fraction,
+            mask, self.weak_label_form, self.num_classes, rng, self.simulation
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -280,18 +147,14 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             if mask is None:
                 raise InputError(f"Evaluation needs a dense mask, but image {name!r} has none.")
             return build_eval_sample(self.transform, image, name=name, mask=mask)
-        label = self.weak_label(name, mask)
         return build_train_sample(
             self.transform,
             image,
             self.num_classes,
             name=name,
-            target=label.target,
-            points=label.points,
-            boxes=label.boxes,
+            label=self.weak_label(name, mask),
             mask=mask,
-            image_classes=label.tags,
-            box_core_fraction=self.box_core_fraction,
+            box_core_fraction=self.simulation.box_core_fraction,
         )
 
 
@@ -327,7 +190,8 @@ class EpochShuffleSampler(Sampler[int]):
 class AGMMDataModule(LightningDataModule, ABC):
     """Base DataModule: builds one dataset per split and the DataLoaders around them.
 
-    Subclasses implement :meth:`build_dataset`, :attr:`num_classes` and :attr:`class_names`, and
+    Subclasses implement :meth:`build_dataset`, set :attr:`classes` (or override
+    :attr:`class_names`), and
     override :attr:`eval_batch_size` when all evaluation images share one size.
 
     Args:
@@ -340,8 +204,11 @@ class AGMMDataModule(LightningDataModule, ABC):
             random crop and normalisation).
         predict_split: Images of ``predict``: "test", or "train" with each image's tags as
             ``image_classes`` (and its dense mask when there is one), which the CAM stage
-            (:class:`~agmm_lightning.cam.CAMClassifier`) turns into pseudo labels. "train" needs
-            ``weak_label="image"``.
+            (:class:`~agmm_lightning.tasks.cam.CAMClassifier`) turns into pseudo labels. "train"
+            needs ``weak_label="image"``.
+        points_per_segment: Clicks per connected segment of simulated points.
+        block_fraction: Fraction of the image covered by simulated blocks.
+        box_core_fraction: Central fraction of each box labelled with its class.
 
     Raises:
         ValueError: If a size or count is out of range, ``weak_label`` is unknown, or
@@ -357,6 +224,9 @@ class AGMMDataModule(LightningDataModule, ABC):
         weak_label: WeakLabelForm = "point",
         augment: bool = True,
         predict_split: PredictSplit = "test",
+        points_per_segment: int = 1,
+        block_fraction: float = 0.1,
+        box_core_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or crop_size < 1 or num_workers < 0:
@@ -364,10 +234,9 @@ class AGMMDataModule(LightningDataModule, ABC):
                 "Expected batch_size >= 1, crop_size >= 1 and num_workers >= 0, got "
                 f"{batch_size}, {crop_size} and {num_workers}."
             )
-        if weak_label not in get_args(WeakLabelForm):
-            raise InputError(
-                f"weak_label must be one of {get_args(WeakLabelForm)}, got {weak_label!r}."
-            )
+        check_form(weak_label)
+        self.simulation = SimulationOptions(points_per_segment, block_fraction, box_core_fraction)
+        self.simulation.check(weak_label)
         if predict_split not in get_args(PredictSplit):
             raise InputError(f"predict_split must be 'test' or 'train', got {predict_split!r}.")
         if predict_split == "train" and weak_label != "image":
@@ -386,14 +255,17 @@ class AGMMDataModule(LightningDataModule, ABC):
         self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
 
     @property
-    @abstractmethod
     def num_classes(self) -> int:
         """Number of classes C (the target map's unlabelled value)."""
+        return len(self.class_names)
+
+    classes: tuple[str, ...] = ()
+    """Class names of a dataset whose classes are fixed, index = class id."""
 
     @property
-    @abstractmethod
     def class_names(self) -> list[str]:
         """Name of each class, index i = class i."""
+        return list(self.classes)
 
     @property
     def eval_batch_size(self) -> int:

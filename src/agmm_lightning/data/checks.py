@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.progress import track
 
-from agmm_lightning.data.files import (
-    FileDataset,
-    ImageLevelWeakLabels,
-    RasterWeakLabels,
-    WeakLabelReader,
-    check_same_size,
-    image_size,
-    label_size,
-)
+from agmm_lightning.data.io import check_same_size, image_size, label_size
+from agmm_lightning.data.readers import ImageLevelWeakLabels, RasterWeakLabels, WeakLabelReader
 from agmm_lightning.errors import InputError
+
+if TYPE_CHECKING:  # files.py imports this module: the dataset type only annotates
+    from agmm_lightning.data.files import FileDataset
 
 __all__ = ["decode_all", "read_headers", "summarize"]
 

@@ -22,21 +22,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabelForm
-from agmm_lightning.data.files import (
-    FileDataModule,
-    ImageRecord,
-    LabelDecoder,
-    WeakLabelReader,
-    index_files,
-    match_images,
-    require_directory,
-)
-from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import VOID, cityscapes_labelids_to_target
+from agmm_lightning.data.files import FileDataModule, folder_split
+from agmm_lightning.data.io import LabelDecoder, index_files, require_directory
+from agmm_lightning.data.readers import ImageRecord, WeakLabelReader
+from agmm_lightning.targets import VOID
+from agmm_lightning.weak_labels import WeakLabelForm
 
 __all__ = [
     "CITYSCAPES_CLASSES",
+    "CITYSCAPES_LABELID_TO_TRAINID",
+    "cityscapes_labelids_to_target",
     "CityscapesDataModule",
     "cityscapes_block_target",
     "cityscapes_mask",
@@ -68,6 +63,49 @@ CITYSCAPES_CLASSES: tuple[str, ...] = (
 IMAGE_SUFFIX = "_leftImg8bit.png"
 TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+
+
+def _cityscapes_lut() -> np.ndarray:
+    lut = np.full(256, VOID, dtype=np.uint8)
+    label_ids = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+    lut[list(label_ids)] = np.arange(len(label_ids), dtype=np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+CITYSCAPES_LABELID_TO_TRAINID: np.ndarray = _cityscapes_lut()
+"""uint8 [256] lookup table: Cityscapes labelId -> trainId (0..18), 255 for every other id."""
+
+
+def cityscapes_labelids_to_target(label_ids: np.ndarray, *, unlabeled: int = 19) -> np.ndarray:
+    """Map Cityscapes labelIds to trainIds (0..18), every other id to ``unlabeled``.
+
+    Use the default (19 = C) for the Tree-Energy-Loss block and click files, whose id 0 means "not
+    annotated"; pass ``unlabeled=255`` to turn dense ``_gtFine_labelIds`` masks into void-marked
+    masks.
+
+    Args:
+        label_ids: Integer array of labelIds (any shape).
+        unlabeled: Value given to ids without a trainId, in 0..255.
+
+    Returns:
+        uint8 array of the same shape.
+
+    Raises:
+        ValueError: On a non-integer array or an out-of-range ``unlabeled``.
+
+    """
+    label_ids = np.asarray(label_ids)
+    if label_ids.dtype == np.bool_ or not np.issubdtype(label_ids.dtype, np.integer):
+        raise ValueError(f"label_ids must have an integer dtype, got {label_ids.dtype}")
+    if not 0 <= unlabeled <= VOID:
+        raise ValueError(f"unlabeled must be in 0..{VOID}, got {unlabeled}")
+    lut = CITYSCAPES_LABELID_TO_TRAINID.copy()
+    lut[lut == VOID] = unlabeled
+    in_range = (label_ids >= 0) & (label_ids <= VOID)
+    return np.where(in_range, lut[np.clip(label_ids, 0, VOID)], np.uint8(unlabeled)).astype(
+        np.uint8
+    )
 
 
 def cityscapes_mask(raw: np.ndarray, path: Path) -> np.ndarray:
@@ -113,16 +151,10 @@ class CityscapesDataModule(FileDataModule):
         test_split: Test folder; None evaluates on ``val_split``.
         clicks_dir: Flat folder of click PNGs (``20clicks``, ``50clicks`` or ``100clicks``).
         block_dir: Folder of block PNGs in labelIds.
-        batch_size: Training images per batch.
-        crop_size: Side of the square training crop, in pixels.
-        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
-            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
-            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
-
-    Raises:
-        ValueError: If an option is out of range.
+        **kwargs: Options of :class:`~agmm_lightning.data.files.FileDataModule`.
     """
 
+    classes = CITYSCAPES_CLASSES
     layout = "leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/"
     mask_fix = (
         "Masks must be gtFine *_gtFine_labelTrainIds.png (0..18, 255 = ignore) or "
@@ -138,102 +170,47 @@ class CityscapesDataModule(FileDataModule):
         test_split: str | None = None,
         clicks_dir: str = "20clicks",
         block_dir: str = "train/sparse_label/block10",
-        batch_size: int = 8,
-        crop_size: int = 769,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
-        )
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        splits = {"train": train_split, "val": val_split, "test": test_split}
+        super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         self.clicks_dir = clicks_dir
         self.block_dir = block_dir
 
-    @property
-    def num_classes(self) -> int:
-        """19 train classes."""
-        return len(CITYSCAPES_CLASSES)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The class names in trainId order."""
-        return list(CITYSCAPES_CLASSES)
-
     def mask_decoder(self) -> LabelDecoder:
-        """Return the gtFine decoder: trainIds as stored, labelIds mapped (:func:`cityscapes_mask`).
-
-        Returns:
-            The decoder.
-        """
+        """The gtFine decoder: trainIds as stored, labelIds mapped (:func:`cityscapes_mask`)."""
         return cityscapes_mask
 
     def find_images(self) -> dict[str, Path]:
-        """Index ``leftImg8bit/`` (every split and city).
-
-        Returns:
-            ``stem -> image file``.
-
-        Raises:
-            FileNotFoundError: If ``leftImg8bit/`` does not exist.
-        """
+        """Index ``leftImg8bit/`` (every split and city)."""
         folder = require_directory(
             self.root / "leftImg8bit", "root", f"leftImg8bit/<split>/<city>/<stem>{IMAGE_SUFFIX}"
         )
         return index_files(folder, (IMAGE_SUFFIX,), recursive=True)
 
     def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
-        """List ``leftImg8bit/<split>/`` and pair each image with its gtFine mask.
-
-        Args:
-            split: "train", "val" or "test" (``val_split`` when ``test_split`` is None).
-
-        Returns:
-            The split's records.
-
-        Raises:
-            FileNotFoundError: If the split's folder does not exist.
-            ValueError: If it holds no image.
-        """
-        if split == "test" and self.split_names["test"] is None:
-            split = "val"
-        folder_name = str(self.split_names[split])
-        option = f"{split}_split"
-        folder = require_directory(
-            self.root / "leftImg8bit" / folder_name, option, f"<city>/<stem>{IMAGE_SUFFIX} images"
+        """``leftImg8bit/<split>/<city>/`` paired with the gtFine masks."""
+        name = str(self.splits[split])
+        images = folder_split(
+            self.root / "leftImg8bit" / name,
+            IMAGE_SUFFIX,
+            split=split,
+            option=f"{split}_split",
+            recursive=True,
         )
-        images = index_files(folder, (IMAGE_SUFFIX,), recursive=True)
-        if not images:
-            raise InputError(
-                f"{folder}: no *{IMAGE_SUFFIX} image in its city folders; expected the "
-                f"{split} images. Check `{option}`."
+        gt = self.root / "gtFine" / name
+        masks = index_files(gt, (TRAIN_IDS_SUFFIX, LABEL_IDS_SUFFIX), recursive=True)
+        return [
+            ImageRecord(
+                stem, path, masks.get(stem, gt / path.parent.name / f"{stem}{TRAIN_IDS_SUFFIX}")
             )
-        gt_folder = self.root / "gtFine" / folder_name
-        masks = index_files(gt_folder, (TRAIN_IDS_SUFFIX, LABEL_IDS_SUFFIX), recursive=True)
-        return match_images(
-            list(images),
-            images,
-            source=f"{folder} (`{option}`)",
-            expected_image=lambda stem: folder / f"{stem}{IMAGE_SUFFIX}",
-            mask_path=lambda stem: masks.get(
-                stem, gt_folder / images[stem].parent.name / f"{stem}{TRAIN_IDS_SUFFIX}"
-            ),
-        )
+            for stem, path in images.items()
+        ]
 
     def native_weak_labels(
         self, form: WeakLabelForm, names: Sequence[str]
     ) -> WeakLabelReader | None:
-        """Read ``clicks_dir`` ("point") or ``block_dir`` ("block").
-
-        Args:
-            form: The weak-label form.
-            names: The training stems.
-
-        Returns:
-            The reader.
-
-        Raises:
-            ValueError: For forms without files ("scribble", "box").
-        """
+        """Read ``clicks_dir`` ("point") or ``block_dir`` ("block")."""
         if form == "point":
             return self.png_weak_labels(
                 self.path(self.clicks_dir),

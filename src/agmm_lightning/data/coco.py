@@ -17,21 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from agmm_lightning.data.base import WeakLabelForm
-from agmm_lightning.data.files import (
-    FileDataModule,
-    ImageRecord,
-    MaskTags,
-    TableTags,
-    TagReader,
-    index_files,
-    match_images,
-    read_id_list,
-    read_onehot_tags,
-    require_directory,
-    require_entries,
-)
+from agmm_lightning.data.files import FileDataModule, folder_split, match_images
+from agmm_lightning.data.io import index_files, read_id_list, read_onehot_tags
+from agmm_lightning.data.readers import ImageRecord, MaskTags, TableTags, TagReader, require_entries
 from agmm_lightning.errors import InputError
+from agmm_lightning.weak_labels import WeakLabelForm
 
 __all__ = ["COCO_CLASSES", "COCODataModule"]
 
@@ -141,16 +131,10 @@ class COCODataModule(FileDataModule):
         mask_dir: Folder of the class-index masks, one sub-folder per split.
         tags_source: Where image-level tags come from: "masks" or "onehot" (``tags_file``).
         tags_file: NumPy dict id -> 80 floats (no background) for ``tags_source="onehot"``.
-        batch_size: Training images per batch.
-        crop_size: Side of the square training crop, in pixels.
-        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
-            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
-            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
-
-    Raises:
-        ValueError: If an option is out of range.
+        **kwargs: Options of :class:`~agmm_lightning.data.files.FileDataModule`.
     """
 
+    classes = COCO_CLASSES
     layout = "train2014/, val2014/ and SegmentationClass/{train2014,val2014}/"
     mask_fix = "Point `mask_dir` at COCO class-index PNGs (0..80, 255 = void) in split folders."
 
@@ -167,13 +151,10 @@ class COCODataModule(FileDataModule):
         mask_dir: str = "SegmentationClass",
         tags_source: Literal["masks", "onehot"] = "masks",
         tags_file: str = "cls_labels_onehot.npy",
-        batch_size: int = 16,
-        crop_size: int = 512,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
-        )
+        splits = {"train": train_split, "val": val_split, "test": test_split}
+        super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         if tags_source not in ("masks", "onehot"):
             raise InputError(f"tags_source must be 'masks' or 'onehot', got {tags_source!r}.")
         if test_list is not None and test_split is None:
@@ -181,85 +162,39 @@ class COCODataModule(FileDataModule):
                 f"test_list={test_list!r} needs test_split, the folder of its images; without "
                 "test_split the test stage evaluates val_split (with val_list)."
             )
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.mask_dir = mask_dir
         self.tags_source = tags_source
         self.tags_file = tags_file
 
-    @property
-    def num_classes(self) -> int:
-        """81: background and the 80 COCO classes."""
-        return len(COCO_CLASSES)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The class names, background first."""
-        return list(COCO_CLASSES)
-
     def find_images(self) -> dict[str, Path]:
-        """Index the image folder of every configured split.
-
-        Returns:
-            ``id -> image file``.
-        """
+        """Index the image folder of every configured split."""
         index: dict[str, Path] = {}
-        for name in self.split_names.values():
+        for name in self.splits.values():
             if name is not None:
                 index.update(index_files(self.root / name, (".jpg",)))
         return index
 
     def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
-        """Read a split's list (or list its folder) and pair each id with image and mask.
-
-        Args:
-            split: "train", "val" or "test" (the validation split when ``test_split`` is None).
-
-        Returns:
-            The split's records.
-
-        Raises:
-            FileNotFoundError: If the split's folder or list does not exist.
-            ValueError: If the split is empty.
-        """
-        if split == "test" and self.split_names["test"] is None:
-            split = "val"
-        folder_name = str(self.split_names[split])
-        folder = require_directory(
-            self.root / folder_name, f"{split}_split", f"the {split} images COCO_*.jpg"
-        )
-        list_option = f"{split}_list"
+        """The ids of a split's list (or its whole folder), paired with image and mask."""
+        name = str(self.splits[split])
+        folder = self.root / name
+        masks = self.path(self.mask_dir) / name
         list_file = self.lists[split]
         if list_file is None:
-            names = list(index_files(folder, (".jpg",)))
-            source = f"{folder} (`{split}_split`)"
-            if not names:
-                raise InputError(
-                    f"{folder}: no .jpg image; expected the {split} images. Check "
-                    f"`{split}_split`, or give `{list_option}`."
-                )
-        else:
-            path = self.path(list_file)
-            names = read_id_list(path, list_option)
-            source = f"{path} (`{list_option}`)"
-        masks = self.path(self.mask_dir) / folder_name
+            images = folder_split(folder, ".jpg", split=split, option=f"{split}_split")
+            return [ImageRecord(stem, path, masks / f"{stem}.png") for stem, path in images.items()]
+        path, option = self.path(list_file), f"{split}_list"
         return match_images(
-            names,
+            read_id_list(path, option),
             self.image_index(),
-            source=source,
-            expected_image=lambda name: folder / f"{name}.jpg",
-            mask_path=lambda name: masks / f"{name}.png",
+            source=f"{path} (`{option}`)",
+            expected_image=lambda stem: folder / f"{stem}.jpg",
+            mask_path=lambda stem: masks / f"{stem}.png",
         )
 
     def image_tags(self, names: Sequence[str]) -> TagReader:
-        """Tags from the masks or ``tags_file`` (``tags_source``).
-
-        Args:
-            names: The training ids.
-
-        Returns:
-            The tag reader.
-        """
+        """Tags from the masks or ``tags_file`` (``tags_source``)."""
         if self.tags_source == "masks":
             return MaskTags(self.num_classes)
         path = self.path(self.tags_file)

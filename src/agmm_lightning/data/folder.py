@@ -16,30 +16,30 @@ epoch). Validation and test always use ``masks/``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabel, WeakLabelForm
-from agmm_lightning.data.files import (
+from agmm_lightning.data.files import FileDataModule, match_images
+from agmm_lightning.data.io import (
     IMAGE_SUFFIXES,
-    FileDataModule,
-    ImageRecord,
-    LabelFiles,
-    MaskTags,
-    TagReader,
-    WeakLabelReader,
-    clip_boxes,
     index_files,
-    index_label_files,
-    match_images,
     read_id_list,
     read_json,
     require_directory,
 )
+from agmm_lightning.data.readers import (
+    BoxWeakLabels,
+    ImageRecord,
+    MaskTags,
+    TagReader,
+    WeakLabelReader,
+    index_label_files,
+)
 from agmm_lightning.errors import InputError, MissingInputError
+from agmm_lightning.weak_labels import WeakLabelForm
 
 __all__ = ["FolderDataModule", "read_box_file"]
 
@@ -79,29 +79,6 @@ def read_box_file(path: Path, num_classes: int) -> np.ndarray:
     return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
-@dataclass(frozen=True)
-class BoxFileWeakLabels:
-    """Boxes read from one ``<stem>.json`` per image.
-
-    Attributes:
-        files: The box folder.
-        num_classes: C.
-        needs_mask: Always False.
-    """
-
-    files: LabelFiles
-    num_classes: int
-    needs_mask: bool = field(default=False, init=False)
-
-    def __call__(
-        self, record: ImageRecord, shape: tuple[int, int], mask: np.ndarray | None
-    ) -> WeakLabel:
-        """Return the boxes of an image, clipped to it (a ``WeakLabelReader``)."""
-        del mask
-        path = self.files.path(record.name)
-        return WeakLabel(boxes=clip_boxes(read_box_file(path, self.num_classes), shape, path))
-
-
 class FolderDataModule(FileDataModule):
     """Images, masks and weak labels in the generic folder layout (see the module docstring).
 
@@ -112,13 +89,9 @@ class FolderDataModule(FileDataModule):
         train_split: Name of the training list in ``splits/``.
         val_split: Name of the validation list in ``splits/``.
         test_split: Name of the test list in ``splits/`` (the validation list if it is missing).
-        batch_size: Training images per batch.
-        crop_size: Side of the square training crop, in pixels.
-        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
-            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
-            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`. Here
-            ``simulate`` ignores ``weak/<form>/``, and ``cam_dir=None`` uses ``weak/image/`` when
-            it exists.
+        **kwargs: Options of :class:`~agmm_lightning.data.files.FileDataModule` and of every
+            DataModule. Here ``simulate`` ignores ``weak/<form>/``, and ``cam_dir=None`` uses
+            ``weak/image/`` when it exists.
 
     Raises:
         FileNotFoundError: If ``num_classes`` is None and ``root`` or ``classes.txt`` does not
@@ -138,14 +111,10 @@ class FolderDataModule(FileDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
-        batch_size: int = 8,
-        crop_size: int = 321,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
-        )
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        splits = {"train": train_split, "val": val_split, "test": test_split}
+        super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         self._class_names = self._read_class_names(num_classes)
         # The count the data has, not the None it was given: the model's must equal it when the
         # Trainer merges both modules' hyper-parameters.
@@ -171,40 +140,22 @@ class FolderDataModule(FileDataModule):
         return names
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes C."""
-        return len(self._class_names)
-
-    @property
     def class_names(self) -> list[str]:
         """Names from ``classes.txt`` (``class_<i>`` without it)."""
         return list(self._class_names)
 
     def find_images(self) -> dict[str, Path]:
-        """Index ``images/``.
-
-        Returns:
-            ``stem -> image file``.
-
-        Raises:
-            FileNotFoundError: If ``images/`` does not exist.
-        """
+        """Index ``images/``."""
         folder = require_directory(self.root / "images", "root", "images/<stem>.png|.jpg")
         return index_files(folder, IMAGE_SUFFIXES)
 
+    def has_test_split(self) -> bool:
+        """Whether a test split is configured (else ``test`` evaluates the validation split)."""
+        return (self.root / "splits" / f"{self.splits['test']}.txt").is_file()
+
     def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
-        """Read ``splits/<name>.txt`` and pair each stem with its image and mask.
-
-        Args:
-            split: "train", "val" or "test" (the validation list when the test list is missing).
-
-        Returns:
-            The split's records.
-        """
-        name = self.split_names[split]
-        path = self.root / "splits" / f"{name}.txt"
-        if split == "test" and not path.is_file():
-            return self.split_records("val")
+        """Read ``splits/<name>.txt`` and pair each stem with its image and mask."""
+        path = self.root / "splits" / f"{self.splits[split]}.txt"
         option = f"{split}_split"
         names = read_id_list(path, option)
         return match_images(
@@ -218,15 +169,7 @@ class FolderDataModule(FileDataModule):
     def native_weak_labels(
         self, form: WeakLabelForm, names: Sequence[str]
     ) -> WeakLabelReader | None:
-        """Read ``weak/<form>/`` (JSON or PNG boxes for "box"); None simulates when it is missing.
-
-        Args:
-            form: "point", "scribble", "block" or "box".
-            names: The training stems.
-
-        Returns:
-            The reader, or None.
-        """
+        """Read ``weak/<form>/`` (JSON or PNG boxes); None, to simulate, when it is missing."""
         folder = self.root / "weak" / form
         if not folder.is_dir():
             return None
@@ -235,31 +178,17 @@ class FolderDataModule(FileDataModule):
             files = index_label_files(
                 folder, (".json",), option=option, known=self.image_index(), needed=names
             )
-            return BoxFileWeakLabels(files, self.num_classes)
+            return BoxWeakLabels(files, partial(read_box_file, num_classes=self.num_classes))
         return self.png_weak_labels(folder, option, names, as_points=form == "point")
 
     def cam_folder(self) -> Path | None:
-        """``cam_dir``, else ``weak/image/`` when it exists.
-
-        Returns:
-            The folder of CAM pseudo labels, or None.
-        """
+        """``cam_dir``, else ``weak/image/`` when it exists."""
         folder = super().cam_folder()
         default = self.root / "weak" / "image"
         return folder if folder is not None or not default.is_dir() else default
 
     def image_tags(self, names: Sequence[str]) -> TagReader | None:
-        """Tags from the masks when ``masks/`` exists, else from the CAM pseudo labels.
-
-        Args:
-            names: The training stems.
-
-        Returns:
-            The tag reader, or None.
-
-        Raises:
-            ValueError: If there are neither masks nor CAM pseudo labels.
-        """
+        """Tags from the masks when ``masks/`` exists, else from the CAM pseudo labels."""
         del names
         if (self.root / "masks").is_dir():
             return MaskTags(self.num_classes)

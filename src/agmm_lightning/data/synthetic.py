@@ -12,21 +12,14 @@ supervision, which makes the dataset a small but meaningful test bed for the met
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 
-from agmm_lightning.data.base import (
-    AGMMDataModule,
-    Mode,
-    PredictSplit,
-    Split,
-    WeakLabelDataset,
-    WeakLabelForm,
-    check_simulation_options,
-)
+from agmm_lightning.data.base import AGMMDataModule, Split, WeakLabelDataset
 from agmm_lightning.errors import InputError
+from agmm_lightning.weak_labels import WeakLabelForm
 
 __all__ = ["SHAPE_NAMES", "SyntheticDataModule", "SyntheticDataset", "render_scene"]
 
@@ -227,46 +220,20 @@ class SyntheticDataset(WeakLabelDataset):
         length: Number of scenes.
         image_size: Side of each square scene, in pixels.
         num_classes: Number of classes C.
-        mode: Sample mode (see :class:`WeakLabelDataset`).
-        transform: The albumentations pipeline.
-        weak_label: Form of the training label.
-        seed: Seed of the scenes and of the weak-label simulation.
-        points_per_segment: Clicks per connected segment for the "point" form.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class.
+        **kwargs: ``mode``, ``transform``, ``weak_label``, ``seed`` (of the scenes too) and
+            ``simulation``: see :class:`~agmm_lightning.data.base.WeakLabelDataset`.
 
     Raises:
         ValueError: If ``length`` is negative or the scene arguments are unsupported.
     """
 
     def __init__(
-        self,
-        split: Split,
-        length: int,
-        image_size: int,
-        num_classes: int,
-        *,
-        mode: Mode,
-        transform: A.BaseCompose,
-        weak_label: WeakLabelForm = "point",
-        seed: int = 0,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
+        self, split: Split, length: int, image_size: int, num_classes: int, **kwargs: Any
     ) -> None:
         if length < 0:
             raise InputError(f"length must be >= 0, got {length}.")
         _check_scene_args(image_size, num_classes)
-        super().__init__(
-            num_classes,
-            mode=mode,
-            transform=transform,
-            weak_label=weak_label,
-            seed=seed,
-            points_per_segment=points_per_segment,
-            block_fraction=block_fraction,
-            box_core_fraction=box_core_fraction,
-        )
+        super().__init__(num_classes, **kwargs)
         self.split = split
         self.length = length
         self.image_size = image_size
@@ -306,18 +273,12 @@ class SyntheticDataModule(AGMMDataModule):
         image_size: Side of each square scene, in pixels.
         num_classes: Number of classes: background + ``num_classes - 1`` shapes, at most
             ``len(SHAPE_NAMES) + 1``.
-        points_per_segment: Clicks per connected segment for the "point" form.
-        block_fraction: Fraction of the image covered by simulated blocks.
-        box_core_fraction: Central fraction of each box labelled with its class (see
-            :func:`agmm_lightning.weak_labels.rasterize_boxes`).
         weak_label: Form of the training label.
         batch_size: Training (and evaluation) images per batch.
         crop_size: Side of the square training crop, in pixels.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the scenes, weak labels, shuffling and augmentation.
-        augment: Random scale, flip and colour jitter of training crops.
-        predict_split: Scenes of ``predict``: "test", or "train" with their tags (the CAM stage
-            of ``weak_label="image"``).
+        **kwargs: ``num_workers``, ``seed`` (of the scenes too), ``augment``, ``predict_split``,
+            ``points_per_segment``, ``block_fraction`` and ``box_core_fraction``: see
+            :class:`~agmm_lightning.data.base.AGMMDataModule`.
 
     Raises:
         ValueError: If a count is negative or the scene arguments are unsupported.
@@ -330,25 +291,13 @@ class SyntheticDataModule(AGMMDataModule):
         num_test: int = 50,
         image_size: int = 96,
         num_classes: int = 6,
-        points_per_segment: int = 1,
-        block_fraction: float = 0.1,
-        box_core_fraction: float = 0.0,
         weak_label: WeakLabelForm = "point",
         batch_size: int = 8,
         crop_size: int = 80,
-        num_workers: int = 0,
-        seed: int = 0,
-        augment: bool = True,
-        predict_split: PredictSplit = "test",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            batch_size=batch_size,
-            crop_size=crop_size,
-            num_workers=num_workers,
-            seed=seed,
-            weak_label=weak_label,
-            augment=augment,
-            predict_split=predict_split,
+            batch_size=batch_size, crop_size=crop_size, weak_label=weak_label, **kwargs
         )
         if min(num_train, num_val, num_test) < 0:
             raise InputError(
@@ -356,7 +305,6 @@ class SyntheticDataModule(AGMMDataModule):
                 f"num_train={num_train}, num_val={num_val}, num_test={num_test}."
             )
         _check_scene_args(image_size, num_classes)
-        check_simulation_options(weak_label, points_per_segment, block_fraction, box_core_fraction)
         self.lengths: dict[Split, int] = {
             "train": num_train,
             "val": num_val,
@@ -365,14 +313,6 @@ class SyntheticDataModule(AGMMDataModule):
         }
         self.image_size = image_size
         self._num_classes = num_classes
-        self.points_per_segment = points_per_segment
-        self.block_fraction = block_fraction
-        self.box_core_fraction = box_core_fraction
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes C."""
-        return self._num_classes
 
     @property
     def class_names(self) -> list[str]:
@@ -403,7 +343,5 @@ class SyntheticDataModule(AGMMDataModule):
             transform=self.transform(split),
             weak_label=self.weak_label,
             seed=self.seed,
-            points_per_segment=self.points_per_segment,
-            block_fraction=self.block_fraction,
-            box_core_fraction=self.box_core_fraction,
+            simulation=self.simulation,
         )

@@ -19,12 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from agmm_lightning.weak_labels import (
-    VOID,
-    rasterize_boxes,
-    rasterize_points,
-    tags_from_target,
-)
+from agmm_lightning.targets import VOID
+from agmm_lightning.weak_labels import WeakLabel, rasterize_boxes, rasterize_points
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -184,30 +180,23 @@ def build_train_sample(
     num_classes: int,
     *,
     name: str,
-    target: np.ndarray | None = None,
-    points: np.ndarray | None = None,
-    boxes: np.ndarray | None = None,
+    label: WeakLabel,
     mask: np.ndarray | None = None,
-    image_classes: np.ndarray | None = None,
     point_radius: int = 1,
     box_core_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Augment one training image with its weak label and assemble the sample dict.
 
-    Exactly one weak-label form is given: a ``target`` raster, ``points`` or ``boxes``. The image
-    classes are taken from that label on the whole image, before any crop (METHOD §1), unless
-    ``image_classes`` (e.g. tags) is given.
+    The image classes are those of the label on the whole image, before any crop (METHOD §1;
+    :meth:`~agmm_lightning.weak_labels.WeakLabel.classes`).
 
     Args:
         transform: A pipeline from :func:`train_transform`.
         image: RGB image, uint8 [H,W,3].
         num_classes: Number of classes C (the unlabelled value).
         name: Identifier of the image.
-        target: Weak-label raster [H,W] (0..C-1 labelled, C unlabelled, 255 void).
-        points: Clicks, float [N,3] rows of (x, y, class) in pixel coordinates.
-        boxes: Boxes, float [N,5] rows of (x0, y0, x1, y1, class).
+        label: Its weak label: a raster (0..C-1 labelled, C unlabelled, 255 void), clicks or boxes.
         mask: Dense ground truth [H,W] (255 void), carried for pseudo-label quality only.
-        image_classes: Classes known present, float [C]; default: from the weak label.
         point_radius: Radius of the disc each click is rasterised to.
         box_core_fraction: Central fraction of each box labelled with its class.
 
@@ -216,44 +205,35 @@ def build_train_sample(
         ``name``; ``mask`` int64 [h,w] when ``mask`` is given; ``allowed`` bool [C,h,w] for boxes.
 
     Raises:
-        ValueError: If not exactly one weak-label form is given or the shapes do not match.
+        ValueError: If the shapes do not match.
     """
-    forms = {"target": target, "points": points, "boxes": boxes}
-    given = [form for form, value in forms.items() if value is not None]
-    if len(given) != 1:
-        raise ValueError(
-            f"Give exactly one weak-label form (target, points or boxes); got {given or 'none'}."
-        )
-    _check_inputs(image, num_classes, target=target, mask=mask)
+    _check_inputs(image, num_classes, target=label.target, mask=mask)
     shape = image.shape[:2]
-    points_array = _rows(points, 3, "points")
-    boxes_array = _rows(boxes, 5, "boxes")
-    if image_classes is None:
-        image_classes = _weak_label_classes(
-            given[0], target, points_array, boxes_array, shape, num_classes
-        )
+    points = _rows(label.points, 3, "points")
+    boxes = _rows(label.boxes, 5, "boxes")
+    target = label.target
     carrier = np.full(shape, num_classes, np.uint8) if target is None else target.astype(np.uint8)
     inputs: dict[str, Any] = {
         "image": image,
         "mask": carrier,
-        "keypoints": points_array[:, :2],
-        _POINT_LABELS: points_array[:, 2],
-        "bboxes": boxes_array[:, :4],
-        _BOX_LABELS: boxes_array[:, 4],
+        "keypoints": points[:, :2],
+        _POINT_LABELS: points[:, 2],
+        "bboxes": boxes[:, :4],
+        _BOX_LABELS: boxes[:, 4],
     }
     if mask is not None:
         inputs[_DENSE_MASK] = mask.astype(np.uint8)
     out = transform(**inputs)
     sample = {
         "image": _image_tensor(out["image"]),
-        "image_classes": torch.as_tensor(image_classes, dtype=torch.float32),
+        "image_classes": torch.as_tensor(label.classes(shape, num_classes), dtype=torch.float32),
         "name": name,
     }
     void = out["mask"] == VOID
-    if points is not None:
+    if label.points is not None:
         kept = np.column_stack([out["keypoints"], out[_POINT_LABELS]]).astype(np.float32)
         target_out = rasterize_points(kept, void.shape, num_classes, radius=point_radius)
-    elif boxes is not None:
+    elif label.boxes is not None:
         kept = np.column_stack([out["bboxes"], out[_BOX_LABELS]]).astype(np.float32)
         target_out, allowed = rasterize_boxes(
             kept.reshape(-1, 5), void.shape, num_classes, core_fraction=box_core_fraction
@@ -334,27 +314,6 @@ def _rows(array: np.ndarray | None, width: int, label: str) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != width:
         raise ValueError(f"Expected {label} of shape [N, {width}], got {array.shape}.")
     return array
-
-
-def _weak_label_classes(
-    form: str,
-    target: np.ndarray | None,
-    points: np.ndarray,
-    boxes: np.ndarray,
-    shape: tuple[int, int],
-    num_classes: int,
-) -> np.ndarray:
-    """Classes present in the weak label (of the given ``form``) of the whole image, float32 [C]."""
-    if target is not None:
-        return tags_from_target(target, num_classes)
-    classes = np.zeros(num_classes, np.float32)
-    if form == "points":
-        classes[points[:, 2].astype(np.int64)] = 1.0
-        return classes
-    classes[boxes[:, 4].astype(np.int64)] = 1.0
-    # Pixels outside every box are labelled background: add it when there are any.
-    box_target, _ = rasterize_boxes(boxes, shape, num_classes)
-    return np.maximum(classes, tags_from_target(box_target, num_classes))
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:

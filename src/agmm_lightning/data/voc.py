@@ -18,16 +18,26 @@ unlabelled value is 255 or 21.
 
 from __future__ import annotations
 
+import json
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from agmm_lightning.data.base import WeakLabel, WeakLabelForm
-from agmm_lightning.data.files import (
-    FileDataModule,
+from agmm_lightning.data.files import FileDataModule, match_images
+from agmm_lightning.data.io import (
+    index_files,
+    read_id_list,
+    read_onehot_tags,
+    require_directory,
+    require_file,
+)
+from agmm_lightning.data.readers import (
+    BoxWeakLabels,
     ImageRecord,
     LabelFiles,
     MaskTags,
@@ -35,26 +45,217 @@ from agmm_lightning.data.files import (
     TableTags,
     TagReader,
     WeakLabelReader,
-    clip_boxes,
-    index_files,
     index_label_files,
-    match_images,
-    read_id_list,
-    read_onehot_tags,
-    require_directory,
     require_entries,
-    require_file,
 )
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import (
-    VOC_CLASSES,
-    rasterize_polylines,
-    read_scribblesup_xml,
-    read_voc_annotation,
-    read_voc_points,
-)
+from agmm_lightning.weak_labels import WeakLabel, WeakLabelForm, rasterize_polylines
 
-__all__ = ["VOCDataModule", "read_click_files"]
+__all__ = [
+    "VOC_CLASSES",
+    "VOC_SCRIBBLE_ALIASES",
+    "VOCDataModule",
+    "read_click_files",
+    "read_scribblesup_xml",
+    "read_voc_annotation",
+    "read_voc_points",
+]
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+"""PASCAL VOC class names, index = class id (0 = background)."""
+
+VOC_SCRIBBLE_ALIASES: dict[str, str] = {
+    "plane": "aeroplane",
+    "airplane": "aeroplane",
+    "bike": "bicycle",
+    "table": "diningtable",
+    "dining table": "diningtable",
+    "motorcycle": "motorbike",
+    "motor bike": "motorbike",
+    "plant": "pottedplant",
+    "potted plant": "pottedplant",
+    "monitor": "tvmonitor",
+    "tv": "tvmonitor",
+    "tv monitor": "tvmonitor",
+    "bg": "background",
+}
+"""ScribbleSup short tag names -> VOC class names (lower case; exact VOC names need no alias)."""
+
+
+def read_voc_points(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a "What's the point" / Tree-Energy-Loss VOC click file.
+
+    The file is a JSON object ``id -> [{"x": float, "y": float, "cls": int, "rank": int}, ...]``
+    (``rank`` is optional and ignored; foreground files use ``cls`` 1..20, background files 0).
+
+    Args:
+        path: JSON file.
+
+    Returns:
+        ``id -> float32 [N, 3]`` rows ``(x, y, cls)``.
+
+    Raises:
+        ValueError: On unreadable JSON or entries of the wrong layout (the message names the file).
+
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{path}: expected a JSON object id -> list of clicks, got {type(data).__name__}"
+        )
+    points: dict[str, np.ndarray] = {}
+    for image_id, clicks in data.items():
+        if not isinstance(clicks, list):
+            raise InputError(
+                f"{path}: entry {image_id!r} must be a list of clicks, got {type(clicks).__name__}"
+            )
+        rows = []
+        for click in clicks:
+            try:
+                rows.append((float(click["x"]), float(click["y"]), float(click["cls"])))
+            except (TypeError, KeyError, ValueError) as error:
+                raise InputError(
+                    f"{path}: click {click!r} of {image_id!r} must be an object with numeric "
+                    f'"x", "y" and "cls"'
+                ) from error
+        points[str(image_id)] = np.asarray(rows, dtype=np.float32).reshape(-1, 3)
+    return points
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as error:
+        raise InputError(f"{path}: not valid XML ({error})") from error
+
+
+def _xml_number(element: ET.Element, tag: str, path: Path) -> float:
+    child = element.find(tag)
+    try:
+        return float(child.text)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, ValueError) as error:
+        raise InputError(f"{path}: expected a number in <{tag}> of <{element.tag}>") from error
+
+
+def _class_index(name: str, class_names: Sequence[str], aliases: dict[str, str], path: Path) -> int:
+    lookup = {n.strip().lower(): i for i, n in enumerate(class_names)}
+    key = " ".join(name.strip().lower().split())
+    key = key if key in lookup else aliases.get(key, key)
+    if key not in lookup:
+        raise InputError(
+            f"{path}: unknown class tag {name!r}; expected one of {list(class_names)} "
+            f"or an alias in {sorted(aliases)}"
+        )
+    return lookup[key]
+
+
+def read_scribblesup_xml(
+    path: str | Path, class_names: Sequence[str]
+) -> tuple[tuple[int, int], list[tuple[int, np.ndarray]]]:
+    """Read one ScribbleSup annotation file.
+
+    Layout: ``<annotation><size><width/><height/></size><polygon><tag>name</tag><point><X/><Y/>
+    </point>...</polygon>...</annotation>``. Tags are matched case-insensitively against
+    ``class_names``, then through :data:`VOC_SCRIBBLE_ALIASES` (``plane``, ``bike``, ``table``,
+    ``plant``, ``monitor``, ...). Polygons without points are skipped.
+
+    Args:
+        path: XML file.
+        class_names: Class names, index = class id (e.g. :data:`VOC_CLASSES`).
+
+    Returns:
+        ``((height, width), [(class, float32 [P, 2] xy), ...])``.
+
+    Raises:
+        ValueError: On malformed XML, a missing size or an unknown tag (naming the file and tag).
+
+    """
+    path = Path(path)
+    root = _parse_xml(path)
+    size = root.find("size")
+    if size is None:
+        raise InputError(f"{path}: expected <size><width/><height/></size> in <{root.tag}>")
+    shape = (int(_xml_number(size, "height", path)), int(_xml_number(size, "width", path)))
+    polylines: list[tuple[int, np.ndarray]] = []
+    for polygon in root.iter("polygon"):
+        tag = polygon.findtext("tag")
+        if tag is None:
+            raise InputError(f"{path}: <polygon> without a <tag>")
+        cls = _class_index(tag, class_names, VOC_SCRIBBLE_ALIASES, path)
+        xy = [
+            (_xml_number(point, "X", path), _xml_number(point, "Y", path))
+            for point in polygon.iter("point")
+        ]
+        if xy:
+            polylines.append((cls, np.asarray(xy, dtype=np.float32)))
+    return shape, polylines
+
+
+def read_voc_annotation(
+    path: str | Path, class_names: Sequence[str], *, include_difficult: bool = True
+) -> np.ndarray:
+    """Read the boxes of a PASCAL VOC ``Annotations/<id>.xml`` file.
+
+    VOC boxes are 1-based and inclusive; they are returned 0-based with exclusive far edges
+    (``x0 = xmin - 1``, ``x1 = xmax``).
+
+    Args:
+        path: XML file.
+        class_names: Class names, index = class id (e.g. :data:`VOC_CLASSES`, background at 0).
+        include_difficult: Whether objects flagged ``<difficult>1</difficult>`` are kept.
+
+    Returns:
+        float32 [N, 5] rows ``(x0, y0, x1, y1, class)``.
+
+    Raises:
+        ValueError: On malformed XML, a missing box or an unknown class (naming the file).
+
+    """
+    path = Path(path)
+    root = _parse_xml(path)
+    rows = []
+    for obj in root.iter("object"):
+        name = obj.findtext("name")
+        if name is None:
+            raise InputError(f"{path}: <object> without a <name>")
+        cls = _class_index(name, class_names, {}, path)
+        if not include_difficult and (obj.findtext("difficult") or "0").strip() == "1":
+            continue
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise InputError(f"{path}: object {name!r} has no <bndbox>")
+        xmin, ymin, xmax, ymax = (
+            _xml_number(bndbox, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")
+        )
+        rows.append((xmin - 1, ymin - 1, xmax, ymax, cls))
+    return np.asarray(rows, dtype=np.float32).reshape(-1, 5)
+
 
 SCRIBBLE_WIDTH = 3
 """Width in pixels of rasterised ScribbleSup strokes."""
@@ -138,30 +339,6 @@ class ScribbleWeakLabels:
 
 
 @dataclass(frozen=True)
-class AnnotationBoxWeakLabels:
-    """Boxes from VOC ``Annotations/<id>.xml`` (outside every box = background).
-
-    Attributes:
-        files: The annotation folder.
-        include_difficult: Keep objects flagged difficult.
-        needs_mask: Always False.
-    """
-
-    files: LabelFiles
-    include_difficult: bool = True
-    needs_mask: bool = field(default=False, init=False)
-
-    def __call__(
-        self, record: ImageRecord, shape: tuple[int, int], mask: np.ndarray | None
-    ) -> WeakLabel:
-        """Return the boxes of an image, clipped to it (a ``WeakLabelReader``)."""
-        del mask
-        path = self.files.path(record.name)
-        boxes = read_voc_annotation(path, VOC_CLASSES, include_difficult=self.include_difficult)
-        return WeakLabel(boxes=clip_boxes(boxes, shape, path))
-
-
-@dataclass(frozen=True)
 class AnnotationTags:
     """Tags = background plus the classes of the objects in ``Annotations/<id>.xml``.
 
@@ -206,16 +383,10 @@ class VOCDataModule(FileDataModule):
             "masks" or "onehot" (``tags_file``).
         tags_file: NumPy dict id -> 20 floats (no background) for ``tags_source="onehot"``.
         include_difficult: Keep boxes of objects flagged difficult.
-        batch_size: Training images per batch.
-        crop_size: Side of the square training crop, in pixels.
-        **kwargs: Options every dataset shares (``simulate``, ``unlabeled_value``, ``cam_dir``,
-            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``num_workers``,
-            ``seed``, ``augment``, ``predict_split``): see :class:`FileDataModule`.
-
-    Raises:
-        ValueError: If an option is out of range.
+        **kwargs: Options of :class:`~agmm_lightning.data.files.FileDataModule`.
     """
 
+    classes = VOC_CLASSES
     layout = "the VOC2012 folders JPEGImages/, SegmentationClassAug/ and ImageSets/"
     mask_fix = (
         "Point `mask_dir` at VOC class-index PNGs (SegmentationClassAug or SegmentationClass)."
@@ -236,19 +407,15 @@ class VOCDataModule(FileDataModule):
         tags_source: Literal["annotations", "masks", "onehot"] = "annotations",
         tags_file: str = "cls_labels_onehot.npy",
         include_difficult: bool = True,
-        batch_size: int = 16,
-        crop_size: int = 321,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, weak_label=weak_label, batch_size=batch_size, crop_size=crop_size, **kwargs
-        )
+        splits = {"train": train_list, "val": val_list, "test": test_list}
+        super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         if tags_source not in ("annotations", "masks", "onehot"):
             raise InputError(
                 f"tags_source must be 'annotations', 'masks' or 'onehot', got {tags_source!r}."
             )
         self.mask_dir = mask_dir
-        self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.points_file = points_file
         self.background_points_file = background_points_file
         self.scribble_dir = scribble_dir
@@ -257,22 +424,8 @@ class VOCDataModule(FileDataModule):
         self.tags_file = tags_file
         self.include_difficult = include_difficult
 
-    @property
-    def num_classes(self) -> int:
-        """21: background and the 20 VOC classes."""
-        return len(VOC_CLASSES)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The VOC class names, background first."""
-        return list(VOC_CLASSES)
-
     def masks_folder(self) -> Path:
-        """Return ``mask_dir``, or ``SegmentationClassAug`` / ``SegmentationClass`` (auto).
-
-        Returns:
-            The folder of the dense masks (it may not exist).
-        """
+        """Return ``mask_dir``, or ``SegmentationClassAug`` / ``SegmentationClass`` (auto)."""
         if self.mask_dir is not None:
             return self.path(self.mask_dir)
         augmented = self.root / "SegmentationClassAug"
@@ -280,30 +433,14 @@ class VOCDataModule(FileDataModule):
         return plain if plain.is_dir() and not augmented.is_dir() else augmented
 
     def find_images(self) -> dict[str, Path]:
-        """Index ``JPEGImages/``.
-
-        Returns:
-            ``id -> image file``.
-
-        Raises:
-            FileNotFoundError: If ``JPEGImages/`` does not exist.
-        """
+        """Index ``JPEGImages/``."""
         folder = require_directory(self.root / "JPEGImages", "root", "JPEGImages/<id>.jpg")
         return index_files(folder, (".jpg",))
 
     def split_records(self, split: Literal["train", "val", "test"]) -> list[ImageRecord]:
-        """Read a split list and pair each id with its image and mask.
-
-        Args:
-            split: "train", "val" or "test" (``val_list`` when ``test_list`` is None).
-
-        Returns:
-            The split's records.
-        """
-        if split == "test" and self.lists["test"] is None:
-            split = "val"
+        """Read a split list and pair each id with its image and mask."""
         option = f"{split}_list"
-        path = self.path(str(self.lists[split]))
+        path = self.path(str(self.splits[split]))
         masks = self.masks_folder()
         return match_images(
             read_id_list(path, option),
@@ -316,18 +453,7 @@ class VOCDataModule(FileDataModule):
     def native_weak_labels(
         self, form: WeakLabelForm, names: Sequence[str]
     ) -> WeakLabelReader | None:
-        """Read ``weak_dir``, else the form's distributed files (JSON, XML, Annotations).
-
-        Args:
-            form: "point", "scribble", "block" or "box".
-            names: The training ids.
-
-        Returns:
-            The reader.
-
-        Raises:
-            ValueError: For "block" without ``weak_dir``.
-        """
+        """Read ``weak_dir``, else the form's distributed files (JSON, XML, Annotations)."""
         if self.weak_dir is not None:
             return self.png_weak_labels(
                 self.path(self.weak_dir), "weak_dir", names, as_points=form == "point"
@@ -341,18 +467,16 @@ class VOCDataModule(FileDataModule):
             return ScribbleWeakLabels(self._label_files(self.scribble_dir, "scribble_dir", names))
         if form == "box":
             files = self._label_files("Annotations", "root", names)
-            return AnnotationBoxWeakLabels(files, self.include_difficult)
+            read = partial(
+                read_voc_annotation,
+                class_names=VOC_CLASSES,
+                include_difficult=self.include_difficult,
+            )
+            return BoxWeakLabels(files, read)
         return super().native_weak_labels(form, names)
 
     def image_tags(self, names: Sequence[str]) -> TagReader:
-        """Tags from ``Annotations/``, the masks or ``tags_file`` (``tags_source``).
-
-        Args:
-            names: The training ids.
-
-        Returns:
-            The tag reader.
-        """
+        """Tags from ``Annotations/``, the masks or ``tags_file`` (``tags_source``)."""
         if self.tags_source == "masks":
             return MaskTags(self.num_classes)
         if self.tags_source == "onehot":

@@ -3,10 +3,10 @@
 :class:`CAMClassifier` trains an encoder, global average pooling and a 1×1 classifier with a
 multi-label BCE on the image tags. Its ``predict`` turns every image into class activation maps
 (ReLU, multi-scale + flip, min-max normalised per class, masked by the tags), thresholds them into
-pseudo labels (confident foreground, background, or the uncertain band as unlabelled C) and writes
-``<output_dir>/<name>.png``: the target-map PNGs that the datamodules read in stage 2 with
-``weak_label="image"`` and ``cam_dir=<output_dir>``. Predicting on the training images with their
-tags needs the datamodule's ``predict_split="train"``.
+pseudo labels (confident foreground, background, or the uncertain band as unlabelled C), which
+the prediction writer saves as ``<output_dir>/<name>.png``: the target-map PNGs that the
+datamodules read in stage 2 with ``weak_label="image"`` and ``cam_dir=<output_dir>``. Predicting
+on the training images with their tags needs the datamodule's ``predict_split="train"``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from typing import Any, Literal
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-from PIL import Image
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -28,12 +26,13 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from agmm_lightning.callbacks import print_line, shared_run_directory
+from agmm_lightning.agmm.model import check_encoder
+from agmm_lightning.callbacks import PredictionWriter, print_line
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import infer_logits
-from agmm_lightning.losses import VOID, present_classes
-from agmm_lightning.module import check_choice
-from agmm_lightning.weights import load_encoder_weights
+from agmm_lightning.targets import VOID, present_classes
+from agmm_lightning.tasks.base import BaseTask, check_choice
+from agmm_lightning.weights import load_encoder_weights, split_weights
 
 __all__ = ["CAMClassifier", "build_encoder", "cam_pseudo_labels", "normalize_cams"]
 
@@ -54,21 +53,13 @@ def build_encoder(name: str, weights: str | None, output_stride: int) -> tuple[n
         map.
 
     Raises:
-        ValueError: For an unknown encoder or weights name, or a file that does not fit.
+        InputError: For an unknown encoder or weights name, or a file that does not fit.
     """
-    local = weights not in (None, "imagenet")
-    try:
-        encoder = smp.encoders.get_encoder(
-            name, weights=None if local else weights, output_stride=output_stride
-        )
-    except (KeyError, RuntimeError) as error:
-        raise InputError(
-            f"Unknown encoder {name!r} or weights {weights!r}: use an smp encoder name "
-            f"(smp.encoders.get_encoder_names()) or 'tu-<timm model>', and weights None, "
-            f"'imagenet' or a local file. ({error})"
-        ) from error
-    if local:
-        load_encoder_weights(encoder, str(weights))
+    check_encoder(name)
+    downloaded, local = split_weights(weights)
+    encoder = smp.encoders.get_encoder(name, weights=downloaded, output_stride=output_stride)
+    if local is not None:
+        load_encoder_weights(encoder, local)
     return encoder, int(encoder.out_channels[-1])
 
 
@@ -152,7 +143,7 @@ def _pseudo_label_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-class CAMClassifier(LightningModule):
+class CAMClassifier(BaseTask):
     """Multi-label classifier whose class activation maps become pseudo labels (METHOD §5).
 
     The classifier predicts the C - 1 classes other than ``background_index`` from the batch's
@@ -161,9 +152,9 @@ class CAMClassifier(LightningModule):
     the quality of the CAM labels: ``val_cam_miou`` (dense: background at or below
     ``background_threshold``, else the strongest class), ``val_pseudo_miou`` (the thresholded
     pseudo labels, uncertain band excluded) and ``val_pseudo_coverage`` (their labelled fraction).
-    ``predict`` writes ``<output_dir>/<name>.png`` (uint8; unlabelled = C, as the datamodules'
-    ``unlabeled_value`` detection expects) and, when the batches carry dense masks, prints the
-    same three measures and stores them in :attr:`pseudo_label_quality`.
+    ``predict`` writes ``<output_dir>/<name>.png`` (class-index palette PNGs; unlabelled = C, as
+    the datamodules' ``unlabeled_value`` detection expects) and, when the batches carry dense
+    masks, prints the same three measures and stores them in :attr:`pseudo_label_quality`.
 
     Args:
         num_classes: Number of classes C, background included (the datamodule's).
@@ -185,7 +176,6 @@ class CAMClassifier(LightningModule):
             (:func:`agmm_lightning.callbacks.run_directory`).
 
     Attributes:
-        output_folder: Where ``predict`` writes the PNGs (set when it starts).
         pseudo_label_quality: ``cam_miou``, ``pseudo_miou`` and ``pseudo_coverage`` of the last
             ``predict`` (empty when its batches had no dense masks).
 
@@ -194,7 +184,7 @@ class CAMClassifier(LightningModule):
     """
 
     foreground_classes: Tensor
-    output_folder: Path
+    prediction_subfolder = "cam_labels"
 
     def __init__(
         self,
@@ -311,33 +301,16 @@ class CAMClassifier(LightningModule):
         return (image_classes[:, self.foreground_classes] > 0).float()
 
     # ------------------------------------------------------------------------ training
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """SGD or AdamW, the classifier ``head_lr_multiplier`` times faster, per-step poly."""
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The encoder at ``lr``, the new classifier ``head_lr_multiplier`` times faster."""
         hp = self.hparams
-        groups = [
+        return [
             {"params": list(self.encoder.parameters()), "lr": hp["lr"]},
             {
                 "params": list(self.classifier.parameters()),
                 "lr": hp["lr"] * hp["head_lr_multiplier"],
             },
         ]
-        if hp["optimizer"] == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"]
-            )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        power = hp["poly_power"]
-
-        def poly(step: int) -> float:
-            return max(0.0, 1 - step / total) ** power
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Multi-label BCE on the batch's ``image_classes``."""
@@ -381,17 +354,20 @@ class CAMClassifier(LightningModule):
         return labels
 
     # ---------------------------------------------------------------------- prediction
-    def on_predict_start(self) -> None:
-        """Fix the output folder once, the same on every rank, and create it."""
-        output_dir = self.hparams["output_dir"]
-        self.output_folder = Path(output_dir or shared_run_directory(self.trainer) / "cam_labels")
-        self.output_folder.mkdir(parents=True, exist_ok=True)
+    def configure_callbacks(self) -> list[Callback]:
+        """The writer of the pseudo-label PNGs."""
+        return [PredictionWriter()]
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Write the CAM pseudo labels of a batch as ``<output_dir>/<name>.png``.
+    def prediction_folder(self, trainer: Trainer) -> Path:
+        """``output_dir``, or ``cam_labels`` in the run directory."""
+        output_dir = self.hparams["output_dir"]
+        return Path(output_dir) if output_dir else super().prediction_folder(trainer)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The CAM pseudo labels of a batch (written by the prediction writer).
 
         Returns:
-            The names of the images written (the labels themselves stay on disk).
+            The images' names and their uint8 target maps (unlabelled = C).
 
         Raises:
             ValueError: If the batch has no ``image_classes`` (the images' tags).
@@ -408,15 +384,10 @@ class CAMClassifier(LightningModule):
             )
         else:
             labels = self.pseudo_labels(self.class_activation_maps(batch["image"], tags))
-        for name, label in zip(batch["name"], labels.to(torch.uint8).cpu().numpy(), strict=True):
-            Image.fromarray(label).save(self.output_folder / f"{name}.png")
-        return list(batch["name"])
+        return {"name": batch["name"], "prediction": labels.to(torch.uint8)}
 
     def on_predict_epoch_end(self) -> None:
         """Print (and send to the loggers) the pseudo-label quality when masks were there."""
-        print_line(
-            f"CAM pseudo labels written to {self.output_folder} (use it as the data's cam_dir)."
-        )
         if not _updated(self.predict_label_metrics):
             return
         values = self.predict_label_metrics.compute()

@@ -1,0 +1,318 @@
+"""CVPR mode (METHOD §2): the sparsely-annotated AGMM losses of the CVPR 2023 code.
+
+Equal to the published formulas to float tolerance, but computed only for the classes present in
+each crop, without the ``[B, C, D, h, w]`` feature-center differences or upsampled features of the
+published code: centers are pooled from the bilinear taps of the labelled pixels, distances are an
+L1 ``cdist`` whose backward runs one class slot at a time, and the pixel terms share one softmax
+with a hand-written backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from agmm_lightning.agmm.losses import EPS
+from agmm_lightning.agmm.precision import float32_math, in_float32
+from agmm_lightning.agmm.sampling import bilinear_taps
+from agmm_lightning.targets import VOID, check_target, present_classes
+
+__all__ = ["cvpr_agmm_losses"]
+
+
+def _binary_cross_entropy(p: Tensor, q: Tensor) -> Tensor:
+    """``-q·log(p+1e-6) - (1-q)·log(1-p+1e-6)`` elementwise, as in the published code."""
+    return -q * torch.log(p + EPS) - (1 - q) * torch.log(1 - p + EPS)
+
+
+def _class_pooling(
+    features: Tensor, slots: int, size: tuple[int, ...], pixels: tuple[Tensor, ...]
+) -> Tensor:
+    """``W [B, S, h·w]`` with ``W @ F`` the mean of the upsampled ``F`` over each slot's pixels.
+
+    Each labelled pixel spreads its bilinear weights over four feature cells, so the upsampled
+    features are never built.
+
+    Args:
+        features: ``[B, D, h, w]`` features (for their shape, dtype and device).
+        slots: Number of slots S.
+        size: Label resolution ``(H, W)``.
+        pixels: ``(image, slot, row, col)``, each ``[n]``: the labelled pixels and their slots.
+    """
+    batch, _, height, width = features.shape
+    image, slot, row, col = pixels
+    cell, weight = bilinear_taps(row, col, (height, width), size, features.dtype)
+    group = image * slots + slot
+    pooling = features.new_zeros(batch * slots, height * width)
+    pooling.index_put_((group[:, None].expand_as(cell), cell), weight, accumulate=True)
+    counts = torch.bincount(group, minlength=batch * slots).to(features.dtype)
+    return (pooling / (counts[:, None] + EPS)).view(batch, slots, -1)
+
+
+def _check_shapes(features: Tensor, logits: Tensor, target: Tensor, num_classes: int) -> None:
+    if features.ndim != 4 or not features.is_floating_point():
+        raise ValueError(
+            f"features must be a float [B, D, h, w] tensor, got {tuple(features.shape)}"
+        )
+    if logits.ndim != 4 or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"logits must be [B, {num_classes}, H, W] for num_classes={num_classes}, "
+            f"got {tuple(logits.shape)}"
+        )
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected or features.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must be [B, H, W] = {expected} matching logits and features batch "
+            f"{features.shape[0]}, got {tuple(target.shape)}"
+        )
+    check_target(target, num_classes)
+
+
+class _PixelLosses(torch.autograd.Function):
+    """``seg``, ``gmm_to_pred`` and ``absent`` of METHOD §2 with a hand-written backward.
+
+    The three terms read the same softmax; autograd would keep a dozen ``[B, C, H, W]``
+    intermediates and sum three logit gradients. Here the softmax is saved, the forward's
+    ``log(1 - P + 1e-6)`` buffer is handed on to become the logit gradient, and that gradient is
+    assembled in place: on CPU every fresh tensor of this size costs as much as several passes
+    over an existing one.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: Tensor,
+        kernel: Tensor,
+        slot_class: Tensor,
+        slot_weight: Tensor,
+        forbidden: Tensor,
+        target: Tensor,
+        labelled: tuple[Tensor, Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        probs = logits.softmax(1)
+        log_not_probs = probs.neg().add_(1 + EPS).log_()  # log(1 - P + 1e-6)
+        index = slot_class[..., None, None].expand_as(kernel)
+        slot_probs = probs.gather(1, index)
+        slot_log_probs = torch.add(slot_probs, EPS).log_()
+        slot_log_not = log_not_probs.gather(1, index)
+        # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
+        log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
+        valid = target != VOID
+        pixel = valid / valid.sum().clamp_min(1).to(logits.dtype)  # mean over non-void pixels
+        gmm_to_pred = -(torch.einsum("bshw,bs->bhw", log_fit, slot_weight) * pixel).sum()
+        absent = -(torch.einsum("bchw,bc->bhw", log_not_probs, forbidden) * pixel).sum()
+
+        image, row, col, labels = labelled
+        pixel_logits = logits[image, :, row, col]
+        seg = F.cross_entropy(pixel_logits, labels) if labels.numel() else logits.new_zeros(())
+        ctx.save_for_backward(
+            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            forbidden, pixel,
+        )  # fmt: skip
+        ctx.labelled = (image, row, col, labels, pixel_logits)
+        ctx.buffer = log_not_probs  # free to overwrite: nothing else holds it
+        ctx.set_materialize_grads(False)
+        return seg, gmm_to_pred, absent
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_seg: Tensor | None, grad_gmm: Tensor | None, grad_absent: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        (
+            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            forbidden, pixel,
+        ) = ctx.saved_tensors  # fmt: skip
+        # A second backward (retain_graph) finds the buffer taken and allocates a new one.
+        grad, ctx.buffer = ctx.buffer if ctx.buffer is not None else torch.empty_like(probs), None
+        index = slot_class[..., None, None].expand_as(kernel)
+        # Outputs left out of the loss (OEM mode uses only gmm_to_pred) come as None: skipped.
+        if grad_absent is None:
+            grad.zero_()
+        else:
+            # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
+            torch.neg(probs, out=grad).add_(1 + EPS)
+            torch.div(probs, grad, out=grad)
+            grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None])
+        if grad_gmm is not None:
+            # ... then of gmm_to_pred at each slot's class: w P [(1-G)/(1-P+eps) - G/(P+eps)].
+            slot_scale = (grad_gmm * slot_weight)[..., None, None]
+            to_not = slot_probs.neg().add_(1 + EPS)
+            to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
+            to_fit = torch.add(slot_probs, EPS)
+            to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
+            slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
+            grad.scatter_add_(1, index, slot_grad)
+        # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k, in place.
+        grad_logits = grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
+        image, row, col, labels, pixel_logits = ctx.labelled
+        if grad_seg is not None and labels.numel():
+            ce = pixel_logits.softmax(1)
+            ce[torch.arange(labels.numel(), device=labels.device), labels] -= 1
+            grad_logits.permute(0, 2, 3, 1).index_put_(
+                (image, row, col), ce * (grad_seg / labels.numel()), accumulate=True
+            )
+        grad_kernel = None
+        if ctx.needs_input_grad[1] and grad_gmm is not None:
+            grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
+            grad_kernel.mul_(pixel[:, None])
+        return grad_logits, grad_kernel, None, None, None, None, None
+
+
+class _CentersAndDistances(torch.autograd.Function):
+    """Class centers and every feature's mean absolute distance to them (METHOD §2, steps 1-2).
+
+    ``centers[b, s] = sum_j F[b, :, j] W[b, s, j]`` for pooling weights W, and
+    ``distance[b, s, j] = mean_d |F[b, d, j] - centers[b, s, d]|``. The forward is a matrix
+    product and an L1 ``cdist``. The backward needs the sign of every feature-center difference,
+    a ``[B, S, D, N]`` tensor: it is built one center slot at a time, so that only one
+    ``[B, D, N]`` difference lives, and both gradient paths to the features are summed in place.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, features: Tensor, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        centers = torch.bmm(weights, features.transpose(1, 2))
+        distance = torch.cdist(centers, features.transpose(1, 2), p=1) / features.shape[1]
+        ctx.save_for_backward(features, weights, centers)
+        return centers, distance
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_centers: Tensor, grad_distance: Tensor
+    ) -> tuple[Tensor, None]:
+        features, weights, centers = ctx.saved_tensors
+        grad_distance = grad_distance / features.shape[1]
+        grad_centers = grad_centers.clone()
+        grad_features = torch.zeros_like(features)
+        sign = torch.empty_like(features)
+        for slot in range(centers.shape[1]):
+            torch.sub(features, centers[:, slot, :, None], out=sign).sign_()
+            grad_centers[:, slot] -= torch.bmm(sign, grad_distance[:, slot, :, None])[..., 0]
+            grad_features.addcmul_(sign, grad_distance[:, slot, None])
+        return grad_features.baddbmm_(grad_centers.transpose(1, 2), weights), None
+
+
+def cvpr_agmm_losses(
+    features: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    image_classes: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The sparsely-annotated AGMM losses of the CVPR 2023 code (METHOD §2).
+
+    Equal to the published formulas to float tolerance, but computed only for the classes present
+    in each crop (the others contribute exactly zero to every term but ``absent``). The centers
+    are pooled from the bilinear taps of the labelled pixels, the distances are an L1 ``cdist``
+    whose backward runs one class slot at a time, and the pixel terms share one softmax: neither
+    ``[B, C, D, h, w]`` differences nor upsampled features are built.
+
+    Args:
+        features: ``[B, D0, h, w]`` decoder features.
+        logits: ``[B, C, H, W]`` logits at label resolution.
+        target: ``[B, H, W]`` long target map (``C`` unlabelled, ``255`` void).
+        num_classes: Number of classes C.
+        image_classes: ``[B, C]`` classes present in each image; defaults to the classes
+            labelled in ``target``.
+
+    Returns:
+        Dict with ``seg``, ``gmm_to_pred``, ``label_to_gmm``, ``separation``, ``absent`` and
+        ``total`` (their sum).
+
+    Raises:
+        ValueError: On shapes, dtypes or label values that do not fit.
+    """
+    _check_shapes(features, logits, target, num_classes)
+    features, logits = in_float32(features, logits)
+    with float32_math(logits.device):
+        return _cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
+
+
+def _cvpr_agmm_losses(
+    features: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    num_classes: int,
+    image_classes: Tensor | None,
+) -> dict[str, Tensor]:
+    """:func:`cvpr_agmm_losses` on checked float32 inputs, with autocast off."""
+    batch, channels, height, width = features.shape
+    labelled = target < num_classes
+    valid = target != VOID
+    present = present_classes(target, num_classes).to(features.dtype)  # c_{b,k}
+    if image_classes is None:
+        image_classes = present
+    elif image_classes.shape != present.shape:
+        raise ValueError(
+            f"image_classes must be [B, C] = {tuple(present.shape)}, "
+            f"got {tuple(image_classes.shape)}"
+        )
+
+    # Pack each image's present classes into the first slots; padded slots are masked out.
+    slots = max(int(present.sum(1).max()), 1)
+    order = present.argsort(dim=1, descending=True, stable=True)
+    slot_class = order[:, :slots]
+    slot_present = present.gather(1, slot_class)
+    slot_of_class = order.argsort(dim=1)  # the inverse permutation
+
+    # Centers: mean of the upsampled features over each class's labelled pixels; distances at
+    # feature resolution.
+    image, row, col = labelled.nonzero(as_tuple=True)
+    labels = target[image, row, col]
+    pixels = (image, slot_of_class[image, labels], row, col)
+    pooling = _class_pooling(features, slots, target.shape[-2:], pixels)
+    centers, distance = _CentersAndDistances.apply(features.flatten(2), pooling)
+    distance = distance.view(batch, slots, height, width)
+
+    # Kernel: exp(-(mean_channels |F - mu|)^2), void-preserved, then upsampled.
+    preserve = F.interpolate(
+        valid[:, None].to(features.dtype),
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )
+    distance = distance * slot_present[..., None, None] * preserve
+    kernel = F.interpolate(
+        torch.exp(-distance.square()), size=target.shape[-2:], mode="bilinear", align_corners=False
+    ).mul_(slot_present[..., None, None])
+
+    # Per-image class averaging weights c_{b,k} / (sum_k c_{b,k} + 1e-6), halved as in the code.
+    slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + EPS))
+    forbidden = 1.0 - image_classes.to(logits.dtype)
+    seg, gmm_to_pred, absent = _PixelLosses.apply(
+        logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels)
+    )
+
+    # label_to_gmm only needs the labelled pixels: read the kernel there.
+    kernel_at_labels = kernel[image, :, row, col]  # [n, S]
+    own_class = (labels[:, None] == slot_class[image]).to(kernel.dtype)
+    bce_labels = _binary_cross_entropy(kernel_at_labels, own_class)
+    label_to_gmm = (bce_labels * slot_weight[image]).sum(1).mean() if image.numel() else seg * 0
+
+    # Separation of the batch-level class vectors, over unordered pairs of present classes.
+    all_centers = centers.new_zeros(batch, num_classes, channels).scatter(
+        1, slot_class[..., None].expand_as(centers), centers
+    )
+    images_with_class = present.sum(0)
+    vectors = all_centers.sum(0) * (images_with_class / (images_with_class + EPS))[:, None]
+    pair_distance = torch.cdist(vectors[None], vectors[None], p=1)[0] / channels
+    seen = images_with_class > 0
+    pairs = torch.triu(seen[:, None] & seen[None, :], diagonal=1).to(features.dtype)
+    separation = (torch.exp(-pair_distance.square()) * pairs).sum() / (pairs.sum() + EPS)
+
+    losses = {
+        "seg": seg,
+        "gmm_to_pred": gmm_to_pred,
+        "label_to_gmm": label_to_gmm,
+        "separation": separation,
+        "absent": absent,
+    }
+    losses["total"] = sum(losses.values(), torch.zeros((), device=logits.device))
+    return losses

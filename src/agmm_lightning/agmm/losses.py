@@ -1,0 +1,152 @@
+"""The loss terms OEM mode adds to the network (METHOD §3.5) and the baseline's partial CE.
+
+Every function takes the target map of METHOD §1 (``0..C-1`` labelled, ``C`` unlabelled, ``255``
+void) and runs in float32 whatever the autocast state and the inputs' dtype. Averages over an
+empty set of pixels are 0, so a crop without labels keeps every loss finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from agmm_lightning.agmm.precision import in_float32
+from agmm_lightning.targets import VOID
+
+__all__ = [
+    "EPS",
+    "absent_class_loss",
+    "masked_mean",
+    "maximization_loss",
+    "partial_cross_entropy",
+    "pseudo_label_loss",
+]
+
+EPS = 1e-6
+"""The published code's epsilon inside ``log(p + eps)`` and class averages."""
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, 0 where it holds nowhere."""
+    return (values * mask).sum() / mask.sum().clamp_min(1).to(values.dtype)
+
+
+def absent_class_loss(logits: Tensor, allowed: Tensor, target: Tensor) -> Tensor:
+    """``-sum_k (1 - A_k) log(1 - P_k + 1e-6)``, mean over non-void pixels (METHOD §2, §3.5).
+
+    Args:
+        logits: ``[B, C, H, W]`` segmentation logits.
+        allowed: Classes a pixel may take: ``[B, C]`` image classes or ``[B, C, H, W]`` map.
+        target: ``[B, H, W]`` target map (void pixels are excluded).
+
+    Returns:
+        Scalar loss.
+    """
+    probs = logits.float().softmax(1)
+    if allowed.ndim == 2:
+        allowed = allowed[:, :, None, None]
+    forbidden = 1.0 - allowed.to(probs.dtype)
+    loss = -(forbidden * torch.log(1 - probs + EPS)).sum(1)
+    return masked_mean(loss, target != VOID)
+
+
+def partial_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    class_weights: Tensor | None = None,
+    hard_fraction: float = 1.0,
+) -> Tensor:
+    """Cross-entropy on labelled pixels only (``target < C``).
+
+    Args:
+        logits: ``[B, C, H, W]`` logits.
+        target: ``[B, H, W]`` target map.
+        class_weights: Optional ``[C]`` per-class weights (weighted mean, as in PyTorch).
+        hard_fraction: Online hard example mining: average over this fraction of the labelled
+            pixels with the largest (weighted) loss (1 keeps all).
+
+    Returns:
+        Scalar loss, 0 when no pixel is labelled.
+    """
+    if not 0 < hard_fraction <= 1:
+        raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
+    num_classes = logits.shape[1]
+    labelled = target < num_classes
+    # Gather the labelled pixels first: with sparse labels this is a tiny fraction of the map.
+    pixel_logits = logits.permute(0, 2, 3, 1)[labelled].float()
+    labels = target[labelled].long()
+    if labels.numel() == 0:
+        return logits.float().sum() * 0
+    if hard_fraction == 1:
+        return F.cross_entropy(pixel_logits, labels, weight=class_weights)
+    loss = F.cross_entropy(pixel_logits, labels, weight=class_weights, reduction="none")
+    hardest = loss.topk(max(1, int(hard_fraction * loss.numel()))).indices
+    if class_weights is None:
+        return loss[hardest].mean()
+    return loss[hardest].sum() / class_weights[labels[hardest]].sum().clamp_min(1e-12)
+
+
+def maximization_loss(
+    log_likelihood: Tensor,
+    labels: Tensor,
+    temperature: float,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Discriminative maximization of each labelled feature's own class likelihood (METHOD §3.5).
+
+    Cross-entropy of ``softmax_c(log p(e|c) / T)`` over the valid classes against the label.
+
+    Args:
+        log_likelihood: ``[N, C]`` class log-likelihoods of labelled features (gradient flows
+            into the features; the mixtures are buffers).
+        labels: ``[N]`` class of each feature.
+        temperature: T, the divisor of the log-likelihoods.
+        valid: Optional ``[N, C]`` bool, classes each feature may be compared against (allowed
+            and initialised). A feature whose own class is not valid is skipped.
+
+    Returns:
+        Scalar loss, 0 when no feature counts.
+    """
+    scores = log_likelihood.float() / temperature
+    own_class = torch.ones_like(labels, dtype=torch.bool)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+        own_class = valid.gather(1, labels[:, None])[:, 0]
+    if not own_class.any():
+        return log_likelihood.sum() * 0
+    return F.cross_entropy(scores[own_class], labels[own_class])
+
+
+def pseudo_label_loss(
+    logits: Tensor,
+    posterior: Tensor,
+    target: Tensor,
+    mode: str = "soft",
+    confidence: float = 0.9,
+) -> Tensor:
+    """GMM supervision of the segmentation output on unlabelled pixels (METHOD §3.5).
+
+    Args:
+        logits: ``[B, C, H, W]`` logits.
+        posterior: ``[B, C, H, W]`` detached GMM posterior G; all-zero where no class was valid.
+        target: ``[B, H, W]`` target map; only pixels equal to C count.
+        mode: ``"soft"`` for ``CE(P, G)``, ``"hard"`` for CE on ``argmax G`` where
+            ``max G >= confidence``.
+        confidence: Threshold of the hard mode.
+
+    Returns:
+        Scalar loss, 0 when no pixel counts.
+    """
+    logits, posterior = in_float32(logits, posterior)
+    num_classes = logits.shape[1]
+    confident, hard_label = posterior.max(1)
+    unlabelled = (target == num_classes) & (confident > 0)
+    log_probs = logits.log_softmax(1)
+    if mode == "soft":
+        loss = -(posterior * log_probs).sum(1)
+        return masked_mean(loss, unlabelled)
+    if mode == "hard":
+        loss = -log_probs.gather(1, hard_label[:, None])[:, 0]
+        return masked_mean(loss, unlabelled & (confident >= confidence))
+    raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")

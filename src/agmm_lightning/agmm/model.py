@@ -1,0 +1,207 @@
+"""AGMMModel: a segmentation network and the losses of one method, in pure torch.
+
+The network is any segmentation-models-pytorch encoder-decoder. In OEM mode the model also holds
+the embedding head and the class mixtures; their refit is left to the caller (the Lightning task
+sums the statistics across ranks first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, cast
+
+import segmentation_models_pytorch as smp
+import timm
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
+from agmm_lightning.agmm.losses import partial_cross_entropy
+from agmm_lightning.agmm.mixtures import ClassMixtures
+from agmm_lightning.agmm.oem import OEMOptions, StepLosses, oem_losses
+from agmm_lightning.agmm.precision import float32_math
+from agmm_lightning.errors import InputError
+from agmm_lightning.targets import check_target
+from agmm_lightning.weights import load_encoder_weights, split_weights
+
+__all__ = ["AGMMModel", "METHODS", "Method", "build_network", "check_encoder"]
+
+Method = Literal["agmm", "cvpr", "baseline"]
+METHODS: tuple[Method, ...] = ("agmm", "cvpr", "baseline")
+
+
+def check_encoder(encoder: str) -> None:
+    """Raise an InputError unless ``encoder`` names an smp encoder or ``tu-<timm model>``."""
+    known = (
+        timm.is_model(encoder[3:])
+        if encoder.startswith("tu-")
+        else encoder in smp.encoders.get_encoder_names()
+    )
+    if not known:
+        raise InputError(
+            f"encoder={encoder!r} is neither an smp encoder (smp.encoders.get_encoder_names()) "
+            "nor 'tu-<timm model>'"
+        )
+
+
+def build_network(
+    arch: str, encoder: str, encoder_weights: str | None, num_classes: int
+) -> smp.base.SegmentationModel:
+    """Build an smp model by name; ``encoder_weights`` may be a local weights file.
+
+    Args:
+        arch: An smp architecture name (``Unet``, ``DeepLabV3Plus``, ...).
+        encoder: An smp encoder name or ``tu-<timm model>``.
+        encoder_weights: None, ``"imagenet"`` (downloaded by smp/timm, or read from the Hugging
+            Face cache when ``HF_HUB_OFFLINE=1``) or a local file read by
+            :func:`agmm_lightning.weights.load_encoder_weights`.
+        num_classes: Output classes of the segmentation head.
+
+    Returns:
+        The model, its encoder loaded with the requested weights.
+
+    Raises:
+        InputError: For an unknown architecture or encoder, or a weights file that is unreadable
+            or does not fit the encoder.
+    """
+    # smp's own registry of architectures, the one create_model looks names up in.
+    architectures = sorted(model.__name__ for model in smp.MODEL_ARCHITECTURES_MAPPING.values())
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise InputError(f"arch={arch!r} is not an smp architecture; choose one of {architectures}")
+    check_encoder(encoder)
+    downloaded, local = split_weights(encoder_weights)
+    network = smp.create_model(
+        arch, encoder_name=encoder, encoder_weights=downloaded, classes=num_classes
+    )
+    if local is not None:
+        load_encoder_weights(cast(nn.Module, network.encoder), local)
+    return cast(smp.base.SegmentationModel, network)
+
+
+class AGMMModel(nn.Module):
+    """A segmentation network trained from weak labels with one method's losses.
+
+    Args:
+        network: The smp encoder-decoder.
+        num_classes: Number of classes C.
+        method: ``"agmm"`` (OEM mode, METHOD §3), ``"cvpr"`` (METHOD §2) or ``"baseline"``
+            (partial cross-entropy).
+        oem: OEM mode's options (defaults when None; only read by ``"agmm"``).
+        hard_fraction: OHEM fraction of the segmentation loss of ``"baseline"`` and ``"agmm"``.
+
+    Attributes:
+        embedding_head: The 1x1 convolution into the mixtures' space (OEM mode only).
+        mixtures: The class mixtures (OEM mode only).
+    """
+
+    def __init__(
+        self,
+        network: smp.base.SegmentationModel,
+        num_classes: int,
+        method: Method = "agmm",
+        oem: OEMOptions | None = None,
+        hard_fraction: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise InputError(f"method must be one of {list(METHODS)}, got {method!r}")
+        self.network = network
+        self.num_classes = num_classes
+        self.method = method
+        self.oem = oem or OEMOptions()
+        self.hard_fraction = hard_fraction
+        if method == "agmm":
+            decoder_channels = network.segmentation_head[0].in_channels
+            self.embedding_head = nn.Conv2d(decoder_channels, self.oem.embed_dim, kernel_size=1)
+            self.mixtures = ClassMixtures(
+                num_classes,
+                self.oem.embed_dim,
+                self.oem.mixture_count,
+                self.oem.oem_momentum,
+                self.oem.min_variance,
+            )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits at the input resolution and the decoder features, in one pass.
+
+        Inputs whose size is not a multiple of the encoder's output stride are padded at the
+        bottom and right, and the outputs cropped back.
+
+        Args:
+            images: ``[B, 3, H, W]`` normalised images.
+
+        Returns:
+            ``[B, C, H, W]`` logits and ``[B, D0, h, w]`` decoder features.
+        """
+        network = self.network
+        height, width = images.shape[-2:]
+        stride = network.encoder.output_stride
+        pad_h, pad_w = -height % stride, -width % stride
+        padded = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+        features = network.decoder(network.encoder(padded))
+        logits = network.segmentation_head(features)
+        if logits.shape[-2:] != padded.shape[-2:]:
+            logits = F.interpolate(
+                logits, size=padded.shape[-2:], mode="bilinear", align_corners=False
+            )
+        scale = features.shape[-1] / padded.shape[-1]
+        feature_size = (math.ceil(height * scale), math.ceil(width * scale))
+        return logits[..., :height, :width], features[..., : feature_size[0], : feature_size[1]]
+
+    def embed(self, features: Tensor) -> Tensor:
+        """The embedding e the mixtures live in (METHOD §3.1) of decoder feature vectors.
+
+        Args:
+            features: ``[..., D0]`` decoder feature vectors (channels last).
+
+        Returns:
+            ``[..., D]`` float32 embeddings, L2-normalised when ``normalize_embeddings``.
+        """
+        head = self.embedding_head
+        embeddings = F.linear(features.float(), head.weight.flatten(1), head.bias)
+        if self.oem.normalize_embeddings:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings
+
+    def losses(self, batch: dict[str, Any], step: int = 0) -> tuple[StepLosses, Tensor]:
+        """The loss terms of the method on a training batch, and the logits.
+
+        The network runs in the autocast dtype; the losses in float32, each upcasting its inputs.
+
+        Args:
+            batch: ``image`` ``[B, 3, H, W]``, ``target`` ``[B, H, W]``, ``image_classes``
+                ``[B, C]`` and, for boxes, ``allowed`` ``[B, C, H, W]``.
+            step: The optimizer step (OEM mode's warm-up counts in steps).
+
+        Returns:
+            The terms (with, in OEM mode, the GMM posterior and the refit's statistics) and the
+            ``[B, C, H, W]`` logits.
+
+        Raises:
+            ValueError: If the target holds values outside the convention.
+        """
+        target = batch["target"]
+        check_target(target, self.num_classes)
+        logits, features = self(batch["image"])
+        with float32_math(logits.device):
+            if self.method == "baseline":
+                seg = partial_cross_entropy(logits, target, hard_fraction=self.hard_fraction)
+                step_losses = StepLosses({"seg": seg})
+            elif self.method == "cvpr":
+                terms = cvpr_agmm_losses(
+                    features, logits, target, self.num_classes, batch.get("image_classes")
+                )
+                terms.pop("total")
+                step_losses = StepLosses(terms)
+            else:
+                step_losses = oem_losses(
+                    batch,
+                    logits,
+                    features,
+                    embed=self.embed,
+                    mixtures=self.mixtures,
+                    options=self.oem,
+                    step=step,
+                    hard_fraction=self.hard_fraction,
+                )
+        return step_losses, logits

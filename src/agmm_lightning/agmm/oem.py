@@ -1,0 +1,198 @@
+"""OEM mode (METHOD §3): class mixtures in a learned embedding, refitted by Online EM.
+
+One training step: the labelled features are embedded (with gradients) and pulled toward their
+class by the maximization loss; one E-step over every pixel at feature resolution (without
+gradients) gives the GMM posterior, with class means adapted to each image's labels, which
+supervises the unlabelled pixels; CVPR mode's kernel terms shape the decoder features; and the
+statistics of the labelled and confident unlabelled features are returned for the refit that
+follows the optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
+from agmm_lightning.agmm.losses import (
+    absent_class_loss,
+    maximization_loss,
+    partial_cross_entropy,
+    pseudo_label_loss,
+)
+from agmm_lightning.agmm.mixtures import ClassMixtures, MixtureStatistics
+from agmm_lightning.agmm.sampling import labelled_pixels, sample_at
+from agmm_lightning.targets import allowed_classes
+
+__all__ = ["KERNEL_TERMS", "OEMOptions", "StepLosses", "oem_losses"]
+
+KERNEL_TERMS = ("gmm_to_pred", "label_to_gmm", "separation")
+"""CVPR mode's per-image Gaussian-kernel terms that OEM mode adds with ``lambda_kernel``."""
+
+
+@dataclass(frozen=True)
+class OEMOptions:
+    """The options of OEM mode; :class:`~agmm_lightning.AGMMSegmenter` documents each.
+
+    Attributes:
+        mixture_count: Gaussian components per class K.
+        oem_momentum: Online EM momentum m.
+        embed_dim: Dimension D of the embedding.
+        normalize_embeddings: L2-normalise the embeddings.
+        min_variance: Variance floor.
+        temperature: T of the posterior and the maximization loss; None uses ``embed_dim``.
+        prior: ``"prediction"`` or ``"uniform"`` class prior of the GMM posterior.
+        adaptation: Relevance factor of the per-image means; None uses the global mixtures.
+        lambda_max: Weight of the maximization loss.
+        lambda_gmm: Weight of the GMM pseudo supervision (ramped over ``warmup_steps``).
+        lambda_kernel: Weight of the CVPR kernel terms.
+        pseudo_mode: ``"soft"`` or ``"hard"`` pseudo supervision.
+        confidence: Posterior threshold of hard pseudo labels and of the fitting set.
+        warmup_steps: Steps of the pseudo-loss ramp; unlabelled pixels join the fitting set after.
+        max_labelled_samples: Cap on the labelled features per step.
+    """
+
+    mixture_count: int = 1
+    oem_momentum: float = 0.9
+    embed_dim: int = 64
+    normalize_embeddings: bool = True
+    min_variance: float = 1e-4
+    temperature: float | None = None
+    prior: Literal["prediction", "uniform"] = "prediction"
+    adaptation: float | None = 4.0
+    lambda_max: float = 0.1
+    lambda_gmm: float = 1.0
+    lambda_kernel: float = 1.0
+    pseudo_mode: Literal["soft", "hard"] = "soft"
+    confidence: float = 0.9
+    warmup_steps: int = 100
+    max_labelled_samples: int = 16384
+
+    @property
+    def effective_temperature(self) -> float:
+        """T: ``temperature``, or the embedding dimension (a per-dimension log-likelihood)."""
+        return float(self.temperature or self.embed_dim)
+
+
+class StepLosses(NamedTuple):
+    """What one training step of a method computes.
+
+    Attributes:
+        terms: The weighted loss terms; their sum is the training loss.
+        posterior: ``[B, C, H, W]`` detached GMM posterior (OEM mode), else None.
+        stats: Detached statistics for the mixtures' refit (OEM mode), else None.
+    """
+
+    terms: dict[str, Tensor]
+    posterior: Tensor | None = None
+    stats: MixtureStatistics | None = None
+
+
+def oem_losses(
+    batch: dict[str, Any],
+    logits: Tensor,
+    features: Tensor,
+    *,
+    embed: Callable[[Tensor], Tensor],
+    mixtures: ClassMixtures,
+    options: OEMOptions,
+    step: int,
+    hard_fraction: float = 1.0,
+) -> StepLosses:
+    """The loss terms of OEM mode (METHOD §3.5) and the statistics of its refit (§3.4).
+
+    Args:
+        batch: ``target`` ``[B, H, W]``, ``image_classes`` ``[B, C]`` and, for boxes,
+            ``allowed`` ``[B, C, H, W]``.
+        logits: ``[B, C, H, W]`` segmentation logits.
+        features: ``[B, D0, h, w]`` decoder features.
+        embed: Maps ``[..., D0]`` decoder feature vectors to the embedding.
+        mixtures: The class mixtures (read only here).
+        options: OEM mode's options.
+        step: The optimizer step (the warm-up counts in steps).
+        hard_fraction: OHEM fraction of the segmentation loss.
+
+    Returns:
+        The terms, the GMM posterior at label resolution and the refit's statistics.
+    """
+    target = batch["target"]
+    num_classes = logits.shape[1]
+    batch_size, channels, height, width = features.shape
+    temperature = options.effective_temperature
+    image_classes, boxes = batch["image_classes"], batch.get("allowed")
+
+    # Labelled features, read by bilinear sampling at the labels' own coordinates.
+    pixels = labelled_pixels(target, num_classes, options.max_labelled_samples)
+    labelled = sample_at(features, pixels, target.shape[-2:], embed)
+    labelled_allowed = allowed_classes(image_classes, boxes, target.shape[-2:])[
+        pixels.image, :, pixels.row, pixels.col
+    ]
+    valid = mixtures.initialized[None] & labelled_allowed
+    log_likelihood = mixtures.log_likelihood(labelled)
+    maximization = maximization_loss(log_likelihood, pixels.labels, temperature, valid)
+
+    # One E-step over every pixel at feature resolution serves both the GMM posterior and the
+    # statistics of the refit (the labelled features have their own).
+    allowed_low = allowed_classes(image_classes, boxes, (height, width))
+    with torch.no_grad():
+        # Only the labelled features carry gradients: every pixel's embedding is built without
+        # autograd, directly in the [N, D] rows the mixtures read.
+        flat = embed(features.permute(0, 2, 3, 1).reshape(-1, channels))
+        rows, means = flat, None
+        if options.adaptation is not None:
+            means = mixtures.adapted_means(
+                labelled.detach(), pixels.labels, pixels.image, batch_size, options.adaptation
+            )
+            rows = flat.view(batch_size, height * width, -1)
+        expectation = mixtures.expectation(rows, means)
+        prior = None
+        if options.prior == "prediction":
+            prior = logits.detach().float().softmax(1)
+            if prior.shape[-2:] != (height, width):
+                prior = F.adaptive_avg_pool2d(prior, (height, width))
+            prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
+        flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
+        posterior_low = mixtures.posterior_from_log_likelihood(
+            expectation.log_likelihood, prior, flat_allowed, temperature
+        )
+        posterior = posterior_low.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
+        if posterior.shape[-2:] != target.shape[-2:]:
+            # Upsampling blends neighbours: restrict to each pixel's allowed classes again.
+            posterior = F.interpolate(
+                posterior, size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
+            posterior = posterior * allowed_classes(image_classes, boxes, target.shape[-2:])
+            posterior = posterior / posterior.sum(1, keepdim=True).clamp_min(1e-12)
+
+    warmup = options.warmup_steps
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    pseudo = pseudo_label_loss(logits, posterior, target, options.pseudo_mode, options.confidence)
+    terms = {
+        "seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction),
+        "maximization": options.lambda_max * maximization,
+        "pseudo": ramp * options.lambda_gmm * pseudo,
+        "absent": absent_class_loss(logits, image_classes if boxes is None else boxes, target),
+    }
+    if options.lambda_kernel:
+        kernel = cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
+        terms |= {name: options.lambda_kernel * kernel[name] for name in KERNEL_TERMS}
+
+    # Fitting set of the online EM: labelled features, then confident unlabelled ones.
+    fit_unlabelled = torch.zeros_like(posterior_low[:, 0], dtype=torch.bool)
+    if step >= warmup:
+        unlabelled = F.interpolate(
+            (target == num_classes)[:, None].float(), size=(height, width), mode="nearest"
+        ).flatten()
+        fit_unlabelled = (posterior_low.amax(1) >= options.confidence) & (unlabelled > 0)
+    labelled_stats = mixtures.sufficient_statistics(
+        labelled.detach(), F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
+    )
+    pixel_stats = mixtures.sufficient_statistics(
+        flat, posterior_low * fit_unlabelled[:, None], expectation
+    )
+    return StepLosses(terms, posterior, labelled_stats + pixel_stats)

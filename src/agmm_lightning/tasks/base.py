@@ -1,0 +1,107 @@
+"""What the Lightning tasks share: the optimizer, the poly schedule, and steps that cannot go wrong.
+
+A task saves its init arguments as hyper-parameters (the checkpoint's source of truth), builds its
+pure-torch model, and names its parameter groups; this base does the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import nn
+
+from agmm_lightning.callbacks import shared_run_directory
+from agmm_lightning.errors import InputError
+
+__all__ = ["BaseTask", "check_choice"]
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise an InputError naming the argument, its allowed values and the value given."""
+    if value not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+class BaseTask(LightningModule):
+    """Base of the tasks: SGD or AdamW over two parameter groups, a per-step poly schedule.
+
+    Subclasses save ``optimizer``, ``lr``, ``weight_decay`` and ``poly_power`` among their
+    hyper-parameters and implement :meth:`parameter_groups`.
+
+    A step whose loss or gradients are NaN or inf would write NaN into every weight: its
+    gradients are dropped instead (the same on every rank, since DDP has already summed them),
+    BatchNorm statistics it made non-finite restart, and the run goes on; :attr:`skipped_steps`
+    counts such steps. Under ``16-mixed`` the gradient scaler skips them itself.
+    """
+
+    prediction_subfolder = "predictions"
+    """Folder of the run directory that ``predict`` writes to (see :meth:`prediction_folder`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped_steps = 0
+
+    @abstractmethod
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, each with its ``params`` and ``lr``."""
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """SGD (momentum 0.9) or AdamW, and a poly schedule stepped after every optimizer step."""
+        hp = self.hparams
+        groups = self.parameter_groups()
+        optimizer: torch.optim.Optimizer
+        if hp["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"]
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            optimizer, total_iters=total, power=hp["poly_power"]
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step if its gradients are not finite (see the class docstring)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        if not parameters:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+        if torch.isfinite(norm):
+            return
+        for parameter in parameters:
+            parameter.grad = None
+        # The batch's forward has already fed BatchNorm its statistics: restart any it spoilt.
+        for module in self.modules():
+            if not isinstance(module, nn.modules.batchnorm._NormBase):
+                continue
+            statistics = [module.running_mean, module.running_var]
+            if any(value is not None and not value.isfinite().all() for value in statistics):
+                module.reset_running_stats()
+        self.skipped_steps += 1
+        self.log("train_skipped_steps", float(self.skipped_steps))
+        warnings.warn(
+            f"step {self.global_step}: the loss or its gradients were NaN or inf, so this "
+            "optimizer step was skipped and the weights kept (a diverging batch; if it keeps "
+            "happening, lower the learning rate or use gradient clipping).",
+            stacklevel=1,
+        )
+
+    def prediction_folder(self, trainer: Trainer) -> Path:
+        """Where ``predict`` writes: :attr:`prediction_subfolder` of rank 0's run directory.
+
+        A collective call: every rank must make it.
+        """
+        return shared_run_directory(trainer) / self.prediction_subfolder

@@ -1,0 +1,412 @@
+"""AGMMSegmenter: the Lightning task that trains an :class:`~agmm_lightning.agmm.AGMMModel`.
+
+Steps, metrics, logs and the mixtures' refit at every optimizer step; the algorithm itself is the
+pure-torch model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+import warnings
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.wrappers import ClasswiseWrapper
+
+from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, OEMOptions
+from agmm_lightning.agmm.model import build_network
+from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels, print_line
+from agmm_lightning.errors import InputError
+from agmm_lightning.inference import infer_logits
+from agmm_lightning.targets import VOID
+from agmm_lightning.tasks.base import BaseTask, check_choice
+
+__all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
+
+_OEM_OPTIONS = tuple(field.name for field in dataclasses.fields(OEMOptions))
+# Options a method does not read: OEM mode's for the others; CVPR mode keeps the paper's CE.
+_IGNORED_OPTIONS = {"baseline": _OEM_OPTIONS, "cvpr": (*_OEM_OPTIONS, "hard_fraction"), "agmm": ()}
+
+
+def check_inference_options(
+    tile_size: int | None, tile_stride: int | None, test_scales: tuple[float, ...]
+) -> None:
+    """Refuse sliding-window and multi-scale options that cannot cover an image.
+
+    Raises:
+        InputError: Naming the option and the values that work.
+    """
+    if tile_size is not None and tile_size < 1:
+        raise InputError(f"tile_size must be None (whole image) or >= 1, got {tile_size}")
+    if tile_stride is not None:
+        if tile_size is None:
+            raise InputError(
+                f"tile_stride={tile_stride} needs tile_size: set tile_size, or leave tile_stride "
+                "unset for whole-image inference"
+            )
+        if not 1 <= tile_stride <= tile_size:
+            raise InputError(
+                f"tile_stride must be in 1..tile_size={tile_size} so that the windows cover every "
+                f"pixel, got {tile_stride}"
+            )
+    if not test_scales or min(test_scales) <= 0:
+        raise InputError(f"test_scales must be one or more positive scales, got {test_scales}")
+
+
+def _warn_ignored_options(method: str, given: dict[str, Any]) -> None:
+    """Warn about options set away from their defaults that ``method`` does not read."""
+    defaults = inspect.signature(AGMMSegmenter.__init__).parameters
+    ignored = []
+    for name in _IGNORED_OPTIONS[method]:
+        if given[name] != defaults[name].default:
+            readers = [other for other, skips in _IGNORED_OPTIONS.items() if name not in skips]
+            ignored.append(f"{name}={given[name]!r} (read by {' and '.join(readers)} only)")
+    if ignored:
+        warnings.warn(f"method={method!r} does not use {', '.join(ignored)}", stacklevel=3)
+
+
+def format_iou_table(title: str, class_names: list[str], ious: list[float], mean: float) -> str:
+    """A plain-text table of per-class IoU and mIoU (percent), for logs read as text.
+
+    Args:
+        title: The first line.
+        class_names: One name per class.
+        ious: The IoU of each class in [0, 1].
+        mean: The mIoU in [0, 1].
+
+    Returns:
+        The table, one class per line, the mIoU last.
+    """
+    width = max(len(name) for name in [*class_names, "mIoU"])
+    rows = [*zip(class_names, ious, strict=True), ("mIoU", mean)]
+    return "\n".join([title] + [f"  {name:<{width}}  {100 * iou:5.1f}" for name, iou in rows])
+
+
+class AGMMSegmenter(BaseTask):
+    """Semantic segmentation from weak labels with adaptive Gaussian mixtures.
+
+    Args:
+        num_classes: Number of classes C (the CLI takes it from the datamodule).
+        arch: Any segmentation-models-pytorch architecture name.
+        encoder: smp encoder name, or ``tu-<timm model>``.
+        encoder_weights: None, ``"imagenet"`` or a local weights file of the encoder (a timm,
+            torchvision or smp state dict, ``.safetensors`` too; see
+            :func:`agmm_lightning.weights.load_encoder_weights`).
+        method: ``"agmm"`` (OEM mode, METHOD §3), ``"cvpr"`` (METHOD §2) or ``"baseline"``
+            (partial cross-entropy).
+        mixture_count: Gaussian components per class K (OEM mode; the benchmarks justify the
+            defaults, see the README).
+        oem_momentum: Online EM momentum m in ``[0, 1)``.
+        embed_dim: Dimension D of the embedding the mixtures live in.
+        normalize_embeddings: L2-normalise the embeddings.
+        min_variance: Variance floor of the mixtures.
+        temperature: T of the GMM posterior and the maximization loss; None uses ``embed_dim``.
+        prior: ``"prediction"`` (the detached segmentation output) or ``"uniform"``.
+        adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
+            posterior (:meth:`~agmm_lightning.agmm.ClassMixtures.adapted_means`), in labelled
+            features; None uses the global mixtures alone (METHOD §3.3 as written).
+        lambda_max: Weight of the maximization loss.
+        lambda_gmm: Weight of the GMM pseudo supervision (ramped up over ``warmup_steps``).
+        lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
+            ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
+            0 leaves METHOD §3.5 as written.
+        pseudo_mode: ``"soft"`` (CE against G) or ``"hard"`` (argmax G above ``confidence``).
+        confidence: Posterior threshold of confident pseudo labels and of the fitting set.
+        warmup_steps: Steps over which the pseudo loss is ramped up; unlabelled pixels join the
+            fitting set only after them.
+        max_labelled_samples: Cap on the labelled features used per step (dense labels).
+        hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
+            disables it; CVPR mode keeps the paper's loss).
+        optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
+        lr: Learning rate of the decoder and heads.
+        backbone_lr_multiplier: The encoder's learning rate is ``lr`` times this.
+        weight_decay: Weight decay.
+        poly_power: Exponent of the per-step poly schedule; 0 keeps the rate constant.
+        tile_size: Sliding-window size at validation/test/predict; None: whole image.
+        tile_stride: Sliding-window step; None: two thirds of the tile.
+        test_scales: Scales averaged at validation/test/predict.
+        test_flip: Also average horizontal flips.
+        class_names: Names used in ``val_iou_<name>``; taken from the datamodule when None.
+
+    Attributes:
+        model: The network and the method's losses (and, in OEM mode, the mixtures).
+        skipped_refits: How many mixture refits non-finite statistics skipped.
+    """
+
+    skipped_refits: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "DeepLabV3Plus",
+        encoder: str = "resnet50",
+        encoder_weights: str | None = None,
+        method: Method = "agmm",
+        mixture_count: int = 1,
+        oem_momentum: float = 0.9,
+        embed_dim: int = 64,
+        normalize_embeddings: bool = True,
+        min_variance: float = 1e-4,
+        temperature: float | None = None,
+        prior: Literal["prediction", "uniform"] = "prediction",
+        adaptation: float | None = 4.0,
+        lambda_max: float = 0.1,
+        lambda_gmm: float = 1.0,
+        lambda_kernel: float = 1.0,
+        pseudo_mode: Literal["soft", "hard"] = "soft",
+        confidence: float = 0.9,
+        warmup_steps: int = 100,
+        max_labelled_samples: int = 16384,
+        hard_fraction: float = 1.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        backbone_lr_multiplier: float = 0.1,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+        tile_size: int | None = None,
+        tile_stride: int | None = None,
+        test_scales: tuple[float, ...] = (1.0,),
+        test_flip: bool = False,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise InputError(f"num_classes must be >= 2, got {num_classes}")
+        check_choice("method", method, METHODS)
+        check_choice("prior", prior, ("prediction", "uniform"))
+        check_choice("pseudo_mode", pseudo_mode, ("soft", "hard"))
+        check_choice("optimizer", optimizer, ("sgd", "adamw"))
+        if warmup_steps < 0 or not 0 <= confidence <= 1:
+            raise InputError("warmup_steps must be >= 0 and confidence in [0, 1]")
+        if not 0 < hard_fraction <= 1:
+            raise InputError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
+        if adaptation is not None and adaptation <= 0:
+            raise InputError(f"adaptation must be None or > 0, got {adaptation}")
+        check_inference_options(tile_size, tile_stride, test_scales)
+        self.save_hyperparameters()
+        hp = dict(self.hparams)
+        _warn_ignored_options(method, hp)
+        self.model = AGMMModel(
+            build_network(arch, encoder, encoder_weights, num_classes),
+            num_classes,
+            method,
+            OEMOptions(**{name: hp[name] for name in _OEM_OPTIONS}),
+            hard_fraction,
+        )
+        self.class_names = list(class_names or [])
+        # Statistics of the micro-batches since the last optimizer step, refitted at the step.
+        self._pending_stats: MixtureStatistics | None = None
+        self.register_buffer("skipped_refits", torch.zeros((), dtype=torch.long), persistent=False)
+        self._skipped_refits_reported = 0
+        self._ious: tuple[str, int, list[float], float] | None = None
+        self._start_time = time.monotonic()
+
+    # -------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        """Check the model against the datamodule, take its class names, build the metrics."""
+        num_classes = self.hparams["num_classes"]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != num_classes:
+            raise InputError(
+                f"model.num_classes={num_classes} but the data has {data_classes} classes: set "
+                f"--model.init_args.num_classes={data_classes}, or leave it out"
+            )
+        if not self.class_names:
+            self.class_names = list(getattr(datamodule, "class_names", None) or [])
+        if len(self.class_names) != num_classes:
+            self.class_names = [f"class_{i}" for i in range(num_classes)]
+        self.val_metrics = self._metrics("val_")
+        self.test_metrics = self._metrics("test_")
+        self.train_pseudo_metrics = self._metrics("train_pseudo_")
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        """MIoU and per-class IoU of one confusion matrix, accumulated over a whole split."""
+        num_classes = self.hparams["num_classes"]
+
+        def jaccard(average: Literal["macro", "none"]) -> MulticlassJaccardIndex:
+            return MulticlassJaccardIndex(num_classes, average=average, ignore_index=VOID)
+
+        per_class = ClasswiseWrapper(jaccard("none"), labels=self.class_names, prefix="iou_")
+        return MetricCollection(
+            {"miou": jaccard("macro"), "iou": per_class}, prefix=prefix, compute_groups=False
+        ).to(self.device)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Image panels and the prediction writer."""
+        return [SegmentationPanels(), PredictionWriter()]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The encoder at ``lr × backbone_lr_multiplier``, the rest at ``lr``."""
+        hp = self.hparams
+        encoder = list(self.model.network.encoder.parameters())
+        encoder_ids = {id(p) for p in encoder}
+        heads = [p for p in self.parameters() if id(p) not in encoder_ids]
+        return [
+            {"params": encoder, "lr": hp["lr"] * hp["backbone_lr_multiplier"]},
+            {"params": heads, "lr": hp["lr"]},
+        ]
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits at the input resolution and the decoder features (see :class:`AGMMModel`)."""
+        return self.model(images)
+
+    def predict_logits(self, images: Tensor) -> Tensor:
+        """Inference logits with the configured sliding window, scales and flip."""
+        hp = self.hparams
+        return infer_logits(
+            lambda x: self.model(x)[0],
+            images,
+            tile=hp["tile_size"],
+            stride=hp["tile_stride"],
+            scales=hp["test_scales"],
+            flip=hp["test_flip"],
+        )
+
+    # ------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Log the losses; in OEM mode keep the E-step statistics for the refit at the step."""
+        step, logits = self.model.losses(batch, self.global_step)
+        total = sum(step.terms.values(), torch.zeros((), device=self.device))
+        batch_size = batch["target"].shape[0]
+        self.log("train_loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in step.terms.items():
+            self.log(f"train_{name}", value, batch_size=batch_size)
+        if step.stats is not None:
+            pending = self._pending_stats
+            self._pending_stats = step.stats if pending is None else pending + step.stats
+        output: dict[str, Any] = {"loss": total, "logits": logits.detach()}
+        if step.posterior is not None:
+            self._log_pseudo_label_quality(batch, step.posterior)
+            output["posterior"] = step.posterior
+        return output
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip non-finite steps (see :class:`BaseTask`); refit the mixtures once per step.
+
+        The refit (METHOD §3.4) sums the statistics of every micro-batch since the last step
+        (gradient accumulation) and then across ranks, so every rank applies the same update.
+        Non-finite statistics skip it on every rank alike; :attr:`skipped_refits` counts them.
+        """
+        super().on_before_optimizer_step(optimizer)
+        if self._pending_stats is None:
+            return
+        stats, self._pending_stats = self._pending_stats, None
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            stats = stats.reduced(
+                lambda t: strategy.reduce(t, reduce_op="sum"), strategy.all_gather
+            )
+        mixtures = self.model.mixtures
+        self.skipped_refits += ~mixtures.update(stats)
+        initialized = mixtures.initialized
+        self.log("mixture_live_components", mixtures.live_components().sum().float())
+        self.log("mixture_classes_seen", initialized.sum().float())
+        self.log("mixture_skipped_refits", self.skipped_refits.float())
+        mean_variance = mixtures.variances.mean((1, 2))
+        seen = initialized.sum().clamp_min(1)
+        self.log("mixture_mean_variance", (mean_variance * initialized).sum() / seen)
+
+    def _log_pseudo_label_quality(self, batch: dict[str, Any], posterior: Tensor) -> None:
+        """``train_pseudo_miou`` against dense GT (never trained on) and the coverage."""
+        target = batch["target"]
+        confidence, pseudo = posterior.max(1)
+        unlabelled = target == self.hparams["num_classes"]
+        confident = (confidence >= self.hparams["confidence"]) & unlabelled
+        coverage = confident.sum() / unlabelled.sum().clamp_min(1)
+        self.log("train_pseudo_coverage", coverage, batch_size=target.shape[0])
+        if "mask" in batch:
+            self.train_pseudo_metrics.update(
+                pseudo, batch["mask"].masked_fill(confidence == 0, VOID)
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """Log the pseudo-label mIoU of the epoch; warn about mixture refits that were skipped."""
+        if self.train_pseudo_metrics["miou"].update_count:
+            self.log("train_pseudo_miou", self.train_pseudo_metrics["miou"].compute())
+        self.train_pseudo_metrics.reset()
+        skipped = int(self.skipped_refits)  # one host read per epoch
+        if skipped > self._skipped_refits_reported:
+            warnings.warn(
+                f"{skipped - self._skipped_refits_reported} mixture refit(s) in epoch "
+                f"{self.current_epoch} were skipped: their statistics held NaN or inf (the "
+                "embeddings diverged on some batch). Training went on with the mixtures as they "
+                "were; if it keeps happening, lower the learning rate.",
+                stacklevel=1,
+            )
+            self._skipped_refits_reported = skipped
+
+    # ---------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection) -> None:
+        logits = self.predict_logits(batch["image"])
+        metrics.update(logits.argmax(1), batch["mask"])
+
+    def _log_metrics(self, prefix: str, metrics: MetricCollection) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        miou = values.pop(f"{prefix}_miou")
+        self.log(f"{prefix}_miou", miou, prog_bar=True)
+        self.log_dict(values)
+        if self.trainer.sanity_checking:
+            return
+        ious = [float(values[f"{prefix}_iou_{name}"]) for name in self.class_names]
+        mean = float(miou)
+        self._ious = (prefix, self.current_epoch, ious, mean)
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - self._start_time))
+        print_line(
+            f"epoch {self.current_epoch} step {self.global_step}: {prefix}_miou {mean:.4f} "
+            f"(elapsed {elapsed})"
+        )
+
+    def _print_ious(self) -> None:
+        """Print the per-class IoU of the last evaluation as a table."""
+        if self._ious is None:
+            return
+        prefix, epoch, ious, mean = self._ious
+        title = f"Per-class IoU (%), {prefix}, epoch {epoch}:"
+        print_line(format_iou_table(title, self.class_names, ious, mean))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the validation confusion matrix."""
+        self._evaluate(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_miou`` and ``val_iou_<class>`` of the whole split."""
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Accumulate the test confusion matrix."""
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_miou`` and ``test_iou_<class>``."""
+        self._log_metrics("test", self.test_metrics)
+
+    def on_fit_start(self) -> None:
+        """Start the clock of the elapsed time printed after each validation."""
+        self._start_time = time.monotonic()
+
+    def on_fit_end(self) -> None:
+        """Print the per-class IoU of the last validation."""
+        self._print_ious()
+
+    def on_validation_end(self) -> None:
+        """Print the per-class IoU table at the end of ``validate`` (``fit`` prints its own)."""
+        if not self.trainer.training and self.trainer.state.fn == "validate":
+            self._print_ious()
+
+    def on_test_end(self) -> None:
+        """Print the per-class IoU table of the test split."""
+        self._print_ious()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """uint8 class-index predictions with the images' names."""
+        prediction = self.predict_logits(batch["image"]).argmax(1).to(torch.uint8)
+        return {"name": batch["name"], "prediction": prediction}

@@ -1,0 +1,130 @@
+"""AGMMSegmenter, the Lightning task: training steps, the refit, resuming, metrics, schedule."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_jaccard_index
+
+from agmm_lightning import AGMMSegmenter
+from agmm_lightning.data import SyntheticDataModule
+
+
+def tiny_data(**kwargs):
+    args = dict(num_train=8, num_val=4, num_test=4, image_size=32, crop_size=32, batch_size=4)
+    return SyntheticDataModule(**(args | kwargs))
+
+
+def tiny_model(**kwargs):
+    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=1)
+    return AGMMSegmenter(**(args | kwargs))
+
+
+def trainer(tmp_path, **kwargs):
+    args = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    return pl.Trainer(**(args | kwargs))
+
+
+def test_mixtures_change_after_training_steps_and_stay_finite(tmp_path):
+    model = tiny_model(mixture_count=2)
+    mixtures = model.model.mixtures
+    before = {k: v.clone() for k, v in mixtures.state_dict().items()}
+    run = trainer(tmp_path, max_steps=3)
+    run.fit(model, tiny_data())
+    after = mixtures.state_dict()
+    assert after["initialized"].any()
+    for name in ("means", "variances", "weights"):
+        assert torch.isfinite(after[name]).all()
+        assert not torch.equal(after[name], before[name])
+    assert "train_pseudo_coverage" in run.callback_metrics
+
+
+class StopAfterEpochs(pl.Callback):
+    """Interrupt a run at the end of an epoch, as a crash or a time limit would."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_restores_the_mixtures_exactly(tmp_path):
+    def fit(root, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny_model(mixture_count=2, oem_momentum=0.5)
+        run = trainer(root, max_epochs=3, enable_checkpointing=True, callbacks=list(callbacks))
+        run.fit(model, tiny_data(augment=False), ckpt_path=ckpt_path)
+        return model.model.mixtures, run
+
+    straight, _ = fit(tmp_path / "straight")
+    interrupted, first = fit(tmp_path / "interrupted", [StopAfterEpochs(2)])
+    assert first.current_epoch == 2
+    assert not torch.equal(interrupted.means, straight.means)
+    checkpoint = first.checkpoint_callback.best_model_path
+    resumed, _ = fit(tmp_path / "resumed", ckpt_path=checkpoint)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert straight.initialized.any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "oem"}, r"method must be one of \['agmm', 'cvpr', 'baseline'\], got 'oem'"),
+        ({"prior": "flat"}, r"prior must be one of \['prediction', 'uniform'\]"),
+        ({"pseudo_mode": "argmax"}, r"pseudo_mode must be one of \['soft', 'hard'\]"),
+        ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
+        ({"hard_fraction": 0.0}, r"hard_fraction must be in \(0, 1\], got 0.0"),
+        ({"adaptation": 0.0}, "adaptation must be None or > 0, got 0.0"),
+        ({"arch": "NotANet"}, "arch='NotANet' is not an smp architecture; choose one of"),
+        ({"encoder": "not_an_encoder"}, "encoder='not_an_encoder' is neither an smp encoder"),
+    ],
+)
+def test_bad_arguments_are_rejected_when_the_model_is_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
+
+
+def test_per_class_iou_is_logged_by_name_from_the_whole_split(tmp_path):
+    data = tiny_data()
+    model = tiny_model()
+    (metrics,) = trainer(tmp_path, limit_val_batches=None).validate(model, data, verbose=False)
+    model.eval()
+    predictions, masks = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            predictions.append(model.predict_logits(batch["image"]).argmax(1))
+            masks.append(batch["mask"])
+    prediction, mask = torch.cat(predictions), torch.cat(masks)
+    expected = multiclass_jaccard_index(prediction, mask, 6, average="none", ignore_index=255)
+    for name, iou in zip(data.class_names, expected.tolist(), strict=True):
+        assert metrics[f"val_iou_{name}"] == pytest.approx(iou, abs=1e-6), name
+    miou = multiclass_jaccard_index(prediction, mask, 6, average="macro", ignore_index=255)
+    assert metrics["val_miou"] == pytest.approx(float(miou), abs=1e-6)
+
+
+def test_the_learning_rate_follows_the_poly_schedule_and_is_checkpointed(tmp_path):
+    model = tiny_model(lr=0.1, backbone_lr_multiplier=0.5, poly_power=0.9)
+    run = trainer(tmp_path, max_steps=6, enable_checkpointing=True)
+    rates = []
+
+    class RecordRates(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    run.callbacks.append(RecordRates())
+    run.fit(model, tiny_data(num_train=24))
+    total = run.estimated_stepping_batches
+    for step, (encoder, heads) in enumerate(rates):
+        factor = (1 - step / total) ** 0.9
+        assert heads == pytest.approx(0.1 * factor) and encoder == pytest.approx(0.05 * factor)
+    checkpoint = torch.load(run.checkpoint_callback.best_model_path, weights_only=False)
+    assert checkpoint["lr_schedulers"][0]["total_iters"] == total
