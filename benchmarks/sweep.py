@@ -24,7 +24,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from _runs import add_run_arguments, run_options
-from ablation import train
+from ablation import DEMO, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--form", default="point")
     add_run_arguments(parser, seeds=[0])
     args = parser.parse_args()
-    options = run_options(args)
+    options = run_options(args) | {"config": DEMO}
     cells = [(k, m) for k in args.counts for m in args.momenta]
     cell_options = [
         options | {"model": options["model"] | {"mixture_count": k, "oem_momentum": m}}
