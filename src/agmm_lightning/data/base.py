@@ -244,7 +244,9 @@ class AGMMDataModule(LightningDataModule, ABC):
                 "predict_split='train' predicts with the training images' tags, which "
                 f"weak_label='image' reads; got weak_label={weak_label!r}."
             )
-        self.save_hyperparameters()
+        # The class count is the model's hyper-parameter: a data option that leaves it to the
+        # data (None) would clash with the model's when the Trainer merges both modules'.
+        self.save_hyperparameters(ignore=["num_classes"])
         self.batch_size = batch_size
         self.crop_size = crop_size
         self.num_workers = num_workers

@@ -116,9 +116,6 @@ class FolderDataModule(FileDataModule):
         splits = {"train": train_split, "val": val_split, "test": test_split}
         super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         self._class_names = self._read_class_names(num_classes)
-        # The count the data has, not the None it was given: the model's must equal it when the
-        # Trainer merges both modules' hyper-parameters.
-        self.hparams["num_classes"] = self.num_classes
 
     def _read_class_names(self, num_classes: int | None) -> list[str]:
         """Class names from ``classes.txt``, or ``class_<i>`` when only ``num_classes`` is given."""
