@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agmm_lightning.data.files import FileDataModule, folder_split, match_images
-from agmm_lightning.data.io import index_files, read_id_list, read_onehot_tags
-from agmm_lightning.data.readers import ImageRecord, MaskTags, TableTags, TagReader, require_entries
+from agmm_lightning.data.io import index_files, read_id_list
+from agmm_lightning.data.readers import ImageRecord, MaskTags, TagReader
 from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import WeakLabelForm
 
@@ -197,7 +197,4 @@ class COCODataModule(FileDataModule):
         """Tags from the masks or ``tags_file`` (``tags_source``)."""
         if self.tags_source == "masks":
             return MaskTags(self.num_classes)
-        path = self.path(self.tags_file)
-        table = read_onehot_tags(path, self.num_classes, "tags_file")
-        require_entries(names, table, self.image_index(), path, "tags_file")
-        return TableTags(table)
+        return self.table_tags(self.tags_file, names)

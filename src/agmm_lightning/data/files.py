@@ -30,6 +30,7 @@ from agmm_lightning.data.io import (
     image_size,
     index_files,
     read_class_index_png,
+    read_onehot_tags,
     read_rgb_image,
     require_directory,
     unlabeled_to_target,
@@ -39,9 +40,11 @@ from agmm_lightning.data.readers import (
     ImageRecord,
     MaskTags,
     RasterWeakLabels,
+    TableTags,
     TagReader,
     WeakLabelReader,
     index_label_files,
+    require_entries,
 )
 from agmm_lightning.data.transforms import build_eval_sample
 from agmm_lightning.errors import InputError, MissingInputError
@@ -402,6 +405,27 @@ class FileDataModule(AGMMDataModule):
             The path.
         """
         return self.root / option_value
+
+    def table_tags(self, tags_file: str, names: Sequence[str]) -> TableTags:
+        """Tags read from a ``cls_labels_onehot.npy`` table, checked against the split.
+
+        Args:
+            tags_file: The table (the ``tags_file`` option), relative to ``root`` unless absolute.
+            names: The training ids.
+
+        Returns:
+            The tag reader.
+        """
+        path = self.path(tags_file)
+        table = read_onehot_tags(path, self.num_classes, "tags_file")
+
+        def place(name: str) -> str:
+            return f"{path} [{name!r}]"
+
+        require_entries(
+            names, table, self.image_index(), place=place, kind="tag entry", option="tags_file"
+        )
+        return TableTags(table)
 
     def png_weak_labels(
         self,

@@ -148,20 +148,14 @@ def index_label_files(
     suffix = suffixes[0]
     require_directory(directory, option, f"one <id>{suffix} weak-label file per training image")
     paths = index_files(directory, suffixes)
-    unknown = sorted(set(paths) - set(known))
-    if unknown:
-        raise InputError(
-            f"{paths[unknown[0]]}: weak label for id {unknown[0]!r}, which has no image "
-            f"({len(unknown)} such file(s) in {directory}); expected file names <id>{suffix} of "
-            f"the dataset's images. Remove them, or point `{option}` at this dataset's labels."
-        )
-    missing = [name for name in needed if name not in paths]
-    if missing:
-        raise MissingInputError(
-            f"{directory / (missing[0] + suffix)}: weak-label file not found ({len(missing)} "
-            f"training image(s) have none, e.g. {missing[:5]}). Add them, point `{option}` at a "
-            "complete folder, or set `simulate: true` to derive labels from the dense masks."
-        )
+    require_entries(
+        needed,
+        paths,
+        known,
+        place=lambda name: str(paths.get(name, directory / f"{name}{suffix}")),
+        kind="weak-label file",
+        option=option,
+    )
     return LabelFiles(directory, paths, option)
 
 
@@ -357,29 +351,39 @@ class ImageLevelWeakLabels:
 
 
 def require_entries(
-    names: Iterable[str], table: Mapping[str, Any], known: Iterable[str], path: Path, option: str
+    needed: Iterable[str],
+    entries: Mapping[str, Any],
+    known: Iterable[str],
+    *,
+    place: Callable[[str], str],
+    kind: str,
+    option: str,
 ) -> None:
-    """Check that a per-image table (JSON clicks, tags) covers the split and only known images.
+    """Check that per-image entries (label files, clicks, tags) cover the split, no more.
 
     Args:
-        names: The ids that need an entry (the training split).
-        table: The table, by id.
+        needed: The ids that need an entry (the training split).
+        entries: The entries, by id.
         known: Every image id of the dataset.
-        path: The table's file.
-        option: The DataModule option that names it.
+        place: Where the entry of an id is (or would be), for messages.
+        kind: What an entry is, for messages.
+        option: The DataModule option that names the entries' file or folder.
 
     Raises:
-        ValueError: If an entry has no image, or a needed id has no entry.
+        FileNotFoundError: If a needed id has no entry.
+        ValueError: If an entry belongs to an id without an image.
     """
-    unknown = sorted(set(table) - set(known))
+    unknown = sorted(set(entries) - set(known))
     if unknown:
         raise InputError(
-            f"{path}: entries for {len(unknown)} id(s) without an image, e.g. {unknown[:5]}; "
-            f"expected ids of the dataset's images. Point `{option}` at this dataset's file."
+            f"{place(unknown[0])}: {kind} of id {unknown[0]!r}, which has no image ({len(unknown)} "
+            f"such, e.g. {unknown[:5]}); expected the dataset's image ids. Remove them, or point "
+            f"`{option}` at this dataset's labels."
         )
-    missing = [name for name in names if name not in table]
+    missing = [name for name in needed if name not in entries]
     if missing:
-        raise InputError(
-            f"{path}: no entry for {len(missing)} training image(s), e.g. {missing[:5]}. Point "
-            f"`{option}` at a complete file, or set `simulate: true`."
+        raise MissingInputError(
+            f"{place(missing[0])}: {kind} not found ({len(missing)} training image(s) have none, "
+            f"e.g. {missing[:5]}). Add them, point `{option}` at a complete set, or set "
+            "`simulate: true` to derive labels from the dense masks."
         )

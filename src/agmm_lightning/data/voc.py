@@ -32,7 +32,6 @@ from agmm_lightning.data.files import FileDataModule, match_images
 from agmm_lightning.data.io import (
     index_files,
     read_id_list,
-    read_onehot_tags,
     require_directory,
     require_file,
 )
@@ -42,7 +41,6 @@ from agmm_lightning.data.readers import (
     LabelFiles,
     MaskTags,
     PointWeakLabels,
-    TableTags,
     TagReader,
     WeakLabelReader,
     index_label_files,
@@ -285,7 +283,9 @@ def read_click_files(
     for path, option in sources:
         require_file(path, option, "a JSON dict id -> [{x, y, cls}, ...] of clicks")
         clicks = read_voc_points(path)
-        require_entries(names, clicks, known, path, option)
+        require_entries(
+            names, clicks, known, place=partial(_entry, path), kind="click entry", option=option
+        )
         classes = np.concatenate([rows[:, 2] for rows in clicks.values()] or [np.zeros(0)])
         if ((classes < 0) | (classes >= len(VOC_CLASSES))).any():
             raise InputError(
@@ -295,6 +295,10 @@ def read_click_files(
         for name in names:
             merged[name].append(clicks[name])
     return {name: np.concatenate(rows) for name, rows in merged.items()}
+
+
+def _entry(path: Path, name: str) -> str:
+    return f"{path} [{name!r}]"
 
 
 @dataclass(frozen=True)
@@ -480,10 +484,7 @@ class VOCDataModule(FileDataModule):
         if self.tags_source == "masks":
             return MaskTags(self.num_classes)
         if self.tags_source == "onehot":
-            path = self.path(self.tags_file)
-            table = read_onehot_tags(path, self.num_classes, "tags_file")
-            require_entries(names, table, self.image_index(), path, "tags_file")
-            return TableTags(table)
+            return self.table_tags(self.tags_file, names)
         return AnnotationTags(self._label_files("Annotations", "root", names))
 
     def _label_files(self, folder: str, option: str, names: Sequence[str]) -> LabelFiles:
