@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from agmm_lightning.agmm import cvpr_agmm_losses
 from agmm_lightning.agmm.losses import (
     absent_class_loss,
     maximization_loss,
@@ -95,6 +96,20 @@ def test_absent_class_loss_with_a_pixel_allowed_map():
     per_pixel = -((~allowed).float() * torch.log(1 - probs + 1e-6)).sum(1)
     expected = per_pixel[target != 255].mean()
     torch.testing.assert_close(absent_class_loss(logits, allowed, target), expected)
+
+
+def test_the_kernel_blocks_absent_term_is_the_tag_absent_loss():
+    """OEM mode takes the absent term from CVPR's block when tags give it: same value, same
+    gradient as absent_class_loss."""
+    logits, target = make_batch(6)
+    features = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(7))
+    tags = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    ours = absent_class_loss(logits, tags, target)
+    (expected,) = torch.autograd.grad(ours, logits)
+    block = cvpr_agmm_losses(features, logits, target, 4, tags)["absent"]
+    (gradient,) = torch.autograd.grad(block, logits)
+    torch.testing.assert_close(block, ours)
+    torch.testing.assert_close(gradient, expected)
 
 
 def test_maximization_loss_is_cross_entropy_over_valid_classes():

@@ -72,10 +72,11 @@ def partial_cross_entropy(
     if not 0 < hard_fraction <= 1:
         raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
     num_classes = logits.shape[1]
-    labelled = target < num_classes
-    # Gather the labelled pixels first: with sparse labels this is a tiny fraction of the map.
-    pixel_logits = logits.permute(0, 2, 3, 1)[labelled].float()
-    labels = target[labelled].long()
+    # Gather the labelled pixels' logits by index: with sparse labels a tiny fraction of the map,
+    # and no permuted copy of the whole logit map (a mask on a permuted view would make one).
+    image, row, col = (target < num_classes).nonzero(as_tuple=True)
+    pixel_logits = logits[image, :, row, col].float()
+    labels = target[image, row, col].long()
     if labels.numel() == 0:
         return logits.float().sum() * 0
     if hard_fraction == 1:

@@ -176,11 +176,17 @@ def oem_losses(
         "seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction),
         "maximization": options.lambda_max * maximization,
         "pseudo": ramp * options.lambda_gmm * pseudo,
-        "absent": absent_class_loss(logits, image_classes if boxes is None else boxes, target),
     }
+    kernel = {}
     if options.lambda_kernel:
         kernel = cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
         terms |= {name: options.lambda_kernel * kernel[name] for name in KERNEL_TERMS}
+    # With image tags the kernel block's absent term is this one, from the softmax it already took.
+    if "absent" in kernel and boxes is None:
+        terms["absent"] = kernel["absent"]
+    else:
+        allowed = image_classes if boxes is None else boxes
+        terms["absent"] = absent_class_loss(logits, allowed, target)
 
     # Fitting set of the online EM: labelled features, then confident unlabelled ones.
     fit_unlabelled = torch.zeros_like(posterior_low[:, 0], dtype=torch.bool)
