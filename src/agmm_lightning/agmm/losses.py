@@ -7,9 +7,12 @@ empty set of pixels are 0, so a crop without labels keeps every loss finite.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from agmm_lightning.agmm.precision import in_float32
 from agmm_lightning.targets import VOID
@@ -143,11 +146,32 @@ def pseudo_label_loss(
     num_classes = logits.shape[1]
     confident, hard_label = posterior.max(1)
     unlabelled = (target == num_classes) & (confident > 0)
-    log_probs = logits.log_softmax(1)
     if mode == "soft":
-        loss = -(posterior * log_probs).sum(1)
-        return masked_mean(loss, unlabelled)
+        return _SoftCrossEntropy.apply(logits, posterior, unlabelled)
     if mode == "hard":
-        loss = -log_probs.gather(1, hard_label[:, None])[:, 0]
+        loss = -logits.log_softmax(1).gather(1, hard_label[:, None])[:, 0]
         return masked_mean(loss, unlabelled & (confident >= confidence))
     raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Soft cross-entropy ``-sum_c q_c log softmax(z)_c``, averaged over the masked pixels.
+
+    Nothing of size ``[B, C, H, W]`` is kept for backward: the gradient
+    ``(softmax(z) sum_c q_c - q) / n`` is recomputed from the logits and the target distribution,
+    which exist anyway.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        count = mask.sum().clamp_min(1).to(logits.dtype)
+        scale = mask[:, None] / count
+        ctx.save_for_backward(logits, target, scale)
+        return -(logits.log_softmax(1).mul_(target).mul_(scale)).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        logits, target, scale = ctx.saved_tensors
+        grad_logits = logits.softmax(1).mul_(target.sum(1, keepdim=True)).sub_(target)
+        return grad_logits.mul_(scale * grad), None, None
