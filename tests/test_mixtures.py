@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from agmm_lightning.agmm import ClassMixtures
 
@@ -105,8 +106,10 @@ def test_momentum_blends_normalised_statistics():
     mixtures = ClassMixtures(1, 2, momentum=0.9)
     fitted(mixtures, first, torch.ones(400, 1))
     fitted(mixtures, second, torch.ones(100, 1))
-    mean = 0.9 * first.mean(0) + 0.1 * second.mean(0)
-    second_moment = 0.9 * (first**2).mean(0) + 0.1 * (second**2).mean(0)
+    # The step is 1 - m for a batch of the class's usual mass, here a quarter of it.
+    rate = 0.1 * 100 / (0.9 * 400 + 0.1 * 100)
+    mean = (1 - rate) * first.mean(0) + rate * second.mean(0)
+    second_moment = (1 - rate) * (first**2).mean(0) + rate * (second**2).mean(0)
     torch.testing.assert_close(mixtures.means[0, 0], mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
         mixtures.variances[0, 0], second_moment - mean**2, rtol=1e-4, atol=1e-5
@@ -355,5 +358,58 @@ def test_non_finite_statistics_skip_the_update_and_leave_the_mixtures_unchanged(
 
 def test_buffers_are_the_state():
     mixtures = ClassMixtures(3, 4, mixture_count=2)
-    assert set(mixtures.state_dict()) == {"means", "variances", "weights", "initialized"}
+    assert set(mixtures.state_dict()) == {"means", "variances", "weights", "initialized", "mass"}
     assert math.isclose(float(mixtures.weights.sum()), 3.0)
+
+
+def two_clusters(count=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(count, 4, generator=gen) * 0.1 + 1.0
+    b = torch.randn(count, 4, generator=gen) * 0.1 - 1.0
+    return a, b
+
+
+def test_a_class_fed_only_posterior_tails_does_not_drift():
+    """Its clicks cropped away, a class still gets 0.1% of every other class's pixels."""
+    mixtures = ClassMixtures(2, 4, momentum=0.9)
+    a, b = two_clusters()
+    own = torch.cat([a, b])
+    labels = F.one_hot(torch.cat([torch.zeros(200), torch.ones(200)]).long(), 2).float()
+    for _ in range(5):
+        mixtures.update(mixtures.sufficient_statistics(own, labels))
+    start = mixtures.means[1, 0].clone()
+    tails = torch.tensor([[0.999, 0.001]]).expand(200, 2)  # a's pixels, a sliver of class 1
+    for _ in range(10):
+        mixtures.update(mixtures.sufficient_statistics(a, tails))
+    moved = (mixtures.means[1, 0] - start).norm() / (a.mean(0) - start).norm()
+    assert moved < 0.02  # the evidence-blind update moved it 65% of the way to class 0
+
+
+def test_a_class_with_real_evidence_still_converges():
+    mixtures = ClassMixtures(2, 4, momentum=0.9)
+    a, b = two_clusters()
+    labels = F.one_hot(torch.cat([torch.zeros(200), torch.ones(200)]).long(), 2).float()
+    mixtures.update(mixtures.sufficient_statistics(torch.cat([a, b]), labels))
+    moved = b + 3.0  # class 1's features move away, with their full mass
+    for _ in range(60):
+        mixtures.update(mixtures.sufficient_statistics(torch.cat([a, moved]), labels))
+    torch.testing.assert_close(mixtures.means[1, 0], moved.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(mixtures.mass, torch.full((2,), 200.0))
+
+
+@pytest.mark.parametrize("mixture_count", [1, 3])
+def test_the_refit_never_waits_for_the_host(mixture_count):
+    """Statistics and update trace into one graph: no branch on a tensor value, no sized-by-data
+    tensor, so a GPU runs the refit without a host round trip (and under CUDA graphs)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=gen)
+    weights = F.one_hot(torch.randint(0, 3, (300,), generator=gen), 3).float()
+    weights[:40] = 0  # rows outside the fitting set
+    compiled, eager = ClassMixtures(3, 4, mixture_count), ClassMixtures(3, 4, mixture_count)
+    statistics = torch.compile(compiled.sufficient_statistics, fullgraph=True, backend="eager")
+    update = torch.compile(compiled.update, fullgraph=True, backend="eager")
+    for shift in (0.0, 0.5, 1.0):  # the first update seeds, the next ones refit
+        assert update(statistics(x + shift, weights))
+        eager.update(eager.sufficient_statistics(x + shift, weights))
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value)

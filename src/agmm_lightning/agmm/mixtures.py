@@ -117,11 +117,12 @@ class MixtureStatistics:
 class ClassMixtures(nn.Module):
     """One diagonal Gaussian mixture per class, fitted by Online EM.
 
-    The state is four buffers, so checkpoints carry it and only :meth:`update` changes it:
-    ``means`` ``[C, K, D]``, ``variances`` ``[C, K, D]``, ``weights`` ``[C, K]`` and
-    ``initialized`` ``[C]``. The running normalised statistics of the online update are
-    recovered from them (``s0 = w``, ``s1 = w·mu``, ``s2 = w·(sigma^2 + mu^2)``), so they need no
-    buffers of their own; the variance floor is the only information this loses.
+    The state is five buffers, so checkpoints carry it and only :meth:`update` changes it:
+    ``means`` ``[C, K, D]``, ``variances`` ``[C, K, D]``, ``weights`` ``[C, K]``, ``initialized``
+    ``[C]`` and ``mass`` ``[C]`` (each class's running fitting mass). The running normalised
+    statistics of the online update are recovered from them (``s0 = w``, ``s1 = w·mu``,
+    ``s2 = w·(sigma^2 + mu^2)``), so they need no buffers of their own; the variance floor is the
+    only information this loses.
 
     Args:
         num_classes: Number of classes C.
@@ -136,6 +137,7 @@ class ClassMixtures(nn.Module):
     variances: Tensor
     weights: Tensor
     initialized: Tensor
+    mass: Tensor
 
     def __init__(
         self,
@@ -165,6 +167,7 @@ class ClassMixtures(nn.Module):
         self.register_buffer("variances", torch.ones(*shape, dim))
         self.register_buffer("weights", torch.full(shape, 1.0 / mixture_count))
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("mass", torch.zeros(num_classes))
 
     @property
     def num_classes(self) -> int:
@@ -414,14 +417,6 @@ class ClassMixtures(nn.Module):
         x = x.detach().to(self.means.dtype)
         weights = weights.detach().to(self.means.dtype)
         log_likelihood, mass, class_mass, squares = expectation or self.expectation(x)
-        fitting = weights.sum(1) > 0
-        if not fitting.all():
-            x, weights, squares = x[fitting], weights[fitting], squares[fitting]
-            log_likelihood, mass, class_mass = (
-                log_likelihood[fitting],
-                mass[fitting],
-                class_mass[fitting],
-            )
         if x.shape[0] == 0:
             return self._empty_statistics(x)
 
@@ -456,35 +451,41 @@ class ClassMixtures(nn.Module):
     def _sample_candidates(self, x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A fixed pseudo-random sample of each class's features, the same on every call.
 
-        Each feature is a candidate of the class that weighs it most and gets a key, a hash of its
-        row index. Keys below a per-class threshold that admits about twice
+        Each fitting feature is a candidate of the class that weighs it most and gets a key, a
+        hash of its row index. Keys below a per-class threshold that admits about twice
         ``candidates_per_class`` features are sorted, and each class keeps at most that many of
         its smallest: a sample spread over the whole batch, deterministic so that ranks and
-        resumes agree, from passes over ``[N]`` vectors only. With ``mixture_count == 1``
-        nothing is ever seeded and every slot stays empty.
+        resumes agree. Every tensor keeps its size (rows that are not admitted sort into an extra
+        class and slot that are dropped), so the device never waits for the host. With
+        ``mixture_count == 1`` nothing is ever seeded and every slot stays empty.
 
         Returns:
             ``[C, M, D]`` candidates, ``[C, M]`` validity and ``[C, M]`` row indices into x.
         """
-        slots = self.candidates_per_class
-        index = torch.zeros(self.num_classes, slots, dtype=torch.long, device=x.device)
-        valid = torch.zeros(self.num_classes, slots, dtype=torch.bool, device=x.device)
+        classes, slots = self.num_classes, self.candidates_per_class
         if self.mixture_count == 1:
-            return x.new_zeros(self.num_classes, slots, self.dim), valid, index
-        owner = weights.max(1).indices  # argmax, but twice as fast on CPU
-        count = torch.bincount(owner, minlength=self.num_classes)
-        key = torch.arange(owner.numel(), device=x.device).mul_(_HASH).remainder_(_KEYS)
+            index = torch.zeros(classes, slots, dtype=torch.long, device=x.device)
+            valid = torch.zeros(classes, slots, dtype=torch.bool, device=x.device)
+            return x.new_zeros(classes, slots, self.dim), valid, index
+        top, owner = weights.max(1)  # argmax, but twice as fast on CPU
+        owner = owner.masked_fill_(top <= 0, classes)  # class C: not fitting
+        count = torch.zeros(classes + 1, dtype=torch.long, device=x.device)
+        count.index_add_(0, owner, torch.ones_like(owner))
+        row = torch.arange(owner.numel(), device=x.device)
+        key = row.mul(_HASH).remainder_(_KEYS)
         threshold = (2 * slots * _KEYS // count.clamp_min(1)).clamp_max(_KEYS)
-        row = (key < threshold[owner]).nonzero().squeeze(1)
-        cls = owner[row]
-        order = (cls * _KEYS + key[row]).argsort()  # by class, then by key
-        row, cls = row[order], cls[order]
-        taken = torch.bincount(cls, minlength=self.num_classes)
-        slot = torch.arange(row.numel(), device=x.device) - (taken.cumsum(0) - taken)[cls]
-        kept = slot < slots
-        cls, slot = cls[kept], slot[kept]
-        index[cls, slot] = row[kept]
-        valid[cls, slot] = True
+        owner = owner.masked_fill_(key >= threshold[owner], classes)
+        order = (owner * _KEYS + key).argsort()  # by class, then by key
+        owner = owner[order]
+        taken = torch.zeros_like(count).index_add_(0, owner, torch.ones_like(owner))
+        slot = row - (taken.cumsum(0) - taken)[owner]
+        kept = (slot < slots) & (owner < classes)
+        cell = (torch.where(kept, owner, classes), torch.where(kept, slot, slots))
+        index = torch.zeros(classes + 1, slots + 1, dtype=torch.long, device=x.device)
+        valid = torch.zeros(classes + 1, slots + 1, dtype=torch.bool, device=x.device)
+        index.index_put_(cell, order)
+        valid.index_put_(cell, kept)
+        index, valid = index[:classes, :slots], valid[:classes, :slots]
         candidates = x[index] * valid[..., None]
         return candidates, valid, index
 
@@ -493,8 +494,11 @@ class ClassMixtures(nn.Module):
     def update(self, stats: MixtureStatistics) -> Tensor:
         """M-step with the online update of METHOD §3.4, for the classes observed in ``stats``.
 
-        ``s <- m·s + (1 - m)·s_hat`` on statistics normalised per class; a class seen for the first
-        time is initialised from the batch alone (k-means++-style seeding for K > 1); a component
+        ``s <- (1 - r)·s + r·s_hat`` on statistics normalised per class, with the rate
+        ``r = (1 - m)·n / (m·N + (1 - m)·n)`` for a batch mass ``n`` and a running mass ``N``:
+        ``1 - m`` when a class gets its usual mass, far less when it gets a sliver (the online EM
+        of unnormalised statistics). A class seen for the first time is initialised from the
+        batch alone (k-means++-style seeding for K > 1); a component
         whose weight falls below ``1/(10K)`` is re-seeded at the class's worst-explained candidate.
         Statistics that hold NaN or inf (a diverged batch) change nothing: the update is skipped,
         and the caller learns it from the result without waiting for the device.
@@ -513,15 +517,17 @@ class ClassMixtures(nn.Module):
         # Non-finite statistics count as no observation at all.
         total = torch.where(finite, stats.weight.sum(1), 0.0)
         observed = total > _MIN_OBSERVED
-        if not observed.any():
-            return finite
         norm = total.clamp_min(_MIN_OBSERVED)
         batch_s0 = stats.weight / norm[:, None]
         batch_s1 = stats.sum / norm[:, None, None]
         batch_s2 = stats.square_sum / norm[:, None, None]
 
         fresh = observed & ~self.initialized
-        keep = torch.where(fresh, 0.0, self.momentum)[:, None]
+        # Each class moves by (1 - m) times its share of the evidence: a batch that gives a class
+        # a sliver of its usual mass (posterior tails of other classes' pixels) barely moves it.
+        incoming = (1 - self.momentum) * total
+        rate = torch.where(fresh, 1.0, incoming / (self.momentum * self.mass + incoming))
+        keep = (1 - rate)[:, None]
         s0 = keep * self.weights + (1 - keep) * batch_s0
         s1 = (
             keep[..., None] * self.weights[..., None] * self.means
@@ -549,6 +555,8 @@ class ClassMixtures(nn.Module):
         self.means.copy_(torch.where(rows[..., None], means, self.means))
         self.variances.copy_(torch.where(rows[..., None], variances, self.variances))
         self.weights.copy_(torch.where(rows, weights, self.weights))
+        mass = torch.where(fresh, total, self.momentum * self.mass + (1 - self.momentum) * total)
+        self.mass.copy_(torch.where(observed, mass, self.mass))
         self.initialized |= observed
         return finite
 
@@ -562,18 +570,15 @@ class ClassMixtures(nn.Module):
         variances: Tensor,
         weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Initialise new classes: seeded means, the class variance, equal weights."""
-        if not fresh.any():
-            return means, variances, weights
+        """Initialise new classes: seeded means, the class variance, equal weights.
+
+        Seeds are drawn for every class and kept for the fresh ones: a few small operations on
+        ``[C, M, D]`` candidates instead of a host round trip to find which classes are fresh.
+        """
         seeds = _kmeans_seeds(
-            stats.candidates[fresh],
-            stats.candidate_valid[fresh],
-            class_mean[fresh],
-            class_variance[fresh],
-            self.mixture_count,
+            stats.candidates, stats.candidate_valid, class_mean, class_variance, self.mixture_count
         )
-        means = means.clone()
-        means[fresh] = seeds
+        means = torch.where(fresh[:, None, None], seeds, means)
         variances = torch.where(fresh[:, None, None], class_variance[:, None], variances)
         weights = torch.where(fresh[:, None], 1.0 / self.mixture_count, weights)
         return means, variances, weights
@@ -589,8 +594,6 @@ class ClassMixtures(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Move components whose weight fell below ``1/(10K)`` to the worst-explained features."""
         dead = refitted[:, None] & (weights < LIVE_WEIGHT / self.mixture_count)
-        if not dead.any():
-            return means, variances, weights
         score = stats.candidate_score.masked_fill(~stats.candidate_valid, float("inf"))
         order = score.argsort(1)  # worst explained first
         dead_rank = (dead.long().cumsum(1) - 1).clamp(0, order.shape[1] - 1)
