@@ -1,23 +1,28 @@
 """What the methods cost per training step, and how the OEM step grows with the problem size.
 
-1. One training step (forward, backward, optimizer step and, for ``agmm``, the OEM refit the
-   callback applies) of each method on the same batch, as a ratio to the ``baseline`` step
-   measured in the same run, with its peak memory. On a GPU also absolute times and images/s.
+1. One training step (forward, backward, optimizer step and, for ``agmm``, the OEM refit) of each
+   method on the same batch, as a ratio to the ``baseline`` step measured in the same run, and its
+   peak memory as a ratio to the baseline's, at the shapes users train at: ``demo`` (Unet/resnet18,
+   8 × 80², C=6), ``voc`` (DeepLabV3+/resnet101, 16 × 321², C=21) and ``ade`` (DeepLabV3+/resnet101,
+   16 × 512², C=150), in float32 (``32``) and ``bf16-mixed``. A CPU runs the same shapes with a
+   smaller batch (the table says which); a GPU also gets absolute times.
 2. The CVPR loss block against the broadcast formulation (``bench_core.py``'s measurement).
 3. Scaling of one OEM step (E-step, posterior, statistics, update) with classes (21→150),
    components (1→8), embedding size (32→256) and image side (256→1024 at stride 4), one at a time
    from C=21, K=4, D=64, 512²; the slope of log time against log size is fitted per curve (1 =
    linear). Written as a PNG beside ``--out``.
 
-Every measurement runs on the CPU; on a machine with CUDA the GPU column is filled too, otherwise
-it says that no GPU was available. ``--quick`` shrinks every size for CI smoke runs.
+Every measurement runs on the CPU, and on CUDA too when a GPU is present. ``--quick`` shrinks
+every size for CI smoke runs.
 
-Run: ``python benchmarks/speed.py [--out results/speed.md] [--quick]``.
+Run: ``python benchmarks/speed.py [--setups demo voc ade] [--precisions 32 bf16-mixed]
+[--out results/speed.md] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 from pathlib import Path
@@ -33,8 +38,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("baseline", "cvpr", "agmm")
-STEP = {"arch": "Unet", "encoder": "resnet18", "num_classes": 6, "batch": 8, "size": 80}
-QUICK_STEP = {"arch": "Unet", "encoder": "tu-test_resnet", "num_classes": 6, "batch": 2, "size": 32}
+PRECISIONS = ("32", "bf16-mixed")
+# Each setup: network, classes, image side, the batch on a GPU and the smaller one on a CPU.
+SETUPS = {
+    "demo": {"arch": "Unet", "encoder": "resnet18", "classes": 6, "size": 80, "batch": 8},
+    "voc": {"arch": "DeepLabV3Plus", "encoder": "resnet101", "classes": 21, "size": 321},
+    "ade": {"arch": "DeepLabV3Plus", "encoder": "resnet101", "classes": 150, "size": 512},
+}
+GPU_BATCH, CPU_BATCH = 16, 2
+QUICK_SETUP = {"arch": "Unet", "encoder": "tu-test_resnet", "size": 32, "batch": 2}
 BASE = {"classes": 21, "components": 4, "dim": 64, "side": 512}
 CURVES = {
     "classes": [21, 50, 100, 150],
@@ -45,10 +57,24 @@ CURVES = {
 QUICK_CURVES = {name: values[:2] for name, values in CURVES.items()}
 
 
-def training_step(method: str, setup: dict, device: torch.device):
+def shape(name: str, device: torch.device, quick: bool) -> dict:
+    """The network, classes, side and batch of a setup on a device (tiny with ``quick``)."""
+    setup = SETUPS[name] | (QUICK_SETUP if quick else {})
+    batch = setup.get("batch", GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+    return setup | {"batch": batch}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast of a Lightning precision flag (``32`` or ``bf16-mixed``)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def training_step(method: str, setup: dict, precision: str, device: torch.device):
     """A closure running one full training step of ``method`` on a fixed batch with clicks."""
     gen = torch.Generator().manual_seed(0)
-    classes, batch, size = setup["num_classes"], setup["batch"], setup["size"]
+    classes, batch, size = setup["classes"], setup["batch"], setup["size"]
     network = build_network(setup["arch"], setup["encoder"], None, classes)
     model = AGMMModel(network, classes, method, OEMOptions(warmup_steps=0)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -61,7 +87,8 @@ def training_step(method: str, setup: dict, device: torch.device):
     data = {key: value.to(device) for key, value in data.items()}
 
     def step() -> None:
-        losses, _ = model.losses(data)
+        with autocast(device, precision):
+            losses, _ = model.losses(data)
         optimizer.zero_grad()
         sum(losses.terms.values()).backward()
         optimizer.step()
@@ -71,31 +98,55 @@ def training_step(method: str, setup: dict, device: torch.device):
     return step
 
 
-def cpu_training_peak_mib(method: str, setup: dict) -> float:
+def cpu_training_peak_mib(method: str, setup: dict, precision: str) -> float:
     """Peak resident memory of three training steps beyond the built model (in a fresh process)."""
-    step = training_step(method, setup, torch.device("cpu"))
+    step = training_step(method, setup, precision, torch.device("cpu"))
     return resident_mib(lambda: [step() for _ in range(3)])
 
 
-def step_rows(device: torch.device, setup: dict, repeats: int) -> dict[str, tuple[float, float]]:
+def step_rows(
+    device: torch.device, setup: dict, precision: str, repeats: int
+) -> dict[str, tuple[float, float]]:
     """Seconds and peak MiB of each method's training step.
 
     The methods take turns within every repeat, so a slow spell of a shared machine hits all of
     them alike; each keeps its fastest time.
     """
-    steps = {method: training_step(method, setup, device) for method in METHODS}
+    steps = {method: training_step(method, setup, precision, device) for method in METHODS}
     memory = {}
     for method, step in steps.items():
         step()  # initialise the mixtures before timing
         if device.type == "cuda":
             memory[method] = peak_memory_mib(step, device)
         else:
-            memory[method] = in_fresh_process(cpu_training_peak_mib, method, setup)
+            memory[method] = in_fresh_process(cpu_training_peak_mib, method, setup, precision)
     seconds = {method: math.inf for method in METHODS}
     for _ in range(repeats):
         for method, step in steps.items():
             seconds[method] = min(seconds[method], best_seconds(step, device, repeats=1))
     return {method: (seconds[method], memory[method]) for method in METHODS}
+
+
+def step_table(measured: dict, quick: bool) -> list[str]:
+    """Markdown rows: per setup, precision and device, each method as a ratio to the baseline."""
+    lines = [
+        "| setup | precision | device, batch | baseline step, peak memory | cvpr | agmm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (name, precision, kind), rows in measured.items():
+        setup = shape(name, torch.device(kind), quick)
+        base_seconds, base_memory = rows["baseline"]
+        cells = [f"{1e3 * base_seconds:.0f} ms, {base_memory:.0f} MiB"]
+        for method in METHODS[1:]:
+            seconds, memory = rows[method]
+            cells.append(f"{seconds / base_seconds:.2f}× time, {memory / base_memory:.2f}× memory")
+        lines.append(
+            f"| {name}: {setup['arch']}/{setup['encoder']}, {setup['size']}², "
+            f"C={setup['classes']} | {precision} | {kind.upper()}, {setup['batch']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def oem_step_seconds(device: torch.device, classes, components, dim, side, repeats) -> float:
@@ -150,18 +201,26 @@ def plot(curves: dict, measured: dict[str, dict[str, list[float]]], path: Path) 
     plt.close(figure)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke runs")
     parser.add_argument("--out", type=Path, default=None, help="Markdown file; PNG beside it")
-    args = parser.parse_args()
-    setup = QUICK_STEP if args.quick else STEP
+    args = parser.parse_args(argv)
     curves = QUICK_CURVES if args.quick else CURVES
-    repeats = 1 if args.quick else 5
+    repeats = 1 if args.quick else 3
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     gpu_name = torch.cuda.get_device_name() if len(devices) > 1 else None
 
-    steps = {device.type: step_rows(device, setup, repeats) for device in devices}
+    steps = {
+        (name, precision, device.type): step_rows(
+            device, shape(name, device, args.quick), precision, repeats
+        )
+        for name in args.setups
+        for precision in args.precisions
+        for device in devices
+    }
     blocks = {device.type: loss_block(device, repeats) for device in devices}
     measured = {device.type: scaling(device, curves, repeats) for device in devices}
 
@@ -172,29 +231,16 @@ def main() -> None:
         f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
         f"GPU: {gpu_name or 'none available'}; torch {torch.__version__}.",
         "",
-        f"Training step: {setup['arch']}/{setup['encoder']}, batch {setup['batch']} × "
-        f"{setup['size']}², C={setup['num_classes']}, 4 clicks per image, the labelled and the "
-        "confident unlabelled pixels (posterior >= 0.9) in the OEM fitting set, as in training.",
+        "Training step: forward, backward, SGD step and the OEM refit, 4 clicks per image, the "
+        "labelled and the confident unlabelled pixels (posterior >= 0.9) in the OEM fitting set, "
+        "as in training; fastest of "
+        f"{repeats} interleaved rounds. cvpr and agmm as ratios to the baseline of the same run.",
+        "",
+        *step_table(steps, args.quick),
         "",
         "| measurement | CPU | GPU |",
         "|---|---|---|",
     ]
-    base_cpu = steps["cpu"]["baseline"][0]
-    for method in METHODS:
-        seconds, memory = steps["cpu"][method]
-        lines.append(
-            f"| {method} step: time vs baseline, peak memory | {seconds / base_cpu:.2f}× "
-            f"({1e3 * seconds:.0f} ms), {memory:.0f} MiB | "
-            + gpu(
-                lambda m=method: (
-                    f"{steps['cuda'][m][0] / steps['cuda']['baseline'][0]:.2f}× "
-                    f"({1e3 * steps['cuda'][m][0]:.1f} ms, "
-                    f"{setup['batch'] / steps['cuda'][m][0]:.0f} images/s), "
-                    f"{steps['cuda'][m][1]:.0f} MiB"
-                )
-            )
-            + " |"
-        )
 
     def block_cell(kind: str) -> str:
         (ours, ours_mem), (ref, ref_mem) = blocks[kind]["ours"], blocks[kind]["broadcast"]
