@@ -8,7 +8,9 @@ core; for AGMM a uniform prior and hard pseudo labels). Mean ± std over seeds, 
 Markdown table (AGMM's pseudo labels and its ratio to full supervision when agmm is among
 ``--methods``); with ``--out`` the table is written there and a bar chart beside it (same name,
 ``.png``). ``--root`` points a folder-layout config at another dataset (CI uses the test fixture);
-``--quick`` shrinks everything to check the pipeline in about a minute.
+``--quick`` shrinks everything to check the pipeline in about a minute. With ``--out`` every
+finished run is also recorded in a folder beside it (``.runs``), so the same command resumes an
+interrupted table; delete the folder after changing the code.
 
 Run: ``python benchmarks/ablation.py [--config experiments/macaque.yaml] [--forms point scribble
 block box] [--seeds 0 1 2] [--methods baseline cvpr agmm] [--set key=value ...] [--root DIR]
@@ -18,7 +20,9 @@ block box] [--seeds 0 1 2] [--methods baseline cvpr agmm] [--set key=value ...] 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import json
 import multiprocessing
 import platform
 import statistics
@@ -65,8 +69,19 @@ def datamodule(data: dict, form: str, seed: int, root: str | None) -> pl.Lightni
 
 
 def train(job: tuple) -> dict[str, float]:
-    """Train one model and return its final metrics."""
+    """Train one model and return its final metrics, or read them from the job's record.
+
+    With a ``runs`` folder in the options, each finished run leaves a JSON record there named by a
+    hash of its settings, so an interrupted table resumes where it stopped.
+    """
     form, method, seed, options = job
+    record = None
+    if options.get("runs"):
+        key = json.dumps([form, method, seed, options], sort_keys=True, default=str)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        record = Path(options["runs"]) / f"{form}_{method}_seed{seed}_{digest}.json"
+        if record.is_file():
+            return json.loads(record.read_text())
     model_args, data, epochs = settings(options["config"], options["quick"], options["epochs"])
     if form == "box":
         box_model, box_data = box_settings()
@@ -83,12 +98,16 @@ def train(job: tuple) -> dict[str, float]:
     trainer.fit(model, datamodule_)
     metrics = trainer.callback_metrics
     pseudo = metrics.get("train_pseudo_miou")
-    return {
+    result = {
         "val_miou": float(metrics["val_miou"]),
         "train_pseudo_miou": float("nan") if pseudo is None else float(pseudo),
         "seconds": time.perf_counter() - start,
         "steps": trainer.global_step,
     }
+    if record:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(result))
+    return result
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -167,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "full" in args.forms:
         parser.error("full supervision is run unless --no-full; list only weak forms in --forms")
-    options = run_options(args, root=args.root) | {"config": args.config}
+    runs_folder = args.out.with_suffix(".runs") if args.out and not args.quick else None
+    options = run_options(args, root=args.root) | {"config": args.config, "runs": runs_folder}
     runs = [] if args.no_full else [("full", "baseline")]
     runs += [(form, m) for form in args.forms for m in args.methods]
     jobs = [(form, method, seed, options) for form, method in runs for seed in args.seeds]
