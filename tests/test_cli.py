@@ -55,7 +55,7 @@ def test_fit_then_validate_test_and_predict_from_the_checkpoint(tmp_path, capsys
     out = tmp_path / "predictions"
     capsys.readouterr()
     run(tmp_path, "predict", f"--ckpt_path={checkpoint}", "--trainer.logger=false")
-    assert f"Predictions written to {out}" in capsys.readouterr().out
+    assert f"Predictions of 4 images written to {out}" in capsys.readouterr().out
     written = sorted(out.glob("*.png"))
     assert [path.stem for path in written] == [f"test_{i:05d}" for i in range(4)]
     labels = Image.open(written[0])

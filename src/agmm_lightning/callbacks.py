@@ -10,9 +10,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.figure import Figure
 from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.panels import draw_panel, render
 from agmm_lightning.targets import posterior_labels
 
 __all__ = [
@@ -96,11 +98,13 @@ def _denormalize(image: torch.Tensor) -> np.ndarray:
 
 
 class SegmentationPanels(Callback):
-    """Write image | weak label | GMM pseudo label | prediction | ground truth panels.
+    """Write image | weak label | pseudo label | prediction | ground truth panels.
 
-    Panels of the first training batch of every ``every_n_epochs``-th epoch go to
+    Panels of the first training batch of every ``every_n_epochs``-th epoch, drawn by
+    :func:`~agmm_lightning.panels.draw_panel` with titled columns, a legend of the class names,
+    and the epoch and last val mIoU in the title, go to
     ``<run directory>/panels/epoch_<n>.png`` (see :func:`run_directory`) and, when the logger is
-    TensorBoard or W&B, to it too.
+    TensorBoard or W&B, to it too: the same picture everywhere.
 
     Args:
         every_n_epochs: Epoch interval.
@@ -125,18 +129,52 @@ class SegmentationPanels(Callback):
             return
         if not isinstance(outputs, dict) or "logits" not in outputs:
             return
-        num_classes = pl_module.hparams["num_classes"]
+        figure = self.figure(trainer, pl_module, outputs, batch)
+        self._write(trainer, render(figure))
+
+    def figure(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: dict[str, Any], batch: Any
+    ) -> Figure:
+        """The panel of a training batch and the step's outputs."""
+        hp = pl_module.hparams
+        num_classes = hp["num_classes"]
         count = min(self.max_images, batch["image"].shape[0])
+
+        def numpy(labels: torch.Tensor) -> list[np.ndarray]:
+            return list(labels[:count].cpu().numpy())
+
         posterior = outputs.get("posterior")
-        pseudo = None if posterior is None else posterior_labels(posterior[:count])
-        maps = [batch["target"], pseudo, outputs["logits"][:count].argmax(1)]
-        maps.append(batch.get("mask"))
-        rows = []
-        for i in range(count):
-            columns = [_denormalize(batch["image"][i])]
-            columns += [colorize(m[i].cpu().numpy(), num_classes) for m in maps if m is not None]
-            rows.append(np.concatenate(columns, axis=1))
-        self._write(trainer, np.concatenate(rows, axis=0))
+        pseudo: list[np.ndarray | None] = [None] * count
+        if posterior is not None:
+            fitted = (posterior[:count].flatten(1).sum(1) > 0).tolist()
+            labels = numpy(posterior_labels(posterior[:count]))
+            pseudo = [lab if ok else None for lab, ok in zip(labels, fitted, strict=True)]
+        maps: dict[str, list[np.ndarray | None]] = {
+            "weak label": list(numpy(batch["target"])),
+            "pseudo label": pseudo,
+            "prediction": list(numpy(outputs["logits"].argmax(1))),
+        }
+        if batch.get("mask") is not None:
+            maps["ground truth"] = list(numpy(batch["mask"]))
+        method = hp.get("method")
+        missing = (
+            "no pseudo labels yet:\nmixtures not fitted"
+            if method == "agmm"
+            else f"no pseudo labels:\nmethod={method}"
+        )
+        names = list(getattr(pl_module, "class_names", None) or [])
+        if len(names) != num_classes:
+            names = [f"class_{i}" for i in range(num_classes)]
+        miou = trainer.callback_metrics.get("val_miou")
+        score = "not validated yet" if miou is None else f"{100 * float(miou):.1f}%"
+        return draw_panel(
+            [_denormalize(image) for image in batch["image"][:count]],
+            maps,
+            palette_of(num_classes),
+            names,
+            title=f"epoch {trainer.current_epoch}, step {trainer.global_step}: val mIoU {score}",
+            missing=missing,
+        )
 
     def _write(self, trainer: Trainer, panel: np.ndarray) -> None:
         # Rank 0 alone gets here: trainer.log_dir would broadcast and hang the other ranks.
@@ -152,11 +190,15 @@ class SegmentationPanels(Callback):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write each prediction as ``<name>.png``: class indices, coloured by a palette.
+    """Write each prediction as class indices, in colour, and list what was written.
 
-    A palette PNG (the VOC ground-truth format) holds the indices as its pixel values and shows
-    them in colour: index C (unlabelled, in CAM pseudo labels) is grey, void white. Files go to
-    ``output_dir``, or to the task's :meth:`~agmm_lightning.tasks.base.BaseTask.prediction_folder`.
+    ``<name>.png`` is a palette PNG (the VOC ground-truth format): its pixel values are the class
+    indices and viewers show them in colour (index C, unlabelled in CAM pseudo labels, grey; void
+    white); ``color/<name>.png`` is the same map as plain RGB, for tools that ignore palettes.
+    ``predictions.csv`` lists ``name,index_png,color_png`` per image (one list per rank under
+    DDP: ``predictions_rank<r>.csv``). A name with folders (an image in a sub-folder) keeps them.
+    Files go to ``output_dir``, or to the task's
+    :meth:`~agmm_lightning.tasks.base.BaseTask.prediction_folder`.
 
     Args:
         output_dir: Folder of the predictions; None asks the task.
@@ -167,12 +209,14 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self.written: list[str] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the folder once, the same on every rank."""
         default = pl_module.prediction_folder(trainer)  # type: ignore[operator]
         self.folder = Path(self.output_dir) if self.output_dir else default
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.written = []
 
     def write_on_batch_end(
         self,
@@ -187,10 +231,22 @@ class PredictionWriter(BasePredictionWriter):
         """Save the batch's predictions."""
         palette = palette_of(pl_module.hparams["num_classes"])
         for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
-            image = Image.fromarray(labels.cpu().numpy())
+            indices = labels.cpu().numpy()
+            index_file, color_file = f"{name}.png", f"color/{name}.png"
+            for file in (index_file, color_file):
+                (self.folder / file).parent.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(indices)
             image.putpalette(palette.flatten().tolist())
-            image.save(self.folder / f"{name}.png")
+            image.save(self.folder / index_file)
+            Image.fromarray(palette[indices]).save(self.folder / color_file)
+            self.written.append(f"{name},{index_file},{color_file}")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Say where the predictions went."""
-        print_line(f"Predictions written to {self.folder} (class-index palette PNGs)")
+        """Write the list and say where the predictions went."""
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        listing = self.folder / f"predictions{suffix}.csv"
+        listing.write_text("\n".join(["name,index_png,color_png", *self.written]) + "\n")
+        print_line(
+            f"Predictions of {len(self.written)} images written to {self.folder} (class-index "
+            f"palette PNGs, color/ RGB PNGs, listed in {listing.name})"
+        )
