@@ -39,6 +39,8 @@ __all__ = [
     "AGMMLightningCLI",
     "RunConfigSaver",
     "check_data",
+    "folder_shorthand",
+    "model_overrides",
     "long_run_callbacks",
     "main",
 ]
@@ -47,6 +49,8 @@ __all__ = [
 CHECKPOINT_KEYS = ("num_classes", "mixture_count", "embed_dim", "arch", "encoder")
 # Values of --ckpt_path that Lightning resolves itself.
 _CHECKPOINT_ALIASES = ("best", "last", "hpc", "registry")
+# The datamodule of a plain folder of images given as --data=<folder>.
+_IMAGE_FOLDER = "agmm_lightning.data.ImageFolderDataModule"
 # Lines of jsonargparse's union-type errors that say nothing about the mistake.
 _NOISE = (
     "Does not validate against any of the Union subtypes",
@@ -212,6 +216,7 @@ class AGMMLightningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AGMMArgumentParser)
         self._saved_hparams: dict[str, Any] = {}
+        self._checkpoint_model: tuple[str, list[str]] | None = None
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -231,7 +236,11 @@ class AGMMLightningCLI(LightningCLI):
         The parsed configuration is kept: LightningCLI next overwrites the model options with the
         checkpoint's, and :meth:`before_instantiate_classes` puts the configured ones back.
         """
-        super().parse_arguments(parser, args)
+        given = folder_shorthand(list(sys.argv[1:] if args is None else args))
+        self._checkpoint_model = model_overrides(given)
+        if self._checkpoint_model:  # no model configured: build the checkpoint's
+            given.insert(1, f"--model={self._checkpoint_model[0]}")
+        self.config = parser.parse_args(given)
         subcommand = self.config.get("subcommand")
         self._configured = self.config.clone()
         if subcommand:
@@ -261,7 +270,22 @@ class AGMMLightningCLI(LightningCLI):
         return dict(checkpoint.get("hyper_parameters") or {})
 
     def before_instantiate_classes(self) -> None:
-        """Restore the configured options over those LightningCLI took from the checkpoint."""
+        """Restore the configured options over those LightningCLI took from the checkpoint.
+
+        Without a configured model (``predict --ckpt_path=… --data=…`` alone) the checkpoint's is
+        built, and a datamodule whose class count is left open (None) gets the checkpoint's.
+        """
+        if not self.subcommand:
+            self.config = self._configured
+            return
+        configured, loaded = self._configured[self.subcommand], self.config[self.subcommand]
+        if self._checkpoint_model:
+            for key in self._checkpoint_model[1]:
+                loaded.model.init_args[key] = configured.model.init_args[key]
+            configured.model = loaded.model
+        data = (configured.get("data") or {}).get("init_args") or {}
+        if "num_classes" in data and data["num_classes"] is None:
+            data["num_classes"] = self._saved_hparams.get("num_classes")
         self.config = self._configured
 
     def instantiate_classes(self) -> None:
@@ -392,6 +416,65 @@ def check_data(args: list[str]) -> int:
     return 1
 
 
+def folder_shorthand(args: list[str]) -> list[str]:
+    """``--data=<folder>`` (or ``--data <folder>``) means an :class:`ImageFolderDataModule` on it.
+
+    Any other ``--data`` value (a class name or a config file) passes unchanged.
+
+    Args:
+        args: The command-line arguments.
+
+    Returns:
+        The arguments with a folder given to ``--data`` spelt out as the datamodule's options.
+    """
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        value = None
+        if arg.startswith("--data="):
+            value = arg.removeprefix("--data=")
+        elif arg == "--data" and index + 1 < len(args):
+            value, index = args[index + 1], index + 1
+        if value is not None and Path(value).is_dir():
+            out += [f"--data={_IMAGE_FOLDER}", f"--data.root={value}"]
+        elif value is not None:
+            out += [f"--data={value}"]
+        else:
+            out.append(arg)
+        index += 1
+    return out
+
+
+def model_overrides(args: list[str]) -> tuple[str, list[str]] | None:
+    """For a run that configures no model but names a checkpoint: its model and the options given.
+
+    ``agmm predict --ckpt_path=model.ckpt --data=photos/ --model.init_args.tile_size=512`` builds
+    the checkpoint's model with ``tile_size`` changed.
+
+    Args:
+        args: The command-line arguments.
+
+    Returns:
+        None when ``--config`` or ``--model=<class>`` is given or no checkpoint file is named;
+        else the checkpoint's model class and the names of the ``--model`` options given.
+    """
+    options = dict(arg.removeprefix("--").split("=", 1) for arg in args if "=" in arg)
+    path = options.get("ckpt_path")
+    if path is None and "--ckpt_path" in args[:-1]:
+        path = args[args.index("--ckpt_path") + 1]
+    configured = any(arg in ("-c", "--config", "--model") for arg in args) or "model" in options
+    if configured or not path or not Path(path).is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        class_path = saved["hyper_parameters"]["_class_path"]
+    except Exception:  # noqa: BLE001 - not a checkpoint of ours: _read_checkpoint says so
+        return None
+    given = [key.removeprefix("model.") for key in options if key.startswith("model.")]
+    return class_path, [key.removeprefix("init_args.") for key in given]
+
+
 def _program() -> str:
     """The command's name in messages: ``lightning`` when run as that, else ``agmm``."""
     return "lightning" if Path(sys.argv[0]).name == "lightning" else "agmm"
@@ -413,7 +496,7 @@ def main(args: list[str] | None = None) -> None:
         args: Arguments instead of ``sys.argv[1:]`` (for tests).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    given = sys.argv[1:] if args is None else list(args)
+    given = folder_shorthand(sys.argv[1:] if args is None else list(args))
     try:
         if given[:1] == ["check-data"]:
             sys.exit(check_data(given[1:]))
@@ -424,7 +507,7 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False},
-            args=args,
+            args=given,
             parser_kwargs={"prog": _program()},
         )
     except InputError as error:

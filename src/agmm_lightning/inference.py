@@ -1,16 +1,58 @@
-"""Whole-image, sliding-window and multi-scale + flip inference (METHOD §6)."""
+"""Whole-image, sliding-window and multi-scale + flip inference (METHOD §6), and its input."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
-LogitsFn = Callable[[Tensor], Tensor]
+from agmm_lightning.data.io import read_rgb_image
+from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.errors import InputError
 
-__all__ = ["infer_logits", "sliding_window_logits"]
+LogitsFn = Callable[[Tensor], Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+"""An image to segment: a file, a PIL image, a uint8 [H,W,3] (or [H,W]) array, or a [3,H,W] or
+[B,3,H,W] tensor (uint8, or float in [0, 1])."""
+
+__all__ = ["ImageInput", "image_batch", "infer_logits", "sliding_window_logits"]
+
+
+def image_batch(image: ImageInput) -> Tensor:
+    """The network's input for one image or a batch: float [B,3,H,W], ImageNet-normalised.
+
+    Args:
+        image: See :data:`ImageInput`.
+
+    Returns:
+        The normalised batch (B = 1 unless a batch tensor is given).
+
+    Raises:
+        InputError: If the array or tensor is not an RGB image of a shape listed above.
+    """
+    if isinstance(image, (str, Path)):
+        image = read_rgb_image(Path(image))
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    batch = image[None] if image.ndim == 3 else image
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise InputError(
+            f"Expected an RGB image: [H,W,3] array, [3,H,W] or [B,3,H,W] tensor; got shape "
+            f"{tuple(image.shape)}."
+        )
+    batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+    mean = batch.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = batch.new_tensor(IMAGENET_STD)[:, None, None]
+    return (batch - mean) / std
 
 
 # Windows per forward pass: memory stays bounded on large images (Cityscapes: 18 windows of 512).

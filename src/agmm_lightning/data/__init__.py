@@ -5,6 +5,7 @@ from agmm_lightning.data.base import AGMMDataModule
 from agmm_lightning.data.cityscapes import CityscapesDataModule
 from agmm_lightning.data.coco import COCODataModule
 from agmm_lightning.data.folder import FolderDataModule
+from agmm_lightning.data.images import ImageFolderDataModule
 from agmm_lightning.data.synthetic import SyntheticDataModule
 from agmm_lightning.data.voc import VOCDataModule
 
@@ -14,6 +15,7 @@ __all__ = [
     "COCODataModule",
     "CityscapesDataModule",
     "FolderDataModule",
+    "ImageFolderDataModule",
     "SyntheticDataModule",
     "VOCDataModule",
 ]

@@ -23,7 +23,7 @@ from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, O
 from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels, print_line
 from agmm_lightning.errors import InputError
-from agmm_lightning.inference import infer_logits
+from agmm_lightning.inference import ImageInput, image_batch, infer_logits
 from agmm_lightning.targets import VOID
 from agmm_lightning.tasks.base import BaseTask, check_choice
 
@@ -57,6 +57,11 @@ def check_inference_options(
             )
     if not test_scales or min(test_scales) <= 0:
         raise InputError(f"test_scales must be one or more positive scales, got {test_scales}")
+
+
+def _is_batch(image: ImageInput) -> bool:
+    """Whether an input to :meth:`AGMMSegmenter.segment` is a [B,3,H,W] batch tensor."""
+    return isinstance(image, Tensor) and image.ndim == 4
 
 
 def _warn_ignored_options(method: str, given: dict[str, Any]) -> None:
@@ -269,6 +274,35 @@ class AGMMSegmenter(BaseTask):
             scales=hp["test_scales"],
             flip=hp["test_flip"],
         )
+
+    @torch.inference_mode()
+    def segment(self, image: ImageInput) -> Tensor:
+        """The class map of an image, with the configured sliding window, scales and flip.
+
+        Args:
+            image: A file path, PIL image, uint8 [H,W,3] array, or [3,H,W] / [B,3,H,W] tensor
+                (uint8, or float in [0, 1]); see :data:`~agmm_lightning.inference.ImageInput`.
+
+        Returns:
+            int64 class indices on the CPU: [H,W], or [B,H,W] for a batch tensor. Class i is
+            ``class_names[i]``.
+        """
+        batch = image_batch(image).to(self.device)
+        training = self.training
+        self.eval()
+        try:
+            labels = self.predict_logits(batch).argmax(1).cpu()
+        finally:
+            self.train(training)
+        return labels if _is_batch(image) else labels[0]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the class names the data gave, for :meth:`segment`'s users and the panels."""
+        checkpoint["class_names"] = self.class_names
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the class names saved with the checkpoint."""
+        self.class_names = list(checkpoint.get("class_names") or self.class_names)
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

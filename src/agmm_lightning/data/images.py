@@ -1,0 +1,95 @@
+"""Images to segment: any folder of image files, without masks, splits or class names.
+
+``agmm predict --ckpt_path=model.ckpt --data=photos/`` reads every ``.jpg``, ``.jpeg`` and
+``.png`` under ``photos/`` (sub-folders included) at its own size; a prediction keeps the file's
+path relative to the folder as its name, so sub-folders are mirrored in the output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from agmm_lightning.data.base import AGMMDataModule, Split, WeakLabelDataset
+from agmm_lightning.data.io import IMAGE_SUFFIXES, read_rgb_image, require_directory
+from agmm_lightning.data.transforms import eval_transform
+from agmm_lightning.errors import InputError
+
+__all__ = ["ImageFolderDataModule", "ImageFolderDataset", "find_images"]
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (sub-folders included), sorted by path.
+
+    Raises:
+        InputError: If ``root`` is not a folder or holds no image.
+    """
+    require_directory(root, "data.root", "a folder of .jpg or .png images")
+    images = sorted(
+        path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
+    if not images:
+        raise InputError(
+            f"{root}: no image found; expected .jpg, .jpeg or .png files in it or its sub-folders."
+        )
+    return images
+
+
+class ImageFolderDataset(WeakLabelDataset):
+    """The images of a folder for prediction, named by their path relative to it.
+
+    Args:
+        root: The folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(0, mode="predict", transform=eval_transform())
+        self.root = root
+        self.paths = find_images(root)
+
+    def __len__(self) -> int:
+        """Return the number of images."""
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[str, np.ndarray, None]:
+        """Read image ``index``: its name (relative path without suffix) and RGB pixels."""
+        path = self.paths[index]
+        return path.relative_to(self.root).with_suffix("").as_posix(), read_rgb_image(path), None
+
+
+class ImageFolderDataModule(AGMMDataModule):
+    """A folder of images to segment with ``predict``: no masks, no splits, any sizes.
+
+    The model brings the class count and names (from its checkpoint), so ``num_classes`` stays
+    None unless a run needs it before the model is built.
+
+    Args:
+        root: The folder of images.
+        num_classes: The model's class count, or None to take the checkpoint's.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        InputError: At ``setup``, if ``root`` holds no image; when asked for a split other than
+            ``predict``.
+    """
+
+    def __init__(self, root: str, num_classes: int | None = None, num_workers: int = 0) -> None:
+        super().__init__(num_workers=num_workers)
+        self.root = Path(root)
+        self._num_classes = num_classes
+
+    @property
+    def num_classes(self) -> int | None:  # type: ignore[override]
+        """The class count given, or None (the model's)."""
+        return self._num_classes
+
+    def build_dataset(self, split: Split) -> ImageFolderDataset:
+        """The folder's images, for ``predict`` only."""
+        if split != "predict":
+            raise InputError(
+                f"ImageFolderDataModule ({self.root}) holds images without masks: it serves "
+                f"`predict` only, not the {split!r} split. Train and evaluate with a dataset "
+                "that has labels (e.g. FolderDataModule)."
+            )
+        return ImageFolderDataset(self.root)
