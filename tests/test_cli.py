@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (
 )
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.callbacks import colorize
@@ -143,7 +144,46 @@ def test_long_run_callbacks_stand_aside_when_switched_off_or_configured():
     (checkpoint,) = [
         c for c in long_run_callbacks({}, [], LightningModule()) if type(c) is ModelCheckpoint
     ]
-    assert checkpoint.monitor is None and checkpoint.save_last
+    assert checkpoint.monitor is None and checkpoint.filename == "last"
+
+
+class _Worsening(LightningModule):
+    """A model whose val_miou falls every epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_miou", 1.0 / (self.current_epoch + 1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_last_checkpoint_holds_the_last_epoch_when_it_was_not_the_best(tmp_path):
+    options = {"enable_progress_bar": False, "logger": False}
+    segmenter = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=long_run_callbacks(options, [], segmenter),
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+        **options,
+    )
+    trainer.fit(_Worsening())
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert best.name.startswith("best-epoch=0-")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 6
 
 
 def test_wandb_runs_save_their_configs_in_their_own_directories(tmp_path):

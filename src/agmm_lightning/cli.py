@@ -166,10 +166,10 @@ def long_run_callbacks(
 ) -> list[Callback]:
     """The callbacks every CLI run gets, unless its config switches them off or has its own.
 
-    A rich progress bar (off with ``enable_progress_bar=false``); best and last checkpoints
-    (``best-epoch=…-val_miou=….ckpt`` by ``val_miou`` for an :class:`AGMMSegmenter`, and
-    ``last.ckpt``; off with ``enable_checkpointing=false``); and a learning-rate monitor when the
-    run has a logger (``logger=false`` would make it fail).
+    A rich progress bar (off with ``enable_progress_bar=false``); the latest and best checkpoints
+    (``last.ckpt`` after every epoch, and ``best-epoch=…-val_miou=….ckpt`` by ``val_miou`` for an
+    :class:`AGMMSegmenter`; off with ``enable_checkpointing=false``); and a learning-rate monitor
+    when the run has a logger (``logger=false`` would make it fail).
 
     Args:
         trainer_config: The Trainer's arguments.
@@ -187,15 +187,16 @@ def long_run_callbacks(
     if wanted(ProgressBar, trainer_config.get("enable_progress_bar") is not False):
         callbacks.append(RichProgressBar())
     if wanted(ModelCheckpoint, trainer_config.get("enable_checkpointing") is not False):
-        monitored = isinstance(model, AGMMSegmenter)
-        callbacks.append(
-            ModelCheckpoint(
-                filename="best-{epoch}-{val_miou:.4f}" if monitored else None,
-                monitor="val_miou" if monitored else None,
-                mode="max",
-                save_last=True,
+        # Lightning's save_last writes last.ckpt only when a best checkpoint is written too, so
+        # after an epoch that did not improve it would still hold the best one: a callback of
+        # its own keeps the latest state.
+        callbacks.append(ModelCheckpoint(filename="last", enable_version_counter=False))
+        if isinstance(model, AGMMSegmenter):
+            callbacks.append(
+                ModelCheckpoint(
+                    filename="best-{epoch}-{val_miou:.4f}", monitor="val_miou", mode="max"
+                )
             )
-        )
     # Trainer(logger=None) means the default logger; only False or [] mean none.
     if wanted(LearningRateMonitor, trainer_config.get("logger") not in (False, [])):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
