@@ -50,7 +50,7 @@ def test_dataset_images_and_weak_labels_are_reproducible() -> None:
     assert not np.array_equal(image, _module(seed=2).build_dataset("train").load(2)[1])
 
 
-def test_classes_overlap_in_colour() -> None:
+def test_colour_is_a_strong_cue_to_the_class_but_not_a_decisive_one() -> None:
     pixels, labels = [], []
     for index in range(30):
         image, mask = render_scene(np.random.default_rng([7, 0, index]), 96, 6)
@@ -58,15 +58,12 @@ def test_classes_overlap_in_colour() -> None:
         labels.append(mask.reshape(-1))
     colours, classes = np.concatenate(pixels), np.concatenate(labels)
     means = np.stack([colours[classes == c].mean(0) for c in range(6)])
-    spread = min(colours[classes == c].std(0).mean() for c in range(6))
-    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)
-    # Every pair of class-mean colours is closer than any class's own colour spread ...
-    assert gaps.max() < spread
-    # ... so a nearest-mean colour classifier is near chance (0.2) among the 5 shapes.
+    # A nearest-mean colour classifier among the 5 shapes beats chance (0.2) by far, because each
+    # class has its hue band, but is not always right: bands touch, textures mix two colours.
     foreground = classes > 0
     distances = np.linalg.norm(colours[foreground, None] - means[None, 1:], axis=-1)
     accuracy = np.mean(distances.argmin(1) + 1 == classes[foreground])
-    assert accuracy < 0.4
+    assert 0.6 < accuracy < 0.95
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -109,7 +106,7 @@ def test_simulation_options_reach_the_training_labels() -> None:
     assert core.any()
     assert batch["allowed"].gather(1, batch["target"].clamp(max=5)[:, None])[:, 0][core].all()
     # Mostly right; a ring's centre or an occluded centre is not its box's class.
-    assert (batch["target"][core] == batch["mask"][core]).float().mean() > 0.75
+    assert (batch["target"][core] == batch["mask"][core]).float().mean() > 0.6
     coverage = [
         (_first_batch(_module(weak_label="block", block_fraction=f))["target"] < 6).float().mean()
         for f in (0.05, 0.3)
