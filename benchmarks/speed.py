@@ -12,11 +12,12 @@
    from C=21, K=4, D=64, 512²; the slope of log time against log size is fitted per curve (1 =
    linear). Written as a PNG beside ``--out``.
 
-Every measurement runs on the CPU, and on CUDA too when a GPU is present. ``--quick`` shrinks
-every size for CI smoke runs.
+Every measurement runs on the CPU, and on CUDA too when a GPU is present. ``--profile`` adds the
+operators that make up cvpr's and agmm's extra time at the last setup and first precision named.
+``--quick`` shrinks every size for CI smoke runs.
 
 Run: ``python benchmarks/speed.py [--setups demo voc ade] [--precisions 32 bf16-mixed]
-[--out results/speed.md] [--quick]``.
+[--profile] [--out results/speed.md] [--quick]``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import matplotlib
 import torch
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
 from bench_core import click_target, loss_block
+from torch.profiler import ProfilerActivity, profile
 
 from agmm_lightning.agmm import AGMMModel, ClassMixtures, OEMOptions, build_network
 
@@ -55,6 +57,7 @@ CURVES = {
     "side": [256, 512, 768, 1024],
 }
 QUICK_CURVES = {name: values[:2] for name, values in CURVES.items()}
+PROFILE_ROWS = 12
 
 
 def shape(name: str, device: torch.device, quick: bool) -> dict:
@@ -149,6 +152,43 @@ def step_table(measured: dict, quick: bool) -> list[str]:
     return lines
 
 
+def op_seconds(step, device: torch.device) -> dict[str, float]:
+    """Self time of each operator in one call of ``step`` (device time on a GPU), in seconds."""
+    step()
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as profiler:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {event.key: getattr(event, attribute) / 1e6 for event in profiler.key_averages()}
+
+
+def profile_table(device: torch.device, name: str, precision: str, quick: bool) -> list[str]:
+    """Markdown rows: the operators that make cvpr's and agmm's extra time over the baseline."""
+    setup = shape(name, device, quick)
+    ops = {m: op_seconds(training_step(m, setup, precision, device), device) for m in METHODS}
+    extra = {
+        method: {op: t - ops["baseline"].get(op, 0.0) for op, t in ops[method].items()}
+        for method in METHODS[1:]
+    }
+    total = {method: sum(times.values()) for method, times in ops.items()}
+    top = sorted(extra["agmm"], key=lambda op: -abs(extra["agmm"][op]))[:PROFILE_ROWS]
+    lines = [
+        f"Extra time per step over the baseline by operator: {name}, {precision}, "
+        f"{device.type.upper()}, batch {setup['batch']} (baseline {1e3 * total['baseline']:.0f} "
+        f"ms of operator time; cvpr +{1e3 * (total['cvpr'] - total['baseline']):.0f} ms, "
+        f"agmm +{1e3 * (total['agmm'] - total['baseline']):.0f} ms).",
+        "",
+        "| operator | cvpr extra (ms) | agmm extra (ms) |",
+        "|---|---|---|",
+    ]
+    for op in top:
+        cvpr = 1e3 * extra["cvpr"].get(op, -ops["baseline"].get(op, 0.0))
+        lines.append(f"| `{op}` | {cvpr:+.0f} | {1e3 * extra['agmm'][op]:+.0f} |")
+    return lines
+
+
 def oem_step_seconds(device: torch.device, classes, components, dim, side, repeats) -> float:
     """One OEM step on one image at stride 4, every pixel in the fitting set."""
     gen = torch.Generator().manual_seed(1)
@@ -207,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke runs")
     parser.add_argument("--out", type=Path, default=None, help="Markdown file; PNG beside it")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break the extra time down by operator"
+    )
     args = parser.parse_args(argv)
     curves = QUICK_CURVES if args.quick else CURVES
     repeats = 1 if args.quick else 3
@@ -270,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         f"OEM step curves: one image at stride 4, from {base}, one size varied at a time; slope "
         "of log time against log size (against log pixels for the side; 1 = linear).",
     ]
+    if args.profile:
+        for device in devices:
+            lines += ["", *profile_table(device, args.setups[-1], args.precisions[0], args.quick)]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -1,7 +1,7 @@
-"""Copy the benchmark outputs in results/ into the README, between their markers.
+"""Copy the benchmark outputs in results/ into the README and docs/, between their markers.
 
 Each ``<!-- results/NAME.md -->`` ... ``<!-- end -->`` block is replaced by that file's content,
-so the README's tables are always the scripts' own output.
+so the documented tables are always the scripts' own output.
 
 Run: ``python benchmarks/update_readme.py``.
 """
@@ -16,14 +16,13 @@ BLOCK = re.compile(r"<!-- (results/[\w.-]+) -->\n.*?<!-- end -->", re.DOTALL)
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-
     def fill(match: re.Match[str]) -> str:
         source = match.group(1)
         body = (ROOT / source).read_text().strip()
         return f"<!-- {source} -->\n{body}\n<!-- end -->"
 
-    readme.write_text(BLOCK.sub(fill, readme.read_text()))
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        page.write_text(BLOCK.sub(fill, page.read_text()))
 
 
 if __name__ == "__main__":
