@@ -84,7 +84,8 @@ def test_model_options_given_with_the_checkpoint_alone_are_applied(tmp_path, che
             f"--ckpt_path={checkpoint}",
             "--data",
             str(photos),
-            "--model.init_args.tile_size=16",
+            "--model.init_args.tile_size",
+            "16",
             f"--trainer.default_root_dir={out}",
             "--trainer.logger=false",
         ]

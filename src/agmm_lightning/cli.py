@@ -472,8 +472,8 @@ def model_overrides(args: list[str]) -> tuple[str, list[str]] | None:
         class_path = saved["hyper_parameters"]["_class_path"]
     except Exception:  # noqa: BLE001 - not a checkpoint of ours: _read_checkpoint says so
         return None
-    given = [key.removeprefix("model.") for key in options if key.startswith("model.")]
-    return class_path, [key.removeprefix("init_args.") for key in given]
+    given = [arg.removeprefix("--model.") for arg in args if arg.startswith("--model.")]
+    return class_path, [key.split("=", 1)[0].removeprefix("init_args.") for key in given]
 
 
 def _program() -> str:
