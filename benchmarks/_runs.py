@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
+from lightning.pytorch.loggers import Logger
 
 BOX_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "voc_box.yaml"
 BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
@@ -52,14 +53,16 @@ def run_options(args: argparse.Namespace, root: str | None = None) -> dict[str, 
     }
 
 
-def quiet_trainer(epochs: int, accelerator: str, root: Path | str) -> pl.Trainer:
-    """A trainer without logger, checkpoints or progress bar that validates after the last epoch."""
+def quiet_trainer(
+    epochs: int, accelerator: str, root: Path | str, logger: Logger | bool = False
+) -> pl.Trainer:
+    """A trainer that validates after the last epoch; no checkpoints, progress bar or logger."""
     return pl.Trainer(
         accelerator=accelerator,
         devices=1,
         max_epochs=epochs,
         check_val_every_n_epoch=epochs,
-        logger=False,
+        logger=logger,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

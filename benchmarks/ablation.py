@@ -6,7 +6,8 @@ data), with weak labels simulated from the dense masks. Only ``method`` and the 
 change between runs, and boxes take the box settings of ``experiments/voc_box.yaml`` (a labelled
 core; for AGMM a uniform prior and hard pseudo labels). Mean ± std over seeds, printed as a
 Markdown table (AGMM's pseudo labels and its ratio to full supervision when agmm is among
-``--methods``); with ``--out`` the table is written there and a bar chart beside it (same name,
+``--methods``, and then its pseudo labels' mIoU over training and IoU per class, from each run's
+CSV log); with ``--out`` the tables are written there and a bar chart beside them (same name,
 ``.png``). ``--root`` points a folder-layout config at another dataset (CI uses the test fixture);
 ``--quick`` shrinks everything to check the pipeline in about a minute. With ``--out`` every
 finished run is also recorded in a folder beside it (``.runs``), so the same command resumes an
@@ -20,6 +21,7 @@ block box] [--seeds 0 1 2] [--methods baseline cvpr agmm] [--set key=value ...] 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import importlib
 import json
@@ -35,6 +37,7 @@ import matplotlib
 import torch
 import yaml
 from _runs import add_run_arguments, box_settings, quiet_trainer, run_options
+from lightning.pytorch.loggers import CSVLogger
 
 from agmm_lightning import AGMMSegmenter
 
@@ -93,7 +96,8 @@ def train(job: tuple) -> dict[str, float]:
     model_args["num_classes"] = datamodule_.num_classes
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(**model_args)
-    trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks")
+    logger = CSVLogger("logs/benchmarks", name=f"{form}_{method}_seed{seed}")
+    trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks", logger)
     start = time.perf_counter()
     trainer.fit(model, datamodule_)
     metrics = trainer.callback_metrics
@@ -103,11 +107,23 @@ def train(job: tuple) -> dict[str, float]:
         "train_pseudo_miou": float("nan") if pseudo is None else float(pseudo),
         "seconds": time.perf_counter() - start,
         "steps": trainer.global_step,
+        "pseudo_history": pseudo_history(Path(logger.log_dir) / "metrics.csv"),
     }
     if record:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(result))
     return result
+
+
+def pseudo_history(metrics_csv: Path) -> list[dict[str, float]]:
+    """The pseudo labels' mIoU and per-class IoU of every epoch, from a run's CSV log."""
+    history = []
+    with metrics_csv.open() as file:
+        for row in csv.DictReader(file):
+            if row.get("train_pseudo_miou"):
+                pseudo = {k: float(v) for k, v in row.items() if v and k.startswith("train_pseudo")}
+                history.append({"epoch": int(row["epoch"])} | pseudo)
+    return history
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -151,6 +167,38 @@ def table(
             f"{cell([run['val_miou'] for run in full])} val mIoU. {footer}"
         )
     return "\n".join([*lines, "", footer + " Baseline and cvpr make no GMM pseudo labels."])
+
+
+def pseudo_table(results: dict[tuple[str, str], list[dict]], forms: list[str]) -> str:
+    """Markdown: AGMM's pseudo-label mIoU at up to four epochs and per class at the last one.
+
+    Means over seeds, in percent, against the dense masks of the training crops (never trained
+    on); empty when no run recorded a history.
+    """
+    histories = {f: [r.get("pseudo_history") for r in results.get((f, "agmm"), [])] for f in forms}
+    histories = {f: runs for f, runs in histories.items() if runs and all(runs)}
+    if not histories:
+        return ""
+    first = next(iter(histories.values()))[0]
+    epochs = sorted({first[round(i * (len(first) - 1) / 3)]["epoch"] for i in range(4)})
+    classes = [key.removeprefix("train_pseudo_iou_") for key in first[-1] if "_iou_" in key]
+    columns = [f"epoch {e}" for e in epochs] + classes
+    lines = [
+        "AGMM pseudo labels against the dense masks of the training crops (%, mean over seeds): "
+        "mIoU during training, then IoU per class at the last epoch.",
+        "",
+        f"| labels | {' | '.join(columns)} |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for form, runs in histories.items():
+        by_epoch = [{row["epoch"]: row for row in history} for history in runs]
+        values = [statistics.mean(run[e]["train_pseudo_miou"] for run in by_epoch) for e in epochs]
+        values += [
+            statistics.mean(history[-1][f"train_pseudo_iou_{name}"] for history in runs)
+            for name in classes
+        ]
+        lines.append(f"| {form} | {' | '.join(f'{100 * v:.1f}' for v in values)} |")
+    return "\n".join(lines)
 
 
 def bar_chart(
@@ -205,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         f"overrides {overrides or 'none'}, on {device} ({torch.get_num_threads()} threads)."
     )
     text = table(results, args.forms, args.methods, header)
+    pseudo = pseudo_table(results, args.forms)
+    text += f"\n\n{pseudo}" if pseudo else ""
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,16 @@ def test_mixtures_change_after_training_steps_and_stay_finite(tmp_path):
     assert "train_pseudo_coverage" in run.callback_metrics
 
 
+def test_pseudo_labels_are_scored_per_class_against_the_dense_masks(tmp_path):
+    model = tiny_model()
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(model, tiny_data())
+    metrics = run.callback_metrics
+    per_class = torch.stack([metrics[f"train_pseudo_iou_{name}"] for name in model.class_names])
+    assert per_class.shape == (6,)
+    assert 0 <= per_class.min() <= metrics["train_pseudo_miou"] <= per_class.max() <= 1
+
+
 class StopAfterEpochs(pl.Callback):
     """Interrupt a run at the end of an epoch, as a crash or a time limit would."""
 

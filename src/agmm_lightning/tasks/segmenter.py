@@ -362,9 +362,9 @@ class AGMMSegmenter(BaseTask):
             )
 
     def on_train_epoch_end(self) -> None:
-        """Log the pseudo-label mIoU of the epoch; warn about mixture refits that were skipped."""
+        """Log the pseudo labels' mIoU and per-class IoU of the epoch; warn about skipped refits."""
         if self.train_pseudo_metrics["miou"].update_count:
-            self.log("train_pseudo_miou", self.train_pseudo_metrics["miou"].compute())
+            self.log_dict(self.train_pseudo_metrics.compute())
         self.train_pseudo_metrics.reset()
         skipped = int(self.skipped_refits)  # one host read per epoch
         if skipped > self._skipped_refits_reported:
