@@ -16,7 +16,7 @@ from agmm_lightning.agmm import AGMMModel, OEMOptions, build_network
 from agmm_lightning.agmm.losses import absent_class_loss
 from agmm_lightning.data import FolderDataModule, VOCDataModule
 from agmm_lightning.data.transforms import build_train_sample, train_transform
-from agmm_lightning.targets import VOID, posterior_labels
+from agmm_lightning.targets import VOID, posterior_labels, upsample_posterior
 from agmm_lightning.weak_labels import WeakLabel
 
 DATA = Path(__file__).parent / "data"
@@ -67,7 +67,8 @@ def test_posterior_is_zero_outside_the_allowed_map(arch: str) -> None:
     batch = voc_box_batch()
     with torch.no_grad():
         step, _ = initialised_model(arch=arch).losses(batch)
-    posterior, allowed = step.posterior, batch["allowed"]
+    allowed = batch["allowed"]
+    posterior = upsample_posterior(step.posterior, allowed.shape[-2:], allowed)
     assert posterior.shape == allowed.shape
     assert (posterior[~allowed] == 0).all()
     inside_image = batch["target"] != VOID
@@ -84,8 +85,9 @@ def test_a_pixel_outside_every_box_is_background() -> None:
     assert (batch["target"][outside] == 0).all()
     with torch.no_grad():
         step, _ = initialised_model().losses(batch)
-    assert (step.posterior[:, 0][outside] == 1).all()
-    assert (posterior_labels(step.posterior)[outside] == 0).all()
+    posterior = upsample_posterior(step.posterior, outside.shape[-2:], batch["allowed"])
+    assert (posterior[:, 0][outside] == 1).all()
+    assert (posterior_labels(posterior)[outside] == 0).all()
 
 
 def test_fitting_set_stays_inside_the_allowed_map() -> None:

@@ -84,6 +84,34 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     assert (gradient.abs().sum(1)[~counted] == 0).all()
 
 
+@pytest.mark.parametrize("boxes", [False, True])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_pseudo_label_loss_upsamples_a_feature_resolution_posterior(mode, boxes):
+    """Same value and gradient as the loss against the upsampled (box-restricted) posterior,
+    and the soft loss keeps nothing of the logits' size for backward but the logits and the
+    box map, which exist anyway."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 4, 16, 16, generator=gen, requires_grad=True)
+    target = torch.full((2, 16, 16), 4)
+    target[:, ::5, ::5] = 1
+    posterior = (torch.randn(2, 4, 4, 4, generator=gen) * 3).softmax(1)
+    allowed = torch.rand(2, 4, 16, 16, generator=gen) > 0.4 if boxes else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = pseudo_label_loss(logits, posterior, target, mode, confidence=0.5, allowed=allowed)
+    dense = F.interpolate(posterior, size=(16, 16), mode="bilinear", align_corners=False)
+    if boxes:
+        dense = dense * allowed
+        dense = dense / dense.sum(1, keepdim=True).clamp_min(1e-12)
+    expected = pseudo_label_loss(logits, dense, target, mode, confidence=0.5)
+    torch.testing.assert_close(loss, expected)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected, logits)[0])
+    if mode == "soft":
+        full_size = [t for t in saved if t.shape == logits.shape]
+        assert all(t is logits or t is allowed for t in full_size)
+
+
 def test_pseudo_label_loss_rejects_unknown_mode():
     logits, target = make_batch()
     with pytest.raises(ValueError, match="mode"):

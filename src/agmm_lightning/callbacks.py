@@ -15,7 +15,7 @@ from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmm_lightning.panels import draw_panel, render
-from agmm_lightning.targets import posterior_labels
+from agmm_lightning.targets import posterior_labels, upsample_posterior
 
 __all__ = [
     "PredictionWriter",
@@ -146,8 +146,10 @@ class SegmentationPanels(Callback):
         posterior = outputs.get("posterior")
         pseudo: list[np.ndarray | None] = [None] * count
         if posterior is not None:
-            fitted = (posterior[:count].flatten(1).sum(1) > 0).tolist()
-            labels = numpy(posterior_labels(posterior[:count]))
+            size = batch["target"].shape[-2:]
+            posterior = upsample_posterior(posterior, size, batch.get("allowed"))[:count]
+            fitted = (posterior.flatten(1).sum(1) > 0).tolist()
+            labels = numpy(posterior_labels(posterior))
             pseudo = [lab if ok else None for lab, ok in zip(labels, fitted, strict=True)]
         maps: dict[str, list[np.ndarray | None]] = {
             "weak label": list(numpy(batch["target"])),

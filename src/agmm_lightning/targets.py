@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["VOID", "allowed_classes", "check_target", "posterior_labels", "present_classes"]
+__all__ = [
+    "VOID",
+    "allowed_classes",
+    "check_target",
+    "posterior_labels",
+    "present_classes",
+    "upsample_posterior",
+]
 
 VOID = 255
 """Value of void pixels in dense masks and target maps."""
@@ -74,6 +81,25 @@ def allowed_classes(image_classes: Tensor, allowed: Tensor | None, size: tuple[i
         return allowed > 0
     tags = image_classes > 0
     return tags[..., None, None].expand(*tags.shape, *size)
+
+
+def upsample_posterior(
+    posterior: Tensor, size: tuple[int, ...], allowed: Tensor | None = None
+) -> Tensor:
+    """A ``[B, C, h, w]`` posterior at label resolution ``size``, by bilinear upsampling.
+
+    Upsampling blends neighbouring cells. Without a map of boxes every cell of an image is a
+    distribution over the same allowed classes (or all zero), and so is any blend of them; with a
+    ``[B, C, H, W]`` map of boxes (``allowed``) neighbours allow different classes, so the blend is
+    restricted to each pixel's classes again and renormalised.
+    """
+    if posterior.shape[-2:] == tuple(size):
+        return posterior
+    posterior = F.interpolate(posterior, size=size, mode="bilinear", align_corners=False)
+    if allowed is None:
+        return posterior
+    posterior = posterior * allowed
+    return posterior / posterior.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def posterior_labels(posterior: Tensor) -> Tensor:

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from agmm_lightning.agmm.precision import in_float32
-from agmm_lightning.targets import VOID
+from agmm_lightning.targets import VOID, upsample_posterior
 
 __all__ = [
     "EPS",
@@ -128,50 +127,60 @@ def pseudo_label_loss(
     target: Tensor,
     mode: str = "soft",
     confidence: float = 0.9,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """GMM supervision of the segmentation output on unlabelled pixels (METHOD §3.5).
 
     Args:
         logits: ``[B, C, H, W]`` logits.
-        posterior: ``[B, C, H, W]`` detached GMM posterior G; all-zero where no class was valid.
+        posterior: ``[B, C, h, w]`` detached GMM posterior G at feature (or label) resolution,
+            upsampled here (:func:`~agmm_lightning.targets.upsample_posterior`); all-zero where
+            no class was valid.
         target: ``[B, H, W]`` target map; only pixels equal to C count.
         mode: ``"soft"`` for ``CE(P, G)``, ``"hard"`` for CE on ``argmax G`` where
             ``max G >= confidence``.
         confidence: Threshold of the hard mode.
+        allowed: Optional ``[B, C, H, W]`` map of boxes the upsampled posterior is restricted to.
 
     Returns:
         Scalar loss, 0 when no pixel counts.
     """
-    logits, posterior = in_float32(logits, posterior)
-    num_classes = logits.shape[1]
-    confident, hard_label = posterior.max(1)
-    unlabelled = (target == num_classes) & (confident > 0)
+    unlabelled = target == logits.shape[1]
     if mode == "soft":
-        return _SoftCrossEntropy.apply(logits, posterior, unlabelled)
+        return _SoftCrossEntropy.apply(logits, posterior, allowed, unlabelled)
     if mode == "hard":
-        loss = -logits.log_softmax(1).gather(1, hard_label[:, None])[:, 0]
-        return masked_mean(loss, unlabelled & (confident >= confidence))
+        confident, label = upsample_posterior(posterior, logits.shape[-2:], allowed).max(1)
+        keep = unlabelled & (confident > 0) & (confident >= confidence)
+        loss = F.cross_entropy(logits.float(), label.masked_fill(~keep, -100), reduction="none")
+        return masked_mean(loss, keep)
     raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """Soft cross-entropy ``-sum_c q_c log softmax(z)_c``, averaged over the masked pixels.
+    """Soft cross-entropy ``-sum_c q_c log softmax(z)_c`` against the upsampled posterior q.
 
-    Nothing of size ``[B, C, H, W]`` is kept for backward: the gradient
-    ``(softmax(z) sum_c q_c - q) / n`` is recomputed from the logits and the target distribution,
-    which exist anyway.
+    Averaged over the unlabelled pixels where q has mass (there it sums to 1, so the loss is
+    ``logsumexp(z) - q·z`` and its gradient ``softmax(z) - q``). Nothing of size ``[B, C, H, W]``
+    is kept for backward but the logits: q is upsampled again from the low-resolution posterior.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        count = mask.sum().clamp_min(1).to(logits.dtype)
-        scale = mask[:, None] / count
-        ctx.save_for_backward(logits, target, scale)
-        return -(logits.log_softmax(1).mul_(target).mul_(scale)).sum()
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, posterior: Tensor, allowed: Tensor | None, unlabelled: Tensor
+    ) -> Tensor:
+        size = logits.shape[-2:]
+        target = upsample_posterior(posterior.float(), size, allowed)
+        mask = unlabelled & (target.amax(1) > 0)
+        count = mask.sum().clamp_min(1).float()
+        z = logits.float()
+        per_pixel = torch.logsumexp(z, 1) - (target * z).sum(1)
+        ctx.save_for_backward(logits, posterior, allowed, mask, count)
+        return (per_pixel * mask).sum() / count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        logits, target, scale = ctx.saved_tensors
-        grad_logits = logits.softmax(1).mul_(target.sum(1, keepdim=True)).sub_(target)
-        return grad_logits.mul_(scale * grad), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits, posterior, allowed, mask, count = ctx.saved_tensors
+        target = upsample_posterior(posterior.float(), logits.shape[-2:], allowed)
+        grad_logits = logits.float().softmax(1).sub_(target)
+        return grad_logits.mul_(mask[:, None] * (grad / count)), None, None, None

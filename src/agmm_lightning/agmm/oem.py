@@ -84,7 +84,8 @@ class StepLosses(NamedTuple):
 
     Attributes:
         terms: The weighted loss terms; their sum is the training loss.
-        posterior: ``[B, C, H, W]`` detached GMM posterior (OEM mode), else None.
+        posterior: ``[B, C, h, w]`` detached GMM posterior at feature resolution (OEM mode),
+            else None; :func:`~agmm_lightning.targets.upsample_posterior` brings it to the labels'.
         stats: Detached statistics for the mixtures' refit (OEM mode), else None.
     """
 
@@ -118,7 +119,7 @@ def oem_losses(
         hard_fraction: OHEM fraction of the segmentation loss.
 
     Returns:
-        The terms, the GMM posterior at label resolution and the refit's statistics.
+        The terms, the GMM posterior at feature resolution and the refit's statistics.
     """
     target = batch["target"]
     num_classes = logits.shape[1]
@@ -161,17 +162,12 @@ def oem_losses(
             expectation.log_likelihood, prior, flat_allowed, temperature
         )
         posterior = posterior_low.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
-        if posterior.shape[-2:] != target.shape[-2:]:
-            # Upsampling blends neighbours: restrict to each pixel's allowed classes again.
-            posterior = F.interpolate(
-                posterior, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-            posterior = posterior * allowed_classes(image_classes, boxes, target.shape[-2:])
-            posterior = posterior / posterior.sum(1, keepdim=True).clamp_min(1e-12)
 
     warmup = options.warmup_steps
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    pseudo = pseudo_label_loss(logits, posterior, target, options.pseudo_mode, options.confidence)
+    pseudo = pseudo_label_loss(
+        logits, posterior, target, options.pseudo_mode, options.confidence, boxes
+    )
     terms = {
         "seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction),
         "maximization": options.lambda_max * maximization,

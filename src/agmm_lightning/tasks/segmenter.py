@@ -24,7 +24,7 @@ from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels, print_line
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import ImageInput, image_batch, infer_logits
-from agmm_lightning.targets import VOID
+from agmm_lightning.targets import VOID, upsample_posterior
 from agmm_lightning.tasks.base import BaseTask, check_choice
 
 __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
@@ -318,9 +318,13 @@ class AGMMSegmenter(BaseTask):
             self._pending_stats = step.stats if pending is None else pending + step.stats
         output: dict[str, Any] = {"loss": total, "logits": logits.detach()}
         if step.posterior is not None:
-            self._log_pseudo_label_quality(batch, step.posterior)
             output["posterior"] = step.posterior
         return output
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Score the step's pseudo labels, after backward has freed the activations."""
+        if isinstance(outputs, dict) and "posterior" in outputs:
+            self._log_pseudo_label_quality(batch, outputs["posterior"])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip non-finite steps (see :class:`BaseTask`); refit the mixtures once per step.
@@ -351,6 +355,7 @@ class AGMMSegmenter(BaseTask):
     def _log_pseudo_label_quality(self, batch: dict[str, Any], posterior: Tensor) -> None:
         """``train_pseudo_miou`` against dense GT (never trained on) and the coverage."""
         target = batch["target"]
+        posterior = upsample_posterior(posterior, target.shape[-2:], batch.get("allowed"))
         confidence, pseudo = posterior.max(1)
         unlabelled = target == self.hparams["num_classes"]
         confident = (confidence >= self.hparams["confidence"]) & unlabelled
