@@ -153,10 +153,12 @@ def oem_losses(
         expectation = mixtures.expectation(rows, means)
         prior = None
         if options.prior == "prediction":
-            prior = logits.detach().float().softmax(1)
-            if prior.shape[-2:] != (height, width):
-                prior = F.adaptive_avg_pool2d(prior, (height, width))
-            prior = prior.permute(0, 2, 3, 1).reshape(-1, num_classes)
+            # The prediction of each feature cell: the softmax of its mean logits, so that no
+            # softmax over every class runs at label resolution.
+            cell_logits = logits.detach().float()
+            if cell_logits.shape[-2:] != (height, width):
+                cell_logits = F.adaptive_avg_pool2d(cell_logits, (height, width))
+            prior = cell_logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
         flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
         posterior_low = mixtures.posterior_from_log_likelihood(
             expectation.log_likelihood, prior, flat_allowed, temperature
