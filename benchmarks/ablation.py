@@ -80,7 +80,8 @@ def train(job: tuple) -> dict[str, float]:
     form, method, seed, options = job
     record = None
     if options.get("runs"):
-        key = json.dumps([form, method, seed, options], sort_keys=True, default=str)
+        run_settings = {key: value for key, value in options.items() if key != "runs"}
+        key = json.dumps([form, method, seed, run_settings], sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         record = Path(options["runs"]) / f"{form}_{method}_seed{seed}_{digest}.json"
         if record.is_file():
@@ -169,14 +170,18 @@ def table(
     return "\n".join([*lines, "", footer + " Baseline and cvpr make no GMM pseudo labels."])
 
 
-def pseudo_table(results: dict[tuple[str, str], list[dict]], forms: list[str]) -> str:
+def pseudo_table(
+    results: dict[tuple[str, str], list[dict]], rows: list[str], row_title: str = "labels"
+) -> str:
     """Markdown: AGMM's pseudo-label mIoU at up to four epochs and per class at the last one.
 
     Means over seeds, in percent, against the dense masks of the training crops (never trained
     on); empty when no run recorded a history.
     """
-    histories = {f: [r.get("pseudo_history") for r in results.get((f, "agmm"), [])] for f in forms}
-    histories = {f: runs for f, runs in histories.items() if runs and all(runs)}
+    histories = {
+        row: [r.get("pseudo_history") for r in results.get((row, "agmm"), [])] for row in rows
+    }
+    histories = {row: runs for row, runs in histories.items() if runs and all(runs)}
     if not histories:
         return ""
     first = next(iter(histories.values()))[0]
@@ -187,17 +192,17 @@ def pseudo_table(results: dict[tuple[str, str], list[dict]], forms: list[str]) -
         "AGMM pseudo labels against the dense masks of the training crops (%, mean over seeds): "
         "mIoU during training, then IoU per class at the last epoch.",
         "",
-        f"| labels | {' | '.join(columns)} |",
+        f"| {row_title} | {' | '.join(columns)} |",
         "|---|" + "---|" * len(columns),
     ]
-    for form, runs in histories.items():
-        by_epoch = [{row["epoch"]: row for row in history} for history in runs]
+    for row, runs in histories.items():
+        by_epoch = [{entry["epoch"]: entry for entry in history} for history in runs]
         values = [statistics.mean(run[e]["train_pseudo_miou"] for run in by_epoch) for e in epochs]
         values += [
             statistics.mean(history[-1][f"train_pseudo_iou_{name}"] for history in runs)
             for name in classes
         ]
-        lines.append(f"| {form} | {' | '.join(f'{100 * v:.1f}' for v in values)} |")
+        lines.append(f"| {row} | {' | '.join(f'{100 * v:.1f}' for v in values)} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,92 @@
+"""What each part of OEM mode adds: agmm with one part switched off at a time, and cvpr mode.
+
+Every row trains one weak form with the settings of one experiment config, as ``ablation.py``
+does, and changes only the options shown: ``cvpr`` mode, ``agmm`` with every part, and ``agmm``
+without the GMM pseudo loss, with a uniform instead of the prediction prior in the GMM posterior,
+without CVPR mode's kernel terms, without the maximization loss, and with the global mixtures in
+the posterior instead of per-image adapted means. Val mIoU and the train pseudo-label mIoU, mean
+± std over seeds, then (for runs that logged it) the pseudo labels' mIoU during training and per
+class. With ``--out`` each run is recorded beside it (``.runs``) and a rerun resumes.
+
+Run: ``python benchmarks/terms.py [--config experiments/macaque.yaml --root data/macaque]
+[--form point] [--variants agmm no_pseudo ...] [--seeds 0 1 2] [--parallel 2]
+[--out results/macaque_terms.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from _runs import add_run_arguments, run_options
+from ablation import DEMO, cell, pseudo_table, train
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cvpr": ("cvpr", {}),
+    "agmm": ("agmm", {}),
+    "no_pseudo": ("agmm", {"lambda_gmm": 0}),
+    "uniform_prior": ("agmm", {"prior": "uniform"}),
+    "no_kernel": ("agmm", {"lambda_kernel": 0}),
+    "no_maximization": ("agmm", {"lambda_max": 0}),
+    "global_means": ("agmm", {"adaptation": None}),
+}
+
+
+def jobs(args: argparse.Namespace) -> list[tuple]:
+    """One ``ablation.train`` job per variant and seed, in that order."""
+    options = run_options(args, root=args.root) | {"config": args.config}
+    if args.out and not args.quick:
+        options["runs"] = args.out.with_suffix(".runs")
+    return [
+        (args.form, method, seed, options | {"model": options["model"] | overrides})
+        for method, overrides in (VARIANTS[name] for name in args.variants)
+        for seed in args.seeds
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEMO, help="an experiment config")
+    parser.add_argument("--root", default=None, help="another dataset of a folder-layout config")
+    parser.add_argument("--form", default="point")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    add_run_arguments(parser, seeds=[0, 1, 2])
+    args = parser.parse_args(argv)
+    with ProcessPoolExecutor(args.parallel, multiprocessing.get_context("spawn")) as pool:
+        flat = list(pool.map(train, jobs(args)))
+    count = len(args.seeds)
+    runs = {name: flat[i * count : (i + 1) * count] for i, name in enumerate(args.variants)}
+
+    device = torch.cuda.get_device_name() if args.accelerator == "gpu" else platform.machine()
+    config = args.config.resolve().relative_to(Path(__file__).resolve().parents[1])
+    lines = [
+        f"{args.form} labels, settings of {config}{f' on {args.root}' if args.root else ''}"
+        f"{' (--quick sizes)' if args.quick else ''}, seeds {args.seeds}, on {device}; "
+        f"{max(run['steps'] for run in flat)} training steps per run.",
+        "",
+        "| variant | method, options | val mIoU (%) | train pseudo-label mIoU (%) |",
+        "|---|---|---|---|",
+    ]
+    for name, results in runs.items():
+        method, overrides = VARIANTS[name]
+        settings = ", ".join([method, *(f"{k}={v}" for k, v in overrides.items())])
+        pseudo = cell([r["train_pseudo_miou"] for r in results]) if method == "agmm" else "–"
+        lines.append(
+            f"| {name} | {settings} | {cell([r['val_miou'] for r in results])} | {pseudo} |"
+        )
+    agmm_runs = {(name, "agmm"): results for name, results in runs.items() if name != "cvpr"}
+    history = pseudo_table(agmm_runs, [name for name, _ in agmm_runs], "variant")
+    text = "\n".join(lines) + (f"\n\n{history}" if history else "")
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
