@@ -57,7 +57,7 @@ def test_losses_stay_finite_without_labels():
     assert partial_cross_entropy(logits, target) == 0
     assert partial_cross_entropy(logits, target, hard_fraction=0.3) == 0
     posterior = torch.zeros(2, 4, 5, 6)
-    assert pseudo_label_loss(logits, posterior, target) == 0
+    assert pseudo_label_loss(logits, posterior, (target == 4).float()) == 0
     void = torch.full((2, 5, 6), 255)
     assert absent_class_loss(logits, torch.ones(2, 4), void) == 0
 
@@ -68,7 +68,7 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     gen = torch.Generator().manual_seed(3)
     posterior = (torch.randn(2, 4, 5, 6, generator=gen) * 2).softmax(1)
     posterior[1, :, 0, 0] = 0  # no valid class there
-    loss = pseudo_label_loss(logits, posterior, target, mode=mode, confidence=0.6)
+    loss = pseudo_label_loss(logits, posterior, (target == 4).float(), mode, confidence=0.6)
     log_probs = logits.log_softmax(1)
     counted = (target == 4) & (posterior.sum(1) > 0)
     if mode == "soft":
@@ -84,38 +84,36 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     assert (gradient.abs().sum(1)[~counted] == 0).all()
 
 
-@pytest.mark.parametrize("boxes", [False, True])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_pseudo_label_loss_upsamples_a_feature_resolution_posterior(mode, boxes):
-    """Same value and gradient as the loss against the upsampled (box-restricted) posterior,
-    and the soft loss keeps nothing of the logits' size for backward but the logits and the
-    box map, which exist anyway."""
+def test_pseudo_label_loss_weighs_positions_by_their_unlabelled_share(mode):
+    """At feature resolution, a cell weighted by its share of unlabelled pixels counts as those
+    pixels would at label resolution (logits and posterior constant over each 4x4 cell); the soft
+    loss keeps nothing of the logits' size for backward but the logits and the posterior."""
     gen = torch.Generator().manual_seed(7)
-    logits = torch.randn(2, 4, 16, 16, generator=gen, requires_grad=True)
-    target = torch.full((2, 16, 16), 4)
-    target[:, ::5, ::5] = 1
+    cells = torch.randn(2, 4, 4, 4, generator=gen, requires_grad=True)
     posterior = (torch.randn(2, 4, 4, 4, generator=gen) * 3).softmax(1)
-    allowed = torch.rand(2, 4, 16, 16, generator=gen) > 0.4 if boxes else None
+    target = torch.full((2, 16, 16), 4)
+    target[:, ::3, ::5] = 1
+    target[0, :4, :4] = 255
+    unlabelled = (target == 4).float()
+    share = F.avg_pool2d(unlabelled[:, None], 4)[:, 0]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = pseudo_label_loss(logits, posterior, target, mode, confidence=0.5, allowed=allowed)
-    dense = F.interpolate(posterior, size=(16, 16), mode="bilinear", align_corners=False)
-    if boxes:
-        dense = dense * allowed
-        dense = dense / dense.sum(1, keepdim=True).clamp_min(1e-12)
-    expected = pseudo_label_loss(logits, dense, target, mode, confidence=0.5)
+        loss = pseudo_label_loss(cells, posterior, share, mode, confidence=0.5)
+    spread = cells.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    dense = posterior.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    expected = pseudo_label_loss(spread, dense, unlabelled, mode, confidence=0.5)
     torch.testing.assert_close(loss, expected)
-    (gradient,) = torch.autograd.grad(loss, logits)
-    torch.testing.assert_close(gradient, torch.autograd.grad(expected, logits)[0])
+    (gradient,) = torch.autograd.grad(loss, cells)
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected, cells)[0])
     if mode == "soft":
-        full_size = [t for t in saved if t.shape == logits.shape]
-        assert all(t is logits or t is allowed for t in full_size)
+        assert all(t is cells or t is posterior for t in saved if t.shape == cells.shape)
 
 
 def test_pseudo_label_loss_rejects_unknown_mode():
     logits, target = make_batch()
     with pytest.raises(ValueError, match="mode"):
-        pseudo_label_loss(logits, torch.zeros(2, 4, 5, 6), target, mode="median")
+        pseudo_label_loss(logits, torch.ones(2, 4, 5, 6), (target == 4).float(), mode="median")
 
 
 def test_absent_class_loss_with_a_pixel_allowed_map():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from agmm_lightning.targets import VOID, upsample_posterior
+from agmm_lightning.targets import VOID
 
 __all__ = [
     "EPS",
@@ -124,63 +124,58 @@ def maximization_loss(
 def pseudo_label_loss(
     logits: Tensor,
     posterior: Tensor,
-    target: Tensor,
+    weight: Tensor,
     mode: str = "soft",
     confidence: float = 0.9,
-    allowed: Tensor | None = None,
 ) -> Tensor:
-    """GMM supervision of the segmentation output on unlabelled pixels (METHOD §3.5).
+    """GMM supervision of the prediction where labels are missing (METHOD §3.5).
+
+    It runs at the resolution of the posterior: OEM mode passes the logits averaged over each
+    feature cell and weighs each cell by its share of unlabelled pixels (at label resolution, when
+    the features are there too, the share is 1 on unlabelled pixels and 0 elsewhere).
 
     Args:
-        logits: ``[B, C, H, W]`` logits.
-        posterior: ``[B, C, h, w]`` detached GMM posterior G at feature (or label) resolution,
-            upsampled here (:func:`~agmm_lightning.targets.upsample_posterior`); all-zero where
-            no class was valid.
-        target: ``[B, H, W]`` target map; only pixels equal to C count.
+        logits: ``[B, C, h, w]`` logits.
+        posterior: ``[B, C, h, w]`` detached GMM posterior G; all-zero where no class was valid.
+        weight: ``[B, h, w]`` weight of each position; 0 leaves it out.
         mode: ``"soft"`` for ``CE(P, G)``, ``"hard"`` for CE on ``argmax G`` where
             ``max G >= confidence``.
         confidence: Threshold of the hard mode.
-        allowed: Optional ``[B, C, H, W]`` map of boxes the upsampled posterior is restricted to.
 
     Returns:
-        Scalar loss, 0 when no pixel counts.
+        The weighted mean over the positions where G has mass (and, in the hard mode, reaches
+        ``confidence``); 0 when there are none.
     """
-    unlabelled = target == logits.shape[1]
+    confident, hard_label = posterior.max(1)
+    weight = weight.float() * (confident > 0)
     if mode == "soft":
-        return _SoftCrossEntropy.apply(logits, posterior, allowed, unlabelled)
+        return _SoftCrossEntropy.apply(logits, posterior, weight)
     if mode == "hard":
-        confident, label = upsample_posterior(posterior, logits.shape[-2:], allowed).max(1)
-        keep = unlabelled & (confident > 0) & (confident >= confidence)
-        loss = F.cross_entropy(logits.float(), label.masked_fill(~keep, -100), reduction="none")
-        return masked_mean(loss, keep)
+        weight = weight * (confident >= confidence)
+        loss = F.cross_entropy(logits.float(), hard_label, reduction="none")
+        return (loss * weight).sum() / weight.sum().clamp_min(EPS)
     raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """Soft cross-entropy ``-sum_c q_c log softmax(z)_c`` against the upsampled posterior q.
+    """Soft cross-entropy ``-sum_c q_c log softmax(z)_c``, a weighted mean over positions.
 
-    Averaged over the unlabelled pixels where q has mass (there it sums to 1, so the loss is
-    ``logsumexp(z) - q·z`` and its gradient ``softmax(z) - q``). Nothing of size ``[B, C, H, W]``
-    is kept for backward but the logits: q is upsampled again from the low-resolution posterior.
+    Where the weight is positive q sums to 1, so the loss is ``logsumexp(z) - q·z`` and its
+    gradient ``softmax(z) - q``. Nothing of the logits' size is kept for backward but the logits
+    and q, which exist anyway.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, logits: Tensor, posterior: Tensor, allowed: Tensor | None, unlabelled: Tensor
-    ) -> Tensor:
-        size = logits.shape[-2:]
-        target = upsample_posterior(posterior.float(), size, allowed)
-        mask = unlabelled & (target.amax(1) > 0)
-        count = mask.sum().clamp_min(1).float()
+    def forward(ctx: Any, logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        scale = (weight / weight.sum().clamp_min(EPS))[:, None]
         z = logits.float()
-        per_pixel = torch.logsumexp(z, 1) - (target * z).sum(1)
-        ctx.save_for_backward(logits, posterior, allowed, mask, count)
-        return (per_pixel * mask).sum() / count
+        per_position = torch.logsumexp(z, 1, keepdim=True).sub_((target * z).sum(1, keepdim=True))
+        ctx.save_for_backward(logits, target, scale)
+        return (per_position * scale).sum()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        logits, posterior, allowed, mask, count = ctx.saved_tensors
-        target = upsample_posterior(posterior.float(), logits.shape[-2:], allowed)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        logits, target, scale = ctx.saved_tensors
         grad_logits = logits.float().softmax(1).sub_(target)
-        return grad_logits.mul_(mask[:, None] * (grad / count)), None, None, None
+        return grad_logits.mul_(scale * grad), None, None

@@ -137,6 +137,14 @@ def oem_losses(
     log_likelihood = mixtures.log_likelihood(labelled)
     maximization = maximization_loss(log_likelihood, pixels.labels, temperature, valid)
 
+    # The GMM posterior lives at feature resolution, and so do its prior and the pseudo loss: the
+    # logits averaged over each feature cell, and each cell's share of unlabelled pixels.
+    cell_logits, unlabelled = logits, (target == num_classes).float()
+    if logits.shape[-2:] != (height, width):
+        cell_logits = F.adaptive_avg_pool2d(logits, (height, width))
+        unlabelled = F.adaptive_avg_pool2d(unlabelled[:, None], (height, width))[:, 0]
+    cell_logits = cell_logits.float()
+
     # One E-step over every pixel at feature resolution serves both the GMM posterior and the
     # statistics of the refit (the labelled features have their own).
     allowed_low = allowed_classes(image_classes, boxes, (height, width))
@@ -153,12 +161,7 @@ def oem_losses(
         expectation = mixtures.expectation(rows, means)
         prior = None
         if options.prior == "prediction":
-            # The prediction of each feature cell: the softmax of its mean logits, so that no
-            # softmax over every class runs at label resolution.
-            cell_logits = logits.detach().float()
-            if cell_logits.shape[-2:] != (height, width):
-                cell_logits = F.adaptive_avg_pool2d(cell_logits, (height, width))
-            prior = cell_logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+            prior = cell_logits.detach().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
         flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
         posterior_low = mixtures.posterior_from_log_likelihood(
             expectation.log_likelihood, prior, flat_allowed, temperature
@@ -168,7 +171,7 @@ def oem_losses(
     warmup = options.warmup_steps
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
     pseudo = pseudo_label_loss(
-        logits, posterior, target, options.pseudo_mode, options.confidence, boxes
+        cell_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
     )
     terms = {
         "seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction),
@@ -189,10 +192,8 @@ def oem_losses(
     # Fitting set of the online EM: labelled features, then confident unlabelled ones.
     fit_unlabelled = torch.zeros_like(posterior_low[:, 0], dtype=torch.bool)
     if step >= warmup:
-        unlabelled = F.interpolate(
-            (target == num_classes)[:, None].float(), size=(height, width), mode="nearest"
-        ).flatten()
-        fit_unlabelled = (posterior_low.amax(1) >= options.confidence) & (unlabelled > 0)
+        confident = posterior_low.amax(1) >= options.confidence
+        fit_unlabelled = confident & (unlabelled.flatten() > 0.5)
     labelled_stats = mixtures.sufficient_statistics(
         labelled.detach(), F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
     )
