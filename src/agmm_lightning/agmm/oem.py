@@ -46,7 +46,7 @@ class OEMOptions:
         normalize_embeddings: L2-normalise the embeddings.
         min_variance: Variance floor.
         temperature: T of the posterior and the maximization loss; None uses ``embed_dim``.
-        prior: ``"prediction"`` or ``"uniform"`` class prior of the GMM posterior.
+        prior: ``"uniform"`` or ``"prediction"`` class prior of the GMM posterior.
         adaptation: Relevance factor of the per-image means; None uses the global mixtures.
         lambda_max: Weight of the maximization loss.
         lambda_gmm: Weight of the GMM pseudo supervision (ramped over ``warmup_steps``).
@@ -63,7 +63,7 @@ class OEMOptions:
     normalize_embeddings: bool = True
     min_variance: float = 1e-4
     temperature: float | None = None
-    prior: Literal["prediction", "uniform"] = "prediction"
+    prior: Literal["prediction", "uniform"] = "uniform"
     adaptation: float | None = 4.0
     lambda_max: float = 0.1
     lambda_gmm: float = 1.0

@@ -112,7 +112,8 @@ class AGMMSegmenter(BaseTask):
         normalize_embeddings: L2-normalise the embeddings.
         min_variance: Variance floor of the mixtures.
         temperature: T of the GMM posterior and the maximization loss; None uses ``embed_dim``.
-        prior: ``"prediction"`` (the detached segmentation output) or ``"uniform"``.
+        prior: Class prior of the GMM posterior: ``"uniform"`` (the GMM alone) or
+            ``"prediction"`` (the detached segmentation output).
         adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
             posterior (:meth:`~agmm_lightning.agmm.ClassMixtures.adapted_means`), in labelled
             features; None uses the global mixtures alone (METHOD §3.3 as written).
@@ -159,7 +160,7 @@ class AGMMSegmenter(BaseTask):
         normalize_embeddings: bool = True,
         min_variance: float = 1e-4,
         temperature: float | None = None,
-        prior: Literal["prediction", "uniform"] = "prediction",
+        prior: Literal["prediction", "uniform"] = "uniform",
         adaptation: float | None = 4.0,
         lambda_max: float = 0.1,
         lambda_gmm: float = 1.0,
