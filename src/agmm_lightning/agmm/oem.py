@@ -3,9 +3,9 @@
 One training step: the labelled features are embedded (with gradients) and pulled toward their
 class by the maximization loss; one E-step over every pixel at feature resolution (without
 gradients) gives the GMM posterior, with class means adapted to each image's labels, which
-supervises the unlabelled pixels; CVPR mode's kernel terms shape the decoder features; and the
-statistics of the labelled and confident unlabelled features are returned for the refit that
-follows the optimizer step.
+supervises the prediction of each feature cell where its pixels are unlabelled; CVPR mode's kernel
+terms shape the decoder features; and the statistics of the labelled and confident unlabelled
+features are returned for the refit that follows the optimizer step.
 """
 
 from __future__ import annotations
