@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agmm_lightning.agmm import cvpr_agmm_losses
+from agmm_lightning.agmm import cvpr, cvpr_agmm_losses
 
 EPS = 1e-6
 
@@ -130,7 +130,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + str(c[0]) for c in CASES])
 @pytest.mark.parametrize("with_tags", [False, True])
-def test_equals_plain_reference_values_and_gradients(case, with_tags):
+@pytest.mark.parametrize("bands", ["whole", "rows"])
+def test_equals_plain_reference_values_and_gradients(case, with_tags, bands, monkeypatch):
+    if bands == "rows":  # the pixel terms a row at a time, as at real shapes
+        monkeypatch.setattr(cvpr, "CHUNK_ELEMENTS", 1)
     seed, batch, channels, feat_size, label_size, num_classes, kind = case
     features, logits, target = make_case(*case)
     tags = None
@@ -173,6 +176,19 @@ def test_gradients_of_a_subset_of_the_terms_equal_the_reference():
     cvpr_agmm_losses(features, logits, target, num_classes)["seg"].backward()
     reference_losses(ref_features, ref_logits, target, num_classes, None)["seg"].backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_keeps_no_float32_copy_of_bfloat16_logits_for_backward():
+    # One class present: the [B, S, H, W] maps of the present classes are smaller than the logits.
+    features, logits, target = make_case(2, 2, 3, (5, 5), (9, 9), 3, "one_class")
+    logits = logits.detach().bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        losses = cvpr_agmm_losses(features.detach().float().requires_grad_(), logits, target, 3)
+    logit_sized = [t for t in saved if t.shape == logits.shape]
+    assert logit_sized and all(t.dtype == torch.bfloat16 for t in logit_sized)
+    losses["total"].backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
 
 
 def test_float32_matches_reference():

@@ -148,6 +148,8 @@ def test_oem_mode_adds_the_cvpr_kernel_terms_with_their_weight():
         assert cvpr[name] > 0
         torch.testing.assert_close(half[name], 0.5 * cvpr[name])
         assert name not in off
+    # seg comes from the kernel block when it runs, else from the partial cross-entropy: the same.
+    torch.testing.assert_close(half["seg"], off["seg"])
     # The kernel terms train the decoder features themselves, not only the embedding head.
     model = tiny_model(lambda_kernel=1.0)
     step, _ = model.losses(batch)

@@ -140,6 +140,18 @@ def test_the_kernel_blocks_absent_term_is_the_tag_absent_loss():
     torch.testing.assert_close(gradient, expected)
 
 
+def test_the_kernel_blocks_seg_term_is_the_partial_cross_entropy():
+    """OEM mode takes seg from CVPR's block without OHEM: same value, same gradient."""
+    logits, target = make_batch(8)
+    features = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(9))
+    ours = partial_cross_entropy(logits, target)
+    (expected,) = torch.autograd.grad(ours, logits)
+    block = cvpr_agmm_losses(features, logits, target, 4)["seg"]
+    (gradient,) = torch.autograd.grad(block, logits)
+    torch.testing.assert_close(block, ours)
+    torch.testing.assert_close(gradient, expected)
+
+
 def test_maximization_loss_is_cross_entropy_over_valid_classes():
     gen = torch.Generator().manual_seed(6)
     log_lik = torch.randn(8, 3, generator=gen, requires_grad=True)

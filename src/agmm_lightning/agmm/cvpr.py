@@ -3,8 +3,8 @@
 Equal to the published formulas to float tolerance, but computed only for the classes present in
 each crop, without the ``[B, C, D, h, w]`` feature-center differences or upsampled features of the
 published code: centers are pooled from the bilinear taps of the labelled pixels, distances are an
-L1 ``cdist`` whose backward runs one class slot at a time, and the pixel terms share one softmax
-with a hand-written backward.
+L1 ``cdist`` whose backward runs one class slot at a time, and the pixel terms share one softmax,
+taken a band of rows at a time, with a hand-written backward.
 """
 
 from __future__ import annotations
@@ -72,14 +72,25 @@ def _check_shapes(features: Tensor, logits: Tensor, target: Tensor, num_classes:
     check_target(target, num_classes)
 
 
+CHUNK_ELEMENTS = 2**24
+"""Elements of the ``[B, C, H, W]`` logits the pixel terms process at once (64 MiB in float32)."""
+
+
+def _row_chunks(shape: torch.Size) -> list[slice]:
+    """Bands of rows that split a ``[B, C, H, W]`` map into ``CHUNK_ELEMENTS`` elements at most."""
+    batch, classes, height, width = shape
+    rows = max(1, CHUNK_ELEMENTS // (batch * classes * width))
+    return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
 class _PixelLosses(torch.autograd.Function):
     """``seg``, ``gmm_to_pred`` and ``absent`` of METHOD §2 with a hand-written backward.
 
-    The three terms read the same softmax; autograd would keep a dozen ``[B, C, H, W]``
-    intermediates and sum three logit gradients. Here the softmax is saved, the forward's
-    ``log(1 - P + 1e-6)`` buffer is handed on to become the logit gradient, and that gradient is
-    assembled in place: on CPU every fresh tensor of this size costs as much as several passes
-    over an existing one.
+    The three terms read the same softmax over every class and pixel, the largest tensors of the
+    method. It is taken a band of rows at a time, in float32 whatever the logits' dtype, and
+    taken again in backward instead of being kept: no float32 copy of the logits and no
+    ``[B, C, H, W]`` intermediate lives beyond one band (autograd would keep a dozen and sum three
+    logit gradients). Only ``[B, S, H, W]`` maps of the present classes' slots are kept.
     """
 
     @staticmethod
@@ -93,28 +104,33 @@ class _PixelLosses(torch.autograd.Function):
         target: Tensor,
         labelled: tuple[Tensor, Tensor, Tensor, Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        probs = logits.softmax(1)
-        log_not_probs = probs.neg().add_(1 + EPS).log_()  # log(1 - P + 1e-6)
+        dtype = kernel.dtype
         index = slot_class[..., None, None].expand_as(kernel)
-        slot_probs = probs.gather(1, index)
+        slot_probs = torch.empty_like(kernel)
+        slot_log_not = torch.empty_like(kernel)  # log(1 - P + 1e-6) at each slot's class
+        absent_map = kernel.new_empty(target.shape)  # sum_c t_c log(1 - P_c + 1e-6)
+        for rows in _row_chunks(logits.shape):
+            probs = logits[:, :, rows].to(dtype).softmax(1)
+            log_not_probs = probs.neg().add_(1 + EPS).log_()
+            slot_probs[:, :, rows] = probs.gather(1, index[:, :, rows])
+            slot_log_not[:, :, rows] = log_not_probs.gather(1, index[:, :, rows])
+            absent_map[:, rows] = torch.einsum("bchw,bc->bhw", log_not_probs, forbidden)
         slot_log_probs = torch.add(slot_probs, EPS).log_()
-        slot_log_not = log_not_probs.gather(1, index)
         # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
         log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
         valid = target != VOID
-        pixel = valid / valid.sum().clamp_min(1).to(logits.dtype)  # mean over non-void pixels
+        pixel = valid / valid.sum().clamp_min(1).to(dtype)  # mean over non-void pixels
         gmm_to_pred = -(torch.einsum("bshw,bs->bhw", log_fit, slot_weight) * pixel).sum()
-        absent = -(torch.einsum("bchw,bc->bhw", log_not_probs, forbidden) * pixel).sum()
+        absent = -(absent_map * pixel).sum()
 
         image, row, col, labels = labelled
-        pixel_logits = logits[image, :, row, col]
-        seg = F.cross_entropy(pixel_logits, labels) if labels.numel() else logits.new_zeros(())
+        pixel_logits = logits[image, :, row, col].to(dtype)
+        seg = F.cross_entropy(pixel_logits, labels) if labels.numel() else kernel.new_zeros(())
         ctx.save_for_backward(
-            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            logits, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
             forbidden, pixel,
         )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
-        ctx.buffer = log_not_probs  # free to overwrite: nothing else holds it
         ctx.set_materialize_grads(False)
         return seg, gmm_to_pred, absent
 
@@ -124,38 +140,46 @@ class _PixelLosses(torch.autograd.Function):
         ctx: Any, grad_seg: Tensor | None, grad_gmm: Tensor | None, grad_absent: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         (
-            probs, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
+            logits, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
             forbidden, pixel,
         ) = ctx.saved_tensors  # fmt: skip
-        # A second backward (retain_graph) finds the buffer taken and allocates a new one.
-        grad, ctx.buffer = ctx.buffer if ctx.buffer is not None else torch.empty_like(probs), None
+        dtype = kernel.dtype
         index = slot_class[..., None, None].expand_as(kernel)
         # Outputs left out of the loss (OEM mode uses only gmm_to_pred) come as None: skipped.
-        if grad_absent is None:
-            grad.zero_()
-        else:
-            # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
-            torch.neg(probs, out=grad).add_(1 + EPS)
-            torch.div(probs, grad, out=grad)
-            grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None])
+        slot_grad = None
         if grad_gmm is not None:
-            # ... then of gmm_to_pred at each slot's class: w P [(1-G)/(1-P+eps) - G/(P+eps)].
+            # P dL/dP of gmm_to_pred at each slot's class: w P [(1-G)/(1-P+eps) - G/(P+eps)].
             slot_scale = (grad_gmm * slot_weight)[..., None, None]
             to_not = slot_probs.neg().add_(1 + EPS)
             to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
             to_fit = torch.add(slot_probs, EPS)
             to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
             slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
-            grad.scatter_add_(1, index, slot_grad)
-        # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k, in place.
-        grad_logits = grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
+        grad_logits = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape):
+            probs = logits[:, :, rows].to(dtype).softmax(1)
+            band = grad_logits[:, :, rows]
+            grad = band if band.dtype == dtype else torch.empty_like(probs)
+            # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel.
+            if grad_absent is None:
+                grad.zero_()
+            else:
+                torch.neg(probs, out=grad).add_(1 + EPS)
+                torch.div(probs, grad, out=grad)
+                grad.mul_((grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None, rows])
+            if slot_grad is not None:
+                grad.scatter_add_(1, index[:, :, rows], slot_grad[:, :, rows])
+            # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k.
+            grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
+            if grad is not band:
+                band.copy_(grad)
         image, row, col, labels, pixel_logits = ctx.labelled
         if grad_seg is not None and labels.numel():
             ce = pixel_logits.softmax(1)
             ce[torch.arange(labels.numel(), device=labels.device), labels] -= 1
-            grad_logits.permute(0, 2, 3, 1).index_put_(
-                (image, row, col), ce * (grad_seg / labels.numel()), accumulate=True
-            )
+            at_labels = grad_logits[image, :, row, col].to(dtype)  # labelled pixels are unique
+            at_labels.add_(ce * (grad_seg / labels.numel()))
+            grad_logits[image, :, row, col] = at_labels.to(grad_logits.dtype)
         grad_kernel = None
         if ctx.needs_input_grad[1] and grad_gmm is not None:
             grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
@@ -230,7 +254,7 @@ def cvpr_agmm_losses(
         ValueError: On shapes, dtypes or label values that do not fit.
     """
     _check_shapes(features, logits, target, num_classes)
-    features, logits = in_float32(features, logits)
+    (features,) = in_float32(features)  # the logits are upcast a band at a time where they are read
     with float32_math(logits.device):
         return _cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
 
@@ -285,7 +309,7 @@ def _cvpr_agmm_losses(
 
     # Per-image class averaging weights c_{b,k} / (sum_k c_{b,k} + 1e-6), halved as in the code.
     slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + EPS))
-    forbidden = 1.0 - image_classes.to(logits.dtype)
+    forbidden = 1.0 - image_classes.to(features.dtype)
     seg, gmm_to_pred, absent = _PixelLosses.apply(
         logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels)
     )

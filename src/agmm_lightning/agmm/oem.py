@@ -173,16 +173,22 @@ def oem_losses(
     pseudo = pseudo_label_loss(
         cell_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
     )
-    terms = {
-        "seg": partial_cross_entropy(logits, target, hard_fraction=hard_fraction),
-        "maximization": options.lambda_max * maximization,
-        "pseudo": ramp * options.lambda_gmm * pseudo,
-    }
     kernel = {}
     if options.lambda_kernel:
         kernel = cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
+    # The kernel block's seg term is the partial cross-entropy without OHEM, and with image tags
+    # its absent term is this one: taking them from it spares a logit gradient of its own.
+    if "seg" in kernel and hard_fraction == 1:
+        seg = kernel["seg"]
+    else:
+        seg = partial_cross_entropy(logits, target, hard_fraction=hard_fraction)
+    terms = {
+        "seg": seg,
+        "maximization": options.lambda_max * maximization,
+        "pseudo": ramp * options.lambda_gmm * pseudo,
+    }
+    if kernel:
         terms |= {name: options.lambda_kernel * kernel[name] for name in KERNEL_TERMS}
-    # With image tags the kernel block's absent term is this one, from the softmax it already took.
     if "absent" in kernel and boxes is None:
         terms["absent"] = kernel["absent"]
     else:
