@@ -177,7 +177,7 @@ def oem_losses(
     if options.lambda_kernel:
         kernel = cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
     # The kernel block's seg term is the partial cross-entropy without OHEM, and with image tags
-    # its absent term is this one: taking them from it spares a logit gradient of its own.
+    # its absent term is absent_class_loss: taking them from it spares their own logit gradients.
     if "seg" in kernel and hard_fraction == 1:
         seg = kernel["seg"]
     else:
