@@ -133,7 +133,7 @@ CASES = [
 @pytest.mark.parametrize("bands", ["whole", "rows"])
 def test_equals_plain_reference_values_and_gradients(case, with_tags, bands, monkeypatch):
     if bands == "rows":  # the pixel terms a row at a time, as at real shapes
-        monkeypatch.setattr(cvpr, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(cvpr, "CPU_CHUNK_ELEMENTS", 1)
     seed, batch, channels, feat_size, label_size, num_classes, kind = case
     features, logits, target = make_case(*case)
     tags = None

@@ -75,11 +75,16 @@ def _check_shapes(features: Tensor, logits: Tensor, target: Tensor, num_classes:
 CHUNK_ELEMENTS = 2**24
 """Elements of the ``[B, C, H, W]`` logits the pixel terms process at once (64 MiB in float32)."""
 
+CPU_CHUNK_ELEMENTS = 2**20
+"""The same on a CPU (4 MiB in float32): each band's temporaries then stay below malloc's mmap
+threshold, so their memory is reused instead of mapped and page-faulted afresh for every band."""
 
-def _row_chunks(shape: torch.Size) -> list[slice]:
-    """Bands of rows that split a ``[B, C, H, W]`` map into ``CHUNK_ELEMENTS`` elements at most."""
-    batch, classes, height, width = shape
-    rows = max(1, CHUNK_ELEMENTS // (batch * classes * width))
+
+def _row_chunks(logits: Tensor) -> list[slice]:
+    """Bands of rows that split ``[B, C, H, W]`` logits into bands of at most a chunk each."""
+    batch, classes, height, width = logits.shape
+    chunk = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else CHUNK_ELEMENTS
+    rows = max(1, chunk // (batch * classes * width))
     return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
@@ -109,18 +114,20 @@ class _PixelLosses(torch.autograd.Function):
         slot_probs = torch.empty_like(kernel)
         slot_log_not = torch.empty_like(kernel)  # log(1 - P + 1e-6) at each slot's class
         absent_map = kernel.new_empty(target.shape)  # sum_c t_c log(1 - P_c + 1e-6)
-        for rows in _row_chunks(logits.shape):
+        for rows in _row_chunks(logits):
             probs = logits[:, :, rows].softmax(1, dtype=dtype)
             log_not_probs = torch.rsub(probs, 1 + EPS).log_()
             slot_probs[:, :, rows] = probs.gather(1, index[:, :, rows])
             slot_log_not[:, :, rows] = log_not_probs.gather(1, index[:, :, rows])
-            absent_map[:, rows] = torch.einsum("bchw,bc->bhw", log_not_probs, forbidden)
+            absent_rows = torch.bmm(forbidden[:, None], log_not_probs.flatten(2))
+            absent_map[:, rows] = absent_rows.view_as(absent_map[:, rows])
         slot_log_probs = torch.add(slot_probs, EPS).log_()
         # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
         log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
         valid = target != VOID
         pixel = valid / valid.sum().clamp_min(1).to(dtype)  # mean over non-void pixels
-        gmm_to_pred = -(torch.einsum("bshw,bs->bhw", log_fit, slot_weight) * pixel).sum()
+        fit_map = torch.bmm(slot_weight[:, None], log_fit.flatten(2)).view_as(pixel)
+        gmm_to_pred = -(fit_map * pixel).sum()
         absent = -(absent_map * pixel).sum()
 
         image, row, col, labels = labelled
@@ -156,7 +163,7 @@ class _PixelLosses(torch.autograd.Function):
             to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
             slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
         grad_logits = torch.empty_like(logits)
-        for rows in _row_chunks(logits.shape):
+        for rows in _row_chunks(logits):
             probs = logits[:, :, rows].softmax(1, dtype=dtype)
             band = grad_logits[:, :, rows]
             grad = band if band.dtype == dtype else torch.empty_like(probs)
