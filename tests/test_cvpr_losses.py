@@ -157,6 +157,24 @@ def test_equals_plain_reference_values_and_gradients(case, with_tags, bands, mon
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("label_size", [(16, 24), (17, 23)], ids=["tiled", "untiled"])
+@pytest.mark.parametrize("bands", ["whole", "rows"])
+def test_cell_logits_are_the_logits_averaged_over_each_feature_cell(label_size, bands, monkeypatch):
+    # OEM mode reads them; where the cells tile the logits their gradient joins the pixel terms'.
+    if bands == "rows":
+        monkeypatch.setattr(cvpr, "CPU_CHUNK_ELEMENTS", 1)
+    features, logits, target = make_case(7, 2, 4, (4, 6), label_size, 5, "clicks")
+    ref_logits = logits.detach().clone().requires_grad_()
+    ours = cvpr_agmm_losses(features, logits, target, 5, with_cell_logits=True)
+    theirs = cvpr_agmm_losses(features.detach(), ref_logits, target, 5)
+    pooled = F.adaptive_avg_pool2d(ref_logits, (4, 6))
+    torch.testing.assert_close(ours["cell_logits"], pooled)
+    weights = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(0))
+    (ours["total"] + (ours["cell_logits"] * weights).sum()).backward()
+    (theirs["total"] + (pooled * weights).sum()).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-6, atol=1e-7)
+
+
 def test_gradients_of_a_subset_of_the_terms_equal_the_reference():
     # OEM mode adds only the kernel terms: the unused seg and absent outputs get no gradient.
     features, logits, target = make_case(*CASES[0])

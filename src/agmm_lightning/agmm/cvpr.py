@@ -80,11 +80,11 @@ CPU_CHUNK_ELEMENTS = 2**20
 threshold, so their memory is reused instead of mapped and page-faulted afresh for every band."""
 
 
-def _row_chunks(logits: Tensor) -> list[slice]:
-    """Bands of rows that split ``[B, C, H, W]`` logits into bands of at most a chunk each."""
+def _row_chunks(logits: Tensor, multiple: int = 1) -> list[slice]:
+    """Bands of about a chunk of ``[B, C, H, W]`` logits each, ``multiple`` rows or a multiple."""
     batch, classes, height, width = logits.shape
     chunk = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else CHUNK_ELEMENTS
-    rows = max(1, chunk // (batch * classes * width))
+    rows = max(1, chunk // (batch * classes * width * multiple)) * multiple
     return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
@@ -96,6 +96,10 @@ class _PixelLosses(torch.autograd.Function):
     taken again in backward instead of being kept: no float32 copy of the logits and no
     ``[B, C, H, W]`` intermediate lives beyond one band (autograd would keep a dozen and sum three
     logit gradients). Only ``[B, S, H, W]`` maps of the present classes' slots are kept.
+
+    Given a cell stride, it also returns the logits averaged over each feature cell, which OEM
+    mode's GMM prior and pseudo loss read, and adds their gradient in the same bands: autograd
+    would build it as one more ``[B, C, H, W]`` map and sum it with the others.
     """
 
     @staticmethod
@@ -108,8 +112,10 @@ class _PixelLosses(torch.autograd.Function):
         forbidden: Tensor,
         target: Tensor,
         labelled: tuple[Tensor, Tensor, Tensor, Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        cell: tuple[int, int] | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         dtype = kernel.dtype
+        cell_logits = None if cell is None else F.avg_pool2d(logits, cell).to(dtype)
         index = slot_class[..., None, None].expand_as(kernel)
         slot_probs = torch.empty_like(kernel)
         slot_log_not = torch.empty_like(kernel)  # log(1 - P + 1e-6) at each slot's class
@@ -138,13 +144,18 @@ class _PixelLosses(torch.autograd.Function):
             forbidden, pixel,
         )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
+        ctx.cell = cell
         ctx.set_materialize_grads(False)
-        return seg, gmm_to_pred, absent
+        return seg, gmm_to_pred, absent, cell_logits
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: Any, grad_seg: Tensor | None, grad_gmm: Tensor | None, grad_absent: Tensor | None
+        ctx: Any,
+        grad_seg: Tensor | None,
+        grad_gmm: Tensor | None,
+        grad_absent: Tensor | None,
+        grad_cell: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
         (
             logits, kernel, slot_class, slot_probs, slot_log_probs, slot_log_not, slot_weight,
@@ -163,7 +174,10 @@ class _PixelLosses(torch.autograd.Function):
             to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
             slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
         grad_logits = torch.empty_like(logits)
-        for rows in _row_chunks(logits):
+        cell_rows, cell_cols = ctx.cell or (1, 1)
+        if grad_cell is not None:  # each pixel gets its cell's gradient over the cell's area
+            grad_cell = grad_cell / (cell_rows * cell_cols)
+        for rows in _row_chunks(logits, cell_rows):
             probs = logits[:, :, rows].softmax(1, dtype=dtype)
             band = grad_logits[:, :, rows]
             grad = band if band.dtype == dtype else torch.empty_like(probs)
@@ -178,6 +192,11 @@ class _PixelLosses(torch.autograd.Function):
                 grad.scatter_add_(1, index[:, :, rows], slot_grad[:, :, rows])
             # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k.
             grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
+            if grad_cell is not None:
+                batch, classes, height, width = grad.shape
+                tiles = grad.view(batch, classes, -1, cell_rows, width // cell_cols, cell_cols)
+                cells = slice(rows.start // cell_rows, rows.stop // cell_rows)
+                tiles.add_(grad_cell[:, :, cells, None, :, None])
             if grad is not band:
                 band.copy_(grad)
         image, row, col, labels, pixel_logits = ctx.labelled
@@ -191,7 +210,7 @@ class _PixelLosses(torch.autograd.Function):
         if ctx.needs_input_grad[1] and grad_gmm is not None:
             grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
             grad_kernel.mul_(pixel[:, None])
-        return grad_logits, grad_kernel, None, None, None, None, None
+        return grad_logits, grad_kernel, None, None, None, None, None, None
 
 
 class _CentersAndDistances(torch.autograd.Function):
@@ -236,6 +255,7 @@ def cvpr_agmm_losses(
     target: Tensor,
     num_classes: int,
     image_classes: Tensor | None = None,
+    with_cell_logits: bool = False,
 ) -> dict[str, Tensor]:
     """The sparsely-annotated AGMM losses of the CVPR 2023 code (METHOD §2).
 
@@ -252,10 +272,14 @@ def cvpr_agmm_losses(
         num_classes: Number of classes C.
         image_classes: ``[B, C]`` classes present in each image; defaults to the classes
             labelled in ``target``.
+        with_cell_logits: Also return ``cell_logits``, the logits averaged over each feature
+            cell (``[B, C, h, w]``, differentiable, in the losses' float32), which OEM mode
+            reads: where the cells tile the logits evenly, their gradient joins the pixel
+            terms' in the same pass.
 
     Returns:
         Dict with ``seg``, ``gmm_to_pred``, ``label_to_gmm``, ``separation``, ``absent`` and
-        ``total`` (their sum).
+        ``total`` (their sum), and ``cell_logits`` if asked.
 
     Raises:
         ValueError: On shapes, dtypes or label values that do not fit.
@@ -263,7 +287,9 @@ def cvpr_agmm_losses(
     _check_shapes(features, logits, target, num_classes)
     (features,) = in_float32(features)  # the logits are upcast a band at a time where they are read
     with float32_math(logits.device):
-        return _cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
+        return _cvpr_agmm_losses(
+            features, logits, target, num_classes, image_classes, with_cell_logits
+        )
 
 
 def _cvpr_agmm_losses(
@@ -272,6 +298,7 @@ def _cvpr_agmm_losses(
     target: Tensor,
     num_classes: int,
     image_classes: Tensor | None,
+    with_cell_logits: bool,
 ) -> dict[str, Tensor]:
     """:func:`cvpr_agmm_losses` on checked float32 inputs, with autocast off."""
     batch, channels, height, width = features.shape
@@ -317,9 +344,14 @@ def _cvpr_agmm_losses(
     # Per-image class averaging weights c_{b,k} / (sum_k c_{b,k} + 1e-6), halved as in the code.
     slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + EPS))
     forbidden = 1.0 - image_classes.to(features.dtype)
-    seg, gmm_to_pred, absent = _PixelLosses.apply(
-        logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels)
+    label_height, label_width = target.shape[-2:]
+    tiled = label_height % height == 0 and label_width % width == 0
+    cell = (label_height // height, label_width // width) if with_cell_logits and tiled else None
+    seg, gmm_to_pred, absent, cell_logits = _PixelLosses.apply(
+        logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels), cell
     )
+    if with_cell_logits and cell is None:
+        cell_logits = F.adaptive_avg_pool2d(logits, (height, width)).to(features.dtype)
 
     # label_to_gmm only needs the labelled pixels: read the kernel there.
     kernel_at_labels = kernel[image, :, row, col]  # [n, S]
@@ -346,4 +378,6 @@ def _cvpr_agmm_losses(
         "absent": absent,
     }
     losses["total"] = sum(losses.values(), torch.zeros((), device=logits.device))
+    if cell_logits is not None:
+        losses["cell_logits"] = cell_logits
     return losses

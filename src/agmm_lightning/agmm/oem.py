@@ -138,12 +138,18 @@ def oem_losses(
     maximization = maximization_loss(log_likelihood, pixels.labels, temperature, valid)
 
     # The GMM posterior lives at feature resolution, and so do its prior and the pseudo loss: the
-    # logits averaged over each feature cell, and each cell's share of unlabelled pixels.
-    cell_logits, unlabelled = logits, (target == num_classes).float()
-    if logits.shape[-2:] != (height, width):
-        cell_logits = F.adaptive_avg_pool2d(logits, (height, width))
-        unlabelled = F.adaptive_avg_pool2d(unlabelled[:, None], (height, width))[:, 0]
-    cell_logits = cell_logits.float()
+    # logits averaged over each feature cell (by the kernel block, which reads the logits anyway),
+    # and each cell's share of unlabelled pixels.
+    kernel = {}
+    if options.lambda_kernel:
+        kernel = cvpr_agmm_losses(
+            features, logits, target, num_classes, image_classes, with_cell_logits=True
+        )
+        cell_logits = kernel["cell_logits"]
+    else:
+        cell_logits = F.adaptive_avg_pool2d(logits, (height, width)).float()
+    unlabelled = (target == num_classes).float()[:, None]
+    unlabelled = F.adaptive_avg_pool2d(unlabelled, (height, width))[:, 0]
 
     # One E-step over every pixel at feature resolution serves both the GMM posterior and the
     # statistics of the refit (the labelled features have their own).
@@ -173,9 +179,6 @@ def oem_losses(
     pseudo = pseudo_label_loss(
         cell_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
     )
-    kernel = {}
-    if options.lambda_kernel:
-        kernel = cvpr_agmm_losses(features, logits, target, num_classes, image_classes)
     # The kernel block's seg term is the partial cross-entropy without OHEM, and with image tags
     # its absent term is absent_class_loss: taking them from it spares their own logit gradients.
     if "seg" in kernel and hard_fraction == 1:
