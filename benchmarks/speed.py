@@ -177,8 +177,8 @@ def profile_table(device: torch.device, name: str, precision: str, quick: bool) 
     lines = [
         f"Extra time per step over the baseline by operator: {name}, {precision}, "
         f"{device.type.upper()}, batch {setup['batch']} (baseline {1e3 * total['baseline']:.0f} "
-        f"ms of operator time; cvpr +{1e3 * (total['cvpr'] - total['baseline']):.0f} ms, "
-        f"agmm +{1e3 * (total['agmm'] - total['baseline']):.0f} ms).",
+        f"ms of operator time; cvpr {1e3 * (total['cvpr'] - total['baseline']):+.0f} ms, "
+        f"agmm {1e3 * (total['agmm'] - total['baseline']):+.0f} ms).",
         "",
         "| operator | cvpr extra (ms) | agmm extra (ms) |",
         "|---|---|---|",
