@@ -3,12 +3,13 @@
 Every row trains one weak form with the settings of one experiment config, as ``ablation.py``
 does, and changes only the options shown: ``cvpr`` mode, ``agmm`` with every part, and ``agmm``
 without the GMM pseudo loss, with hard pseudo labels (confident cells only), with a tenth of the
-pseudo loss's weight, without CVPR mode's kernel terms, without the maximization loss, with the
-global mixtures in the posterior instead of per-image adapted means, and with the prediction
-instead of a uniform prior in the GMM posterior (with and without the pseudo loss). Val mIoU and
-the train pseudo-label mIoU, mean ± std over seeds, then (for runs that logged it) the pseudo
-labels' mIoU during training and per class. With ``--out`` each run is recorded beside it
-(``.runs``) and a rerun resumes.
+pseudo loss's weight, with the pseudo loss training the segmentation head alone, with the pseudo
+loss only where the GMM is more confident than the prediction, without CVPR mode's kernel terms,
+without the maximization loss, with the global mixtures in the posterior instead of per-image
+adapted means, and with the prediction instead of a uniform prior in the GMM posterior (with and
+without the pseudo loss). Val mIoU and the train pseudo-label mIoU, mean ± std over seeds, then
+(for runs that logged it) the pseudo labels' mIoU during training and per class. With ``--out``
+each run is recorded beside it (``.runs``) and a rerun resumes.
 
 Run: ``python benchmarks/terms.py [--config experiments/macaque.yaml --root data/macaque]
 [--form point] [--variants agmm no_pseudo ...] [--seeds 0 1 2] [--parallel 2]
@@ -34,6 +35,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_pseudo": ("agmm", {"lambda_gmm": 0}),
     "hard_pseudo": ("agmm", {"pseudo_mode": "hard"}),
     "weak_pseudo": ("agmm", {"lambda_gmm": 0.1}),
+    "head_pseudo": ("agmm", {"pseudo_gradient": "head"}),
+    "surer_pseudo": ("agmm", {"pseudo_mode": "surer"}),
     "prediction_prior": ("agmm", {"prior": "prediction"}),
     "prediction_prior_no_pseudo": ("agmm", {"prior": "prediction", "lambda_gmm": 0}),
     "no_kernel": ("agmm", {"lambda_kernel": 0}),

@@ -164,3 +164,28 @@ def test_the_model_is_built_from_its_options():
     assert model.mixtures.means.shape == (6, 2, 16) and model.embedding_head.out_channels == 16
     assert options.effective_temperature == 16.0
     assert replace(options, temperature=2.0).effective_temperature == 2.0
+
+
+@pytest.mark.parametrize("pseudo_gradient", ["network", "head"])
+def test_the_pseudo_loss_trains_the_decoder_only_with_the_network_gradient(pseudo_gradient):
+    batch = next(iter(tiny_data(augment=False).train_dataloader()))
+    torch.manual_seed(0)
+    model = tiny_model(pseudo_gradient=pseudo_gradient)
+    features = F.normalize(torch.randn(60, 64), dim=1)
+    model.mixtures.update(
+        model.mixtures.sufficient_statistics(features, F.one_hot(torch.arange(60) % 6, 6).float())
+    )
+    step, _ = model.losses(batch, step=5)
+    step.terms["pseudo"].backward()
+    assert step.terms["pseudo"] > 0
+    assert model.network.segmentation_head[0].weight.grad.abs().sum() > 0
+    decoder_grad = model.network.decoder.blocks[-1].conv1[0].weight.grad
+    assert (decoder_grad is not None and decoder_grad.abs().sum() > 0) == (
+        pseudo_gradient == "network"
+    )
+
+
+def test_classify_is_the_segmentation_head_at_feature_resolution():
+    model = tiny_model()
+    features = torch.randn(2, model.embedding_head.in_channels, 8, 10)
+    torch.testing.assert_close(model.classify(features), model.network.segmentation_head(features))

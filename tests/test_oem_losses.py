@@ -62,7 +62,7 @@ def test_losses_stay_finite_without_labels():
     assert absent_class_loss(logits, torch.ones(2, 4), void) == 0
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "surer"])
 def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     logits, target = make_batch(2)
     gen = torch.Generator().manual_seed(3)
@@ -71,7 +71,11 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     loss = pseudo_label_loss(logits, posterior, (target == 4).float(), mode, confidence=0.6)
     log_probs = logits.log_softmax(1)
     counted = (target == 4) & (posterior.sum(1) > 0)
-    if mode == "soft":
+    if mode == "surer":
+        surer = posterior.max(1).values > log_probs.exp().max(1).values
+        assert (counted & ~surer).any()  # the gate leaves some unlabelled pixels out
+        counted &= surer
+    if mode in ("soft", "surer"):
         per_pixel = -(posterior * log_probs).sum(1)
     else:
         counted &= posterior.max(1).values >= 0.6

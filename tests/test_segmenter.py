@@ -90,7 +90,7 @@ def test_resume_restores_the_mixtures_exactly(tmp_path):
     [
         ({"method": "oem"}, r"method must be one of \['agmm', 'cvpr', 'baseline'\], got 'oem'"),
         ({"prior": "flat"}, r"prior must be one of \['prediction', 'uniform'\]"),
-        ({"pseudo_mode": "argmax"}, r"pseudo_mode must be one of \['soft', 'hard'\]"),
+        ({"pseudo_mode": "argmax"}, r"pseudo_mode must be one of \['soft', 'hard', 'surer'\]"),
         ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
         ({"hard_fraction": 0.0}, r"hard_fraction must be in \(0, 1\], got 0.0"),
         ({"adaptation": 0.0}, "adaptation must be None or > 0, got 0.0"),

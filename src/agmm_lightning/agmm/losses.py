@@ -139,7 +139,8 @@ def pseudo_label_loss(
         posterior: ``[B, C, h, w]`` detached GMM posterior G; all-zero where no class was valid.
         weight: ``[B, h, w]`` weight of each position; 0 leaves it out.
         mode: ``"soft"`` for ``CE(P, G)``, ``"hard"`` for CE on ``argmax G`` where
-            ``max G >= confidence``.
+            ``max G >= confidence``, ``"surer"`` for ``CE(P, G)`` where ``max G > max P``: the
+            GMM teaches only where it is more confident than the prediction.
         confidence: Threshold of the hard mode.
 
     Returns:
@@ -148,13 +149,15 @@ def pseudo_label_loss(
     """
     confident, hard_label = posterior.max(1)
     weight = weight.float() * (confident > 0)
-    if mode == "soft":
+    if mode == "surer":
+        weight = weight * (confident > logits.detach().float().softmax(1).amax(1))
+    if mode in ("soft", "surer"):
         return _SoftCrossEntropy.apply(logits, posterior, weight)
     if mode == "hard":
         weight = weight * (confident >= confidence)
         loss = F.cross_entropy(logits.float(), hard_label, reduction="none")
         return (loss * weight).sum() / weight.sum().clamp_min(EPS)
-    raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    raise ValueError(f"mode must be 'soft', 'hard' or 'surer', got {mode!r}")
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

@@ -163,6 +163,19 @@ class AGMMModel(nn.Module):
             embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
 
+    def classify(self, features: Tensor) -> Tensor:
+        """Float32 logits of decoder features at their own resolution (the head's convolution).
+
+        Args:
+            features: ``[B, D0, h, w]`` decoder features.
+
+        Returns:
+            ``[B, C, h, w]`` logits; the head's upsampling, if any, is left out.
+        """
+        conv = self.network.segmentation_head[0]
+        bias = None if conv.bias is None else conv.bias.float()
+        return F.conv2d(features.float(), conv.weight.float(), bias, padding=conv.padding)
+
     def losses(self, batch: dict[str, Any], step: int = 0) -> tuple[StepLosses, Tensor]:
         """The loss terms of the method on a training batch, and the logits.
 
@@ -199,6 +212,7 @@ class AGMMModel(nn.Module):
                     logits,
                     features,
                     embed=self.embed,
+                    classify=self.classify,
                     mixtures=self.mixtures,
                     options=self.oem,
                     step=step,

@@ -51,7 +51,8 @@ class OEMOptions:
         lambda_max: Weight of the maximization loss.
         lambda_gmm: Weight of the GMM pseudo supervision (ramped over ``warmup_steps``).
         lambda_kernel: Weight of the CVPR kernel terms.
-        pseudo_mode: ``"soft"`` or ``"hard"`` pseudo supervision.
+        pseudo_mode: ``"soft"``, ``"hard"`` or ``"surer"`` pseudo supervision.
+        pseudo_gradient: What the pseudo loss trains: ``"network"`` or only the ``"head"``.
         confidence: Posterior threshold of hard pseudo labels and of the fitting set.
         warmup_steps: Steps of the pseudo-loss ramp; unlabelled pixels join the fitting set after.
         max_labelled_samples: Cap on the labelled features per step.
@@ -68,7 +69,8 @@ class OEMOptions:
     lambda_max: float = 0.1
     lambda_gmm: float = 1.0
     lambda_kernel: float = 1.0
-    pseudo_mode: Literal["soft", "hard"] = "soft"
+    pseudo_mode: Literal["soft", "hard", "surer"] = "soft"
+    pseudo_gradient: Literal["network", "head"] = "network"
     confidence: float = 0.9
     warmup_steps: int = 100
     max_labelled_samples: int = 16384
@@ -100,6 +102,7 @@ def oem_losses(
     features: Tensor,
     *,
     embed: Callable[[Tensor], Tensor],
+    classify: Callable[[Tensor], Tensor],
     mixtures: ClassMixtures,
     options: OEMOptions,
     step: int,
@@ -113,6 +116,8 @@ def oem_losses(
         logits: ``[B, C, H, W]`` segmentation logits.
         features: ``[B, D0, h, w]`` decoder features.
         embed: Maps ``[..., D0]`` decoder feature vectors to the embedding.
+        classify: Maps ``[B, D0, h, w]`` decoder features to logits at their resolution (the
+            segmentation head without its upsampling).
         mixtures: The class mixtures (read only here).
         options: OEM mode's options.
         step: The optimizer step (the warm-up counts in steps).
@@ -176,8 +181,13 @@ def oem_losses(
 
     warmup = options.warmup_steps
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    pseudo_logits = cell_logits
+    if options.pseudo_gradient == "head":
+        # The head alone learns from the GMM: detached, the decoder features the GMM reads are
+        # not pulled toward the GMM's own mistakes.
+        pseudo_logits = classify(features.detach())
     pseudo = pseudo_label_loss(
-        cell_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
+        pseudo_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
     )
     # The kernel block's seg term is the partial cross-entropy without OHEM, and with image tags
     # its absent term is absent_class_loss: taking them from it spares their own logit gradients.

@@ -122,7 +122,10 @@ class AGMMSegmenter(BaseTask):
         lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
             ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
             0 leaves METHOD §3.5 as written.
-        pseudo_mode: ``"soft"`` (CE against G) or ``"hard"`` (argmax G above ``confidence``).
+        pseudo_mode: ``"soft"`` (CE against G), ``"hard"`` (argmax G above ``confidence``) or
+            ``"surer"`` (CE against G where G is more confident than the prediction).
+        pseudo_gradient: What the pseudo loss trains: ``"network"`` (every layer) or ``"head"``
+            (the segmentation head alone, on detached decoder features).
         confidence: Posterior threshold of confident pseudo labels and of the fitting set.
         warmup_steps: Steps over which the pseudo loss is ramped up; unlabelled pixels join the
             fitting set only after them.
@@ -165,7 +168,8 @@ class AGMMSegmenter(BaseTask):
         lambda_max: float = 0.1,
         lambda_gmm: float = 1.0,
         lambda_kernel: float = 1.0,
-        pseudo_mode: Literal["soft", "hard"] = "soft",
+        pseudo_mode: Literal["soft", "hard", "surer"] = "soft",
+        pseudo_gradient: Literal["network", "head"] = "network",
         confidence: float = 0.9,
         warmup_steps: int = 100,
         max_labelled_samples: int = 16384,
@@ -186,7 +190,8 @@ class AGMMSegmenter(BaseTask):
             raise InputError(f"num_classes must be >= 2, got {num_classes}")
         check_choice("method", method, METHODS)
         check_choice("prior", prior, ("prediction", "uniform"))
-        check_choice("pseudo_mode", pseudo_mode, ("soft", "hard"))
+        check_choice("pseudo_mode", pseudo_mode, ("soft", "hard", "surer"))
+        check_choice("pseudo_gradient", pseudo_gradient, ("network", "head"))
         check_choice("optimizer", optimizer, ("sgd", "adamw"))
         if warmup_steps < 0 or not 0 <= confidence <= 1:
             raise InputError("warmup_steps must be >= 0 and confidence in [0, 1]")
