@@ -1,5 +1,7 @@
 """Faults a long run must survive, and options that cannot work refused before it starts."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -127,3 +129,17 @@ def test_skipped_refits_are_warned_at_the_end_of_the_epoch(tmp_path):
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[PoisonBatch(step=1)])
     with pytest.warns(UserWarning, match=r"1 mixture refit\(s\) in epoch 0 were skipped"):
         trainer.fit(model, tiny_data())
+
+
+def test_training_crops_that_would_be_padded_are_warned_before_training(tmp_path):
+    """A crop that is not a multiple of the output stride gets a padding band in every step."""
+    stride = tiny_model().model.network.encoder.output_stride
+    with pytest.warns(UserWarning, match=rf"crop_size={stride + 8} is not a multiple .* {stride}"):
+        quiet_trainer(tmp_path, max_steps=1).fit(
+            tiny_model(), tiny_data(image_size=2 * stride, crop_size=stride + 8)
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not a multiple of the encoder's output stride")
+        quiet_trainer(tmp_path, max_steps=1).fit(
+            tiny_model(), tiny_data(image_size=2 * stride, crop_size=stride)
+        )

@@ -218,7 +218,7 @@ class AGMMDataModule(LightningDataModule, ABC):
     def __init__(
         self,
         batch_size: int = 8,
-        crop_size: int = 321,
+        crop_size: int = 320,
         num_workers: int = 0,
         seed: int = 0,
         weak_label: WeakLabelForm = "point",

@@ -307,7 +307,7 @@ class SyntheticDataModule(AGMMDataModule):
         num_classes: int = 6,
         weak_label: WeakLabelForm = "point",
         batch_size: int = 8,
-        crop_size: int = 80,
+        crop_size: int = 96,
         **kwargs: Any,
     ) -> None:
         super().__init__(

@@ -76,6 +76,25 @@ def _warn_ignored_options(method: str, given: dict[str, Any]) -> None:
         warnings.warn(f"method={method!r} does not use {', '.join(ignored)}", stacklevel=3)
 
 
+def _warn_padded_crops(crop_size: int | None, stride: int) -> None:
+    """Warn when every training crop would be padded up to a multiple of the output stride.
+
+    The forward pass pads such inputs at the bottom and right. A band that every training crop
+    carries becomes a cue the network relies on and then misses on images without it (measured in
+    docs/data.md); crops without a band leave the network indifferent to padding at evaluation.
+    """
+    if crop_size is None or crop_size % stride == 0:
+        return
+    lower = crop_size - crop_size % stride
+    warnings.warn(
+        f"data.crop_size={crop_size} is not a multiple of the encoder's output stride {stride}: "
+        f"every training crop gets a {stride - crop_size % stride}-pixel padding band, which the "
+        f"network learns to rely on and misses at validation. Set crop_size to "
+        f"{lower + stride}{f' or {lower}' if lower else ''}.",
+        stacklevel=2,
+    )
+
+
 def format_iou_table(title: str, class_names: list[str], ious: list[float], mean: float) -> str:
     """A plain-text table of per-class IoU and mIoU (percent), for logs read as text.
 
@@ -229,6 +248,9 @@ class AGMMSegmenter(BaseTask):
                 f"model.num_classes={num_classes} but the data has {data_classes} classes: set "
                 f"--model.init_args.num_classes={data_classes}, or leave it out"
             )
+        if stage == "fit":
+            stride = self.model.network.encoder.output_stride
+            _warn_padded_crops(getattr(datamodule, "crop_size", None), stride)
         if not self.class_names:
             self.class_names = list(getattr(datamodule, "class_names", None) or [])
         if len(self.class_names) != num_classes:
