@@ -71,15 +71,15 @@ def test_train_batch_contract(form: str) -> None:
     batch = _first_batch(_module(weak_label=form))
     expected = {"image", "target", "image_classes", "mask", "name"}
     assert set(batch) == expected | ({"allowed"} if form == "box" else set())
-    assert batch["image"].shape == (4, 3, 80, 80) and batch["image"].dtype == torch.float32
-    assert batch["target"].shape == (4, 80, 80) and batch["target"].dtype == torch.int64
-    assert batch["mask"].shape == (4, 80, 80) and batch["mask"].dtype == torch.int64
+    assert batch["image"].shape == (4, 3, 96, 96) and batch["image"].dtype == torch.float32
+    assert batch["target"].shape == (4, 96, 96) and batch["target"].dtype == torch.int64
+    assert batch["mask"].shape == (4, 96, 96) and batch["mask"].dtype == torch.int64
     assert batch["image_classes"].shape == (4, 6)
     assert batch["image_classes"].dtype == torch.float32
     assert len(batch["name"]) == 4 and all(isinstance(n, str) for n in batch["name"])
     assert set(batch["target"].unique().tolist()) <= set(range(7)) | {255}
     if form == "box":
-        assert batch["allowed"].shape == (4, 6, 80, 80) and batch["allowed"].dtype == torch.bool
+        assert batch["allowed"].shape == (4, 6, 96, 96) and batch["allowed"].dtype == torch.bool
 
 
 @pytest.mark.parametrize("form", ["full", "point", "scribble", "block", "box"])
