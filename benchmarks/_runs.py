@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts that train models."""
+"""Helpers shared by the benchmark scripts: run options, trainers and writing their tables."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from lightning.pytorch.loggers import Logger
 
 BOX_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "voc_box.yaml"
 BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print a script's Markdown tables and, given a path, write them there too."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def parse_value(text: str) -> Any:

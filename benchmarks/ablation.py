@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
-from _runs import add_run_arguments, box_settings, quiet_trainer, run_options
+from _runs import add_run_arguments, box_settings, publish, quiet_trainer, run_options
 from lightning.pytorch.loggers import CSVLogger
 
 from agmm_lightning import AGMMSegmenter
@@ -260,10 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(results, args.forms, args.methods, header)
     pseudo = pseudo_table(results, args.forms)
     text += f"\n\n{pseudo}" if pseudo else ""
-    print(text)
+    publish(text, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
         bar_chart(results, args.forms, args.methods, args.out.with_suffix(".png"))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
+from _runs import publish
 
 from agmm_lightning.agmm import ClassMixtures, cvpr_agmm_losses
 
@@ -161,10 +162,7 @@ def main() -> None:
             f"{matmul * 1e3:.1f} ms ([N,D]×[D,CK] matmul) | {seconds / matmul:.1f} matmuls |"
         )
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

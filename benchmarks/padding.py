@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _runs import quiet_trainer
+from _runs import publish, quiet_trainer
 from ablation import DEMO, datamodule, settings
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = " | ".join(f"{score:.1f}" for score in scores)
         lines.append(f"| {crop} | {-crop % stride} px | {cells} |")
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
+from _runs import publish
 from bench_core import click_target, loss_block
 from torch.profiler import ProfilerActivity, profile
 
@@ -317,10 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         for device in devices:
             lines += ["", *profile_table(device, args.setups[-1], args.precisions[0], args.quick)]
     text = "\n".join(lines)
-    print(text)
+    publish(text, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
         plot(curves, measured, args.out.with_suffix(".png"))
 
 

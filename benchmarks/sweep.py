@@ -23,7 +23,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from _runs import add_run_arguments, run_options
+from _runs import add_run_arguments, publish, run_options
 from ablation import DEMO, train
 
 matplotlib.use("Agg")
@@ -85,10 +85,8 @@ def main() -> None:
         f"Best: mixture_count={cells[best][0]}, oem_momentum={cells[best][1]} ({means[best]:.1f}).",
     ]
     text = "\n".join(lines)
-    print(text)
+    publish(text, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
         heat_map(grid, args.counts, args.momenta, args.out.with_suffix(".png"))
 
 

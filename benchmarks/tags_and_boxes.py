@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
-from _runs import box_settings, quiet_trainer
+from _runs import box_settings, publish, quiet_trainer
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -289,10 +289,7 @@ def main() -> None:
         f"seeds {args.seeds}, on {device}, {seconds:.0f} s per seed."
     )
     text = table(results, header)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _runs import add_run_arguments, run_options
+from _runs import add_run_arguments, publish, run_options
 from ablation import DEMO, cell, pseudo_table, train
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     agmm_runs = {(name, "agmm"): results for name, results in runs.items() if name != "cvpr"}
     history = pseudo_table(agmm_runs, [name for name, _ in agmm_runs], "variant")
     text = "\n".join(lines) + (f"\n\n{history}" if history else "")
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
