@@ -10,8 +10,9 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.loggers import Logger
 
-BOX_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "voc_box.yaml"
-BOX_MODEL_KEYS = ("prior", "pseudo_mode", "confidence")
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+FORM_MODEL_KEYS = ("lambda_gmm", "prior", "pseudo_mode", "confidence")
+FORM_DATA_KEYS = ("box_core_fraction",)
 
 
 def publish(text: str, out: Path | None) -> None:
@@ -78,12 +79,19 @@ def quiet_trainer(
     )
 
 
-def box_settings() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model and data settings that ``experiments/voc_box.yaml`` gives boxes.
+def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The method and data settings that ``experiments/voc_<form>.yaml`` gives a weak form.
 
-    A labelled box core, and for AGMM a uniform prior with hard pseudo labels; the benchmarks
-    train on boxes with them.
+    Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
+    boxes take a labelled core, a uniform prior and hard pseudo labels. The benchmarks train
+    each form with them.
     """
-    config = yaml.safe_load(BOX_CONFIG.read_text())
-    model = {key: config["model"]["init_args"][key] for key in BOX_MODEL_KEYS}
-    return model, {"box_core_fraction": config["data"]["init_args"]["box_core_fraction"]}
+    config_path = EXPERIMENTS / f"voc_{form}.yaml"
+    if not config_path.is_file():
+        return {}, {}
+    config = yaml.safe_load(config_path.read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    return (
+        {key: model[key] for key in FORM_MODEL_KEYS if key in model},
+        {key: data[key] for key in FORM_DATA_KEYS if key in data},
+    )

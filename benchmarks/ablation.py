@@ -3,15 +3,18 @@
 Every run uses the model, data and budget of one experiment config (``--config``, default
 ``experiments/demo.yaml``, the synthetic scenes; ``experiments/macaque.yaml`` for the real MRI
 data), with weak labels simulated from the dense masks. Only ``method`` and the weak-label form
-change between runs, and boxes take the box settings of ``experiments/voc_box.yaml`` (a labelled
-core; for AGMM a uniform prior and hard pseudo labels). Mean ± std over seeds, printed as a
+change between runs, and each form takes the AGMM settings of its ``experiments/voc_<form>.yaml``
+(boxes: a labelled core, a uniform prior and hard pseudo labels). Mean ± std over seeds, printed
+as a
 Markdown table (AGMM's pseudo labels and its ratio to full supervision when agmm is among
 ``--methods``, and then its pseudo labels' mIoU over training and IoU per class, from each run's
 CSV log); with ``--out`` the tables are written there and a bar chart beside them (same name,
 ``.png``). ``--root`` points a folder-layout config at another dataset (CI uses the test fixture);
-``--quick`` shrinks everything to check the pipeline in about a minute. With ``--out`` every
-finished run is also recorded in a folder beside it (``.runs``), so the same command resumes an
-interrupted table; delete the folder after changing the code.
+``--quick`` shrinks everything to check the pipeline in about a minute. Every finished run
+(except ``--quick`` ones) leaves a JSON record in ``results/runs/``, named by its form, method,
+seed and a hash of its settings; a run whose record exists is read, not trained, so an interrupted
+table resumes, scripts share runs with equal settings, and the records, kept in git, let a table
+grow over several sessions or machines. Delete the records a code change affects.
 
 Run: ``python benchmarks/ablation.py [--config experiments/macaque.yaml] [--forms point scribble
 block box] [--seeds 0 1 2] [--methods baseline cvpr agmm] [--set key=value ...] [--root DIR]
@@ -36,7 +39,7 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
-from _runs import add_run_arguments, box_settings, publish, quiet_trainer, run_options
+from _runs import add_run_arguments, form_settings, publish, quiet_trainer, run_options
 from lightning.pytorch.loggers import CSVLogger
 
 from agmm_lightning import AGMMSegmenter
@@ -44,7 +47,9 @@ from agmm_lightning import AGMMSegmenter
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "demo.yaml"
+RUNS = ROOT / "results" / "runs"
 METHODS = ("baseline", "cvpr", "agmm")
 QUICK_MODEL = {"encoder": "tu-test_resnet", "warmup_steps": 1}
 QUICK_DATA = {"crop_size": 32, "batch_size": 2, "num_workers": 0}
@@ -71,28 +76,57 @@ def datamodule(data: dict, form: str, seed: int, root: str | None) -> pl.Lightni
     return data_class(**(args | ({"root": root} if root else {})))
 
 
-def train(job: tuple) -> dict[str, float]:
-    """Train one model and return its final metrics, or read them from the job's record.
+def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int]:
+    """Model arguments, data config and epochs of one run.
 
-    With a ``runs`` folder in the options, each finished run leaves a JSON record there named by a
-    hash of its settings, so an interrupted table resumes where it stopped.
+    The config's settings, then the form's (:func:`form_settings`), then the overrides, then the
+    method.
+    """
+    model_args, data, epochs = settings(options["config"], options["quick"], options["epochs"])
+    form_model, form_data = form_settings(form)
+    model_args = model_args | form_model | options["model"] | {"method": method}
+    data = data | {"init_args": data["init_args"] | form_data | options["data"]}
+    return model_args, data, epochs
+
+
+def run_identity(form: str, method: str, seed: int, options: dict) -> dict:
+    """What one run trains with (:func:`run_settings`, seed, accelerator), the dataset by name.
+
+    Equal identities train equal models, so a run on another machine or checkout finds the same
+    record (:func:`record_path`) and a changed config or override trains anew.
+    """
+    model_args, data, epochs = run_settings(form, method, options)
+    root = options["root"] or data["init_args"].get("root")
+    return {
+        "form": form,
+        "seed": seed,
+        "model": model_args,
+        "data": data["init_args"] | {"root": root and Path(root).name},
+        "data_class": data["class_path"],
+        "epochs": epochs,
+        "accelerator": options["accelerator"],
+    }
+
+
+def record_path(identity: dict) -> Path:
+    """``results/runs/<form>_<method>_seed<seed>_<hash of the identity>.json``."""
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    method = identity["model"]["method"]
+    return RUNS / f"{identity['form']}_{method}_seed{identity['seed']}_{digest}.json"
+
+
+def train(job: tuple) -> dict:
+    """Train one model and return its final metrics, or read them from the run's record.
+
+    Options with ``runs`` true record each finished run, its identity (:func:`run_identity`)
+    beside its metrics, and read a recorded run instead of training it again.
     """
     form, method, seed, options = job
-    record = None
-    if options.get("runs"):
-        run_settings = {key: value for key, value in options.items() if key != "runs"}
-        key = json.dumps([form, method, seed, run_settings], sort_keys=True, default=str)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        record = Path(options["runs"]) / f"{form}_{method}_seed{seed}_{digest}.json"
-        if record.is_file():
-            return json.loads(record.read_text())
-    model_args, data, epochs = settings(options["config"], options["quick"], options["epochs"])
-    if form == "box":
-        box_model, box_data = box_settings()
-        model_args = model_args | box_model
-        data = data | {"init_args": data["init_args"] | box_data}
-    model_args = model_args | options["model"] | {"method": method}
-    data = data | {"init_args": data["init_args"] | options["data"]}
+    identity = run_identity(form, method, seed, options)
+    record = record_path(identity) if options["runs"] else None
+    if record and record.is_file():
+        return json.loads(record.read_text())
+    model_args, data, epochs = run_settings(form, method, options)
     datamodule_ = datamodule(data, form, seed, options["root"])
     model_args["num_classes"] = datamodule_.num_classes
     pl.seed_everything(seed, verbose=False)
@@ -112,7 +146,7 @@ def train(job: tuple) -> dict[str, float]:
     }
     if record:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(result))
+        record.write_text(json.dumps({"run": identity} | result, indent=1) + "\n")
     return result
 
 
@@ -239,8 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "full" in args.forms:
         parser.error("full supervision is run unless --no-full; list only weak forms in --forms")
-    runs_folder = args.out.with_suffix(".runs") if args.out and not args.quick else None
-    options = run_options(args, root=args.root) | {"config": args.config, "runs": runs_folder}
+    options = run_options(args, root=args.root) | {"config": args.config, "runs": not args.quick}
     runs = [] if args.no_full else [("full", "baseline")]
     runs += [(form, m) for form in args.forms for m in args.methods]
     jobs = [(form, method, seed, options) for form, method in runs for seed in args.seeds]
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else platform.machine()
     overrides = options["model"] | options["data"]
-    config = args.config.resolve().relative_to(Path(__file__).resolve().parents[1])
+    config = args.config.resolve().relative_to(ROOT)
     header = (
         f"Settings of {config}{f' on {args.root}' if args.root else ''}"
         f"{' (--quick sizes)' if args.quick else ''}, seeds {args.seeds}, "

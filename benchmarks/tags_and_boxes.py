@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
-from _runs import box_settings, publish, quiet_trainer
+from _runs import form_settings, publish, quiet_trainer
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
@@ -70,7 +70,7 @@ def settings(quick: bool) -> dict[str, Any]:
     """Data, segmenter, classifier and epochs of demo.yaml (tiny ones with ``quick``), and the
     box settings of voc_box.yaml."""
     config = yaml.safe_load(CONFIG.read_text())
-    box_model, box_data = box_settings()
+    box_model, box_data = form_settings("box")
     data = config["data"]["init_args"]
     data.pop("weak_label")
     model = config["model"]["init_args"]

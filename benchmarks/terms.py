@@ -8,8 +8,8 @@ loss only where the GMM is more confident than the prediction, without CVPR mode
 without the maximization loss, with the global mixtures in the posterior instead of per-image
 adapted means, and with the prediction instead of a uniform prior in the GMM posterior (with and
 without the pseudo loss). Val mIoU and the train pseudo-label mIoU, mean ± std over seeds, then
-(for runs that logged it) the pseudo labels' mIoU during training and per class. With ``--out``
-each run is recorded beside it (``.runs``) and a rerun resumes.
+(for runs that logged it) the pseudo labels' mIoU during training and per class. Runs are
+recorded in ``results/runs/`` and shared with ``ablation.py`` (see there): a rerun resumes.
 
 Run: ``python benchmarks/terms.py [--config experiments/macaque.yaml --root data/macaque]
 [--form point] [--variants agmm no_pseudo ...] [--seeds 0 1 2] [--parallel 2]
@@ -47,9 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def jobs(args: argparse.Namespace) -> list[tuple]:
     """One ``ablation.train`` job per variant and seed, in that order."""
-    options = run_options(args, root=args.root) | {"config": args.config}
-    if args.out and not args.quick:
-        options["runs"] = args.out.with_suffix(".runs")
+    options = run_options(args, root=args.root) | {"config": args.config, "runs": not args.quick}
     return [
         (args.form, method, seed, options | {"model": options["model"] | overrides})
         for method, overrides in (VARIANTS[name] for name in args.variants)
