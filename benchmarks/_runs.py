@@ -51,9 +51,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, seeds: list[int]) -> None
 
 
 def run_options(args: argparse.Namespace, root: str | None = None) -> dict[str, Any]:
-    """What every training job of a script shares, from :func:`add_run_arguments`' options."""
+    """What every training job of a script shares, from :func:`add_run_arguments`' options.
+
+    ``runs``: whether each run is recorded in (and resumed from) ``results/runs/``; smoke runs
+    (``--quick``) are not.
+    """
     return {
         "root": root,
+        "runs": not args.quick,
         "epochs": args.epochs,
         "accelerator": args.accelerator,
         "quick": args.quick,
@@ -83,8 +88,8 @@ def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The method and data settings that ``experiments/voc_<form>.yaml`` gives a weak form.
 
     Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
-    boxes take a labelled core, a uniform prior and hard pseudo labels. The benchmarks train
-    each form with them.
+    boxes take a labelled core, a uniform prior and hard pseudo labels; scribbles no GMM
+    pseudo loss. The benchmarks train each form with them.
     """
     config_path = EXPERIMENTS / f"voc_{form}.yaml"
     if not config_path.is_file():

@@ -4,17 +4,17 @@ Every run uses the model, data and budget of one experiment config (``--config``
 ``experiments/demo.yaml``, the synthetic scenes; ``experiments/macaque.yaml`` for the real MRI
 data), with weak labels simulated from the dense masks. Only ``method`` and the weak-label form
 change between runs, and each form takes the AGMM settings of its ``experiments/voc_<form>.yaml``
-(boxes: a labelled core, a uniform prior and hard pseudo labels). Mean ± std over seeds, printed
-as a
-Markdown table (AGMM's pseudo labels and its ratio to full supervision when agmm is among
-``--methods``, and then its pseudo labels' mIoU over training and IoU per class, from each run's
-CSV log); with ``--out`` the tables are written there and a bar chart beside them (same name,
-``.png``). ``--root`` points a folder-layout config at another dataset (CI uses the test fixture);
-``--quick`` shrinks everything to check the pipeline in about a minute. Every finished run
-(except ``--quick`` ones) leaves a JSON record in ``results/runs/``, named by its form, method,
-seed and a hash of its settings; a run whose record exists is read, not trained, so an interrupted
-table resumes, scripts share runs with equal settings, and the records, kept in git, let a table
-grow over several sessions or machines. Delete the records a code change affects.
+(boxes: a labelled core, a uniform prior and hard pseudo labels; scribbles: no GMM pseudo loss).
+Mean ± std over seeds, printed as a Markdown table (AGMM's pseudo labels and its ratio to full
+supervision when agmm is among ``--methods``, and then its pseudo labels' mIoU over training and
+IoU per class, from each run's CSV log); with ``--out`` the tables are written there and a bar
+chart beside them (same name, ``.png``). ``--root`` points a folder-layout config at another
+dataset (CI uses the test fixture); ``--quick`` shrinks everything to check the pipeline in about a
+minute. Every finished run (except ``--quick`` ones) leaves a JSON record in ``results/runs/``,
+named by its form, method, seed and a hash of its settings; a run whose record exists is read, not
+trained, so an interrupted table resumes, scripts share runs with equal settings, and the records,
+kept in git, let a table grow over several sessions or machines. Delete the records a code change
+affects.
 
 Run: ``python benchmarks/ablation.py [--config experiments/macaque.yaml] [--forms point scribble
 block box] [--seeds 0 1 2] [--methods baseline cvpr agmm] [--set key=value ...] [--root DIR]
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "full" in args.forms:
         parser.error("full supervision is run unless --no-full; list only weak forms in --forms")
-    options = run_options(args, root=args.root) | {"config": args.config, "runs": not args.quick}
+    options = run_options(args, root=args.root) | {"config": args.config}
     runs = [] if args.no_full else [("full", "baseline")]
     runs += [(form, m) for form in args.forms for m in args.methods]
     jobs = [(form, method, seed, options) for form, method in runs for seed in args.seeds]

@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def jobs(args: argparse.Namespace) -> list[tuple]:
     """One ``ablation.train`` job per variant and seed, in that order."""
-    options = run_options(args, root=args.root) | {"config": args.config, "runs": not args.quick}
+    options = run_options(args, root=args.root) | {"config": args.config}
     return [
         (args.form, method, seed, options | {"model": options["model"] | overrides})
         for method, overrides in (VARIANTS[name] for name in args.variants)
