@@ -68,11 +68,11 @@ def settings(config: Path, quick: bool, epochs: int | None) -> tuple[dict, dict,
     return model, data, epochs or loaded["trainer"]["max_epochs"]
 
 
-def datamodule(data: dict, form: str, seed: int, root: str | None) -> pl.LightningDataModule:
-    """The config's DataModule with the weak-label form and seed of one run."""
+def datamodule(data: dict, seed: int, root: str | None) -> pl.LightningDataModule:
+    """The DataModule of one run's data config (:func:`run_settings`) with its seed."""
     module_name, _, name = data["class_path"].rpartition(".")
     data_class = getattr(importlib.import_module(module_name), name)
-    args = data["init_args"] | {"weak_label": form, "seed": seed}
+    args = data["init_args"] | {"seed": seed}
     return data_class(**(args | ({"root": root} if root else {})))
 
 
@@ -80,12 +80,13 @@ def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int
     """Model arguments, data config and epochs of one run.
 
     The config's settings, then the form's (:func:`form_settings`), then the overrides, then the
-    method.
+    method and the form.
     """
     model_args, data, epochs = settings(options["config"], options["quick"], options["epochs"])
     form_model, form_data = form_settings(form)
     model_args = model_args | form_model | options["model"] | {"method": method}
-    data = data | {"init_args": data["init_args"] | form_data | options["data"]}
+    init_args = data["init_args"] | form_data | options["data"] | {"weak_label": form}
+    data = data | {"init_args": init_args}
     return model_args, data, epochs
 
 
@@ -127,7 +128,7 @@ def train(job: tuple) -> dict:
     if record and record.is_file():
         return json.loads(record.read_text())
     model_args, data, epochs = run_settings(form, method, options)
-    datamodule_ = datamodule(data, form, seed, options["root"])
+    datamodule_ = datamodule(data, seed, options["root"])
     model_args["num_classes"] = datamodule_.num_classes
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(**model_args)

@@ -30,8 +30,8 @@ def train(
 ) -> tuple[AGMMSegmenter, pl.LightningDataModule]:
     """A fully supervised demo model trained on ``crop``-pixel crops, and its data."""
     model_args, data, epochs = settings(DEMO, quick, epochs)
-    data = data | {"init_args": data["init_args"] | {"crop_size": crop}}
-    data_module = datamodule(data, "full", seed, None)
+    data = data | {"init_args": data["init_args"] | {"crop_size": crop, "weak_label": "full"}}
+    data_module = datamodule(data, seed, None)
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(
         **(model_args | {"method": "baseline", "num_classes": data_module.num_classes})
