@@ -90,13 +90,13 @@ def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int
     return model_args, data, epochs
 
 
-def run_identity(form: str, method: str, seed: int, options: dict) -> dict:
-    """What one run trains with (:func:`run_settings`, seed, accelerator), the dataset by name.
+def run_identity(form: str, seed: int, settings: tuple[dict, dict, int], options: dict) -> dict:
+    """What one run trains with (its :func:`run_settings`, seed, accelerator), the dataset by name.
 
     Equal identities train equal models, so a run on another machine or checkout finds the same
     record (:func:`record_path`) and a changed config or override trains anew.
     """
-    model_args, data, epochs = run_settings(form, method, options)
+    model_args, data, epochs = settings
     root = options["root"] or data["init_args"].get("root")
     return {
         "form": form,
@@ -123,15 +123,14 @@ def train(job: tuple) -> dict:
     beside its metrics, and read a recorded run instead of training it again.
     """
     form, method, seed, options = job
-    identity = run_identity(form, method, seed, options)
+    model_args, data, epochs = run_settings(form, method, options)
+    identity = run_identity(form, seed, (model_args, data, epochs), options)
     record = record_path(identity) if options["runs"] else None
     if record and record.is_file():
         return json.loads(record.read_text())
-    model_args, data, epochs = run_settings(form, method, options)
     datamodule_ = datamodule(data, seed, options["root"])
-    model_args["num_classes"] = datamodule_.num_classes
     pl.seed_everything(seed, verbose=False)
-    model = AGMMSegmenter(**model_args)
+    model = AGMMSegmenter(**model_args, num_classes=datamodule_.num_classes)
     logger = CSVLogger("logs/benchmarks", name=f"{form}_{method}_seed{seed}")
     trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks", logger)
     start = time.perf_counter()
