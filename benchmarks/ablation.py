@@ -79,11 +79,13 @@ def datamodule(data: dict, seed: int, root: str | None) -> pl.LightningDataModul
 def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int]:
     """Model arguments, data config and epochs of one run.
 
-    The config's settings, then the form's (:func:`form_settings`), then the overrides, then the
-    method and the form.
+    The config's settings, then the form's (:func:`form_settings`; its model keys tune OEM mode
+    and only ``agmm`` runs take them), then the overrides, then the method and the form.
     """
     model_args, data, epochs = settings(options["config"], options["quick"], options["epochs"])
     form_model, form_data = form_settings(form)
+    if method != "agmm":
+        form_model = {}
     model_args = model_args | form_model | options["model"] | {"method": method}
     init_args = data["init_args"] | form_data | options["data"] | {"weak_label": form}
     data = data | {"init_args": init_args}
