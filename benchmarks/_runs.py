@@ -89,7 +89,8 @@ def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
     boxes take a labelled core, a uniform prior and hard pseudo labels; scribbles no GMM
-    pseudo loss. The benchmarks train each form with them.
+    pseudo loss. The benchmarks train each form with the data keys and OEM mode with the model
+    keys too.
     """
     config_path = EXPERIMENTS / f"voc_{form}.yaml"
     if not config_path.is_file():
