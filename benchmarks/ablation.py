@@ -142,7 +142,7 @@ def train(job: tuple) -> dict:
     pseudo = metrics.get("train_pseudo_miou")
     result = {
         "val_miou": float(metrics["val_miou"]),
-        "train_pseudo_miou": float("nan") if pseudo is None else float(pseudo),
+        "train_pseudo_miou": None if pseudo is None else float(pseudo),
         "seconds": time.perf_counter() - start,
         "steps": trainer.global_step,
         "pseudo_history": pseudo_history(Path(logger.log_dir) / "metrics.csv"),
