@@ -259,7 +259,7 @@ def bar_chart(
         axes.axhline(full, color="black", linestyle="--", linewidth=1, label="full supervision")
     axes.set_xticks(range(len(forms)), forms)
     axes.set_ylabel("val mIoU (%)")
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
