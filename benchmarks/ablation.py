@@ -139,10 +139,11 @@ def train(job: tuple) -> dict:
     start = time.perf_counter()
     trainer.fit(model, datamodule_)
     metrics = trainer.callback_metrics
-    pseudo = metrics.get("train_pseudo_miou")
+    pseudo, student = metrics.get("train_pseudo_miou"), metrics.get("train_student_miou")
     result = {
         "val_miou": float(metrics["val_miou"]),
         "train_pseudo_miou": None if pseudo is None else float(pseudo),
+        "train_student_miou": None if student is None else float(student),
         "seconds": time.perf_counter() - start,
         "steps": trainer.global_step,
         "pseudo_history": pseudo_history(Path(logger.log_dir) / "metrics.csv"),
@@ -154,13 +155,19 @@ def train(job: tuple) -> dict:
 
 
 def pseudo_history(metrics_csv: Path) -> list[dict[str, float]]:
-    """The pseudo labels' mIoU and per-class IoU of every epoch, from a run's CSV log."""
+    """Teacher against student in every epoch, from a run's CSV log: the mIoU and per-class IoU
+    of the GMM's pseudo labels and of the network's prediction on the training crops, and the
+    precision of the pixels the pseudo loss supervised."""
     history = []
     with metrics_csv.open() as file:
         for row in csv.DictReader(file):
             if row.get("train_pseudo_miou"):
-                pseudo = {k: float(v) for k, v in row.items() if v and k.startswith("train_pseudo")}
-                history.append({"epoch": int(row["epoch"])} | pseudo)
+                scores = {
+                    k: float(v)
+                    for k, v in row.items()
+                    if v and k.startswith(("train_pseudo", "train_student"))
+                }
+                history.append({"epoch": int(row["epoch"])} | scores)
     return history
 
 
@@ -210,10 +217,12 @@ def table(
 def pseudo_table(
     results: dict[tuple[str, str], list[dict]], rows: list[str], row_title: str = "labels"
 ) -> str:
-    """Markdown: AGMM's pseudo-label mIoU at up to four epochs and per class at the last one.
+    """Markdown: teacher against student on the training crops, at up to four epochs.
 
-    Means over seeds, in percent, against the dense masks of the training crops (never trained
-    on); empty when no run recorded a history.
+    The mIoU of AGMM's pseudo labels (G) and of the network's own prediction (net) on the same
+    pixels, means over seeds in percent against the dense masks (never trained on), then G's IoU
+    per class at the last epoch; "–" where a run recorded no student score. Empty when no run
+    recorded a history.
     """
     histories = {
         row: [r.get("pseudo_history") for r in results.get((row, "agmm"), [])] for row in rows
@@ -223,23 +232,30 @@ def pseudo_table(
         return ""
     first = next(iter(histories.values()))[0]
     epochs = sorted({first[round(i * (len(first) - 1) / 3)]["epoch"] for i in range(4)})
-    classes = [key.removeprefix("train_pseudo_iou_") for key in first[-1] if "_iou_" in key]
-    columns = [f"epoch {e}" for e in epochs] + classes
+    prefix = "train_pseudo_iou_"
+    classes = [key.removeprefix(prefix) for key in first[-1] if key.startswith(prefix)]
+    columns = [f"epoch {e}: G / net" for e in epochs] + classes
     lines = [
-        "AGMM pseudo labels against the dense masks of the training crops (%, mean over seeds): "
-        "mIoU during training, then IoU per class at the last epoch.",
+        "Teacher against student on the training crops (%, mean over seeds): mIoU of the GMM "
+        "pseudo labels (G) and of the network's prediction (net) on the same pixels during "
+        "training, then G's IoU per class at the last epoch.",
         "",
         f"| {row_title} | {' | '.join(columns)} |",
         "|---|" + "---|" * len(columns),
     ]
+
+    def mean(values: list[float | None]) -> str:
+        return "–" if None in values else f"{100 * statistics.mean(values):.1f}"  # type: ignore[arg-type]
+
     for row, runs in histories.items():
         by_epoch = [{entry["epoch"]: entry for entry in history} for history in runs]
-        values = [statistics.mean(run[e]["train_pseudo_miou"] for run in by_epoch) for e in epochs]
-        values += [
-            statistics.mean(history[-1][f"train_pseudo_iou_{name}"] for history in runs)
-            for name in classes
+        values = [
+            f"{mean([run[e]['train_pseudo_miou'] for run in by_epoch])} / "
+            f"{mean([run[e].get('train_student_miou') for run in by_epoch])}"
+            for e in epochs
         ]
-        lines.append(f"| {row} | {' | '.join(f'{100 * v:.1f}' for v in values)} |")
+        values += [mean([history[-1][prefix + name] for history in runs]) for name in classes]
+        lines.append(f"| {row} | {' | '.join(values)} |")
     return "\n".join(lines)
 
 

@@ -2,14 +2,17 @@
 
 Every row trains one weak form with the settings of one experiment config, as ``ablation.py``
 does, and changes only the options shown: ``cvpr`` mode, ``agmm`` with every part, and ``agmm``
-without the GMM pseudo loss, with hard pseudo labels (confident cells only), with a tenth of the
-pseudo loss's weight, with the pseudo loss training the segmentation head alone, with the pseudo
-loss only where the GMM is more confident than the prediction, without CVPR mode's kernel terms,
-without the maximization loss, with the global mixtures in the posterior instead of per-image
-adapted means, and with the prediction instead of a uniform prior in the GMM posterior (with and
-without the pseudo loss). Val mIoU and the train pseudo-label mIoU, mean ± std over seeds, then
-(for runs that logged it) the pseudo labels' mIoU during training and per class. Runs are
-recorded in ``results/runs/`` and shared with ``ablation.py`` (see there): a rerun resumes.
+without the GMM pseudo loss, with the pseudo loss of earlier releases (soft: CE against G on
+every unlabelled cell), with hard pseudo labels without the agreement gate, with a tenth of the
+soft loss's weight, with the pseudo loss training the segmentation head alone, with the soft loss
+only where the GMM is more confident than the prediction, with an unbounded unlabelled fitting
+mass, without CVPR mode's kernel terms, without the maximization loss, with the global mixtures in
+the posterior instead of per-image adapted means, and with the prediction instead of a uniform
+prior in the GMM posterior (with and without the pseudo loss). Val mIoU, the train mIoU of the
+GMM pseudo labels (teacher) and of the network (student) on the same pixels, mean ± std over
+seeds, then (for runs that logged it) both during training and G per class; with ``--out``, a
+plot of teacher and student over training beside the table. Runs are recorded in
+``results/runs/`` and shared with ``ablation.py`` (see there): a rerun resumes.
 
 Run: ``python benchmarks/terms.py [--config experiments/macaque.yaml --root data/macaque]
 [--form point] [--variants agmm no_pseudo ...] [--seeds 0 1 2] [--parallel 2]
@@ -21,22 +24,29 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
 from _runs import add_run_arguments, publish, run_options
 from ablation import DEMO, cell, pseudo_table, train
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "cvpr": ("cvpr", {}),
     "agmm": ("agmm", {}),
     "no_pseudo": ("agmm", {"lambda_gmm": 0}),
+    "soft_pseudo": ("agmm", {"pseudo_mode": "soft"}),
     "hard_pseudo": ("agmm", {"pseudo_mode": "hard"}),
-    "weak_pseudo": ("agmm", {"lambda_gmm": 0.1}),
-    "head_pseudo": ("agmm", {"pseudo_gradient": "head"}),
+    "weak_pseudo": ("agmm", {"pseudo_mode": "soft", "lambda_gmm": 0.1}),
+    "head_pseudo": ("agmm", {"pseudo_mode": "soft", "pseudo_gradient": "head"}),
     "surer_pseudo": ("agmm", {"pseudo_mode": "surer"}),
+    "unbounded_fit": ("agmm", {"unlabelled_mass": None}),
     "prediction_prior": ("agmm", {"prior": "prediction"}),
     "prediction_prior_no_pseudo": ("agmm", {"prior": "prediction", "lambda_gmm": 0}),
     "no_kernel": ("agmm", {"lambda_kernel": 0}),
@@ -75,20 +85,49 @@ def main(argv: list[str] | None = None) -> None:
         f"{' (--quick sizes)' if args.quick else ''}, seeds {args.seeds}, on {device}; "
         f"{max(run['steps'] for run in flat)} training steps per run.",
         "",
-        "| variant | method, options | val mIoU (%) | train pseudo-label mIoU (%) |",
-        "|---|---|---|---|",
+        "| variant | method, options | val mIoU (%) | train mIoU of G (%) | of the network (%) |",
+        "|---|---|---|---|---|",
     ]
     for name, results in runs.items():
         method, overrides = VARIANTS[name]
         settings = ", ".join([method, *(f"{k}={v}" for k, v in overrides.items())])
-        pseudo = cell([r["train_pseudo_miou"] for r in results]) if method == "agmm" else "–"
-        lines.append(
-            f"| {name} | {settings} | {cell([r['val_miou'] for r in results])} | {pseudo} |"
-        )
+        scores = [
+            cell([r[key] for r in results]) if all(r.get(key) is not None for r in results) else "–"
+            for key in ("val_miou", "train_pseudo_miou", "train_student_miou")
+        ]
+        lines.append(f"| {name} | {settings} | {' | '.join(scores)} |")
     agmm_runs = {(name, "agmm"): results for name, results in runs.items() if name != "cvpr"}
     history = pseudo_table(agmm_runs, [name for name, _ in agmm_runs], "variant")
     text = "\n".join(lines) + (f"\n\n{history}" if history else "")
     publish(text, args.out)
+    if args.out and history:
+        teacher_and_student(agmm_runs, args.out.with_suffix(".png"))
+
+
+def teacher_and_student(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
+    """mIoU of G (solid) and of the network (dashed) on the training crops over the epochs, mean
+    over seeds, one colour per variant."""
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for index, ((name, _), results) in enumerate(runs.items()):
+        histories = [r.get("pseudo_history") or [] for r in results]
+        if not all(histories):
+            continue
+        colour = f"C{index}"
+        epochs = [entry["epoch"] + 1 for entry in histories[0]]
+        for key, style in (("train_pseudo_miou", "-"), ("train_student_miou", "--")):
+            if all(key in entry for history in histories for entry in history):
+                curve = [
+                    100 * statistics.mean(history[i][key] for history in histories)
+                    for i in range(len(epochs))
+                ]
+                label = f"{name}: {'G' if style == '-' else 'network'}"
+                axes.plot(epochs, curve, style, color=colour, label=label)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("train mIoU (%)")
+    axes.legend(fontsize="small", loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

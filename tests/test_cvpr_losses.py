@@ -1,10 +1,12 @@
 """cvpr_agmm_losses against a deliberately plain loop implementation of METHOD §2."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from agmm_lightning.agmm import cvpr, cvpr_agmm_losses
+from agmm_lightning.weak_labels.rasterize import rasterize_boxes
 
 EPS = 1e-6
 
@@ -13,8 +15,9 @@ def _mean_or_zero(values):
     return values.mean() if values.numel() else values.sum() * 0
 
 
-def reference_losses(features, logits, target, num_classes, image_classes=None):
-    """METHOD §2 written out with loops over images, classes and pairs, as the paper's code does."""
+def reference_losses(features, logits, target, num_classes, image_classes=None, allowed=None):
+    """METHOD §2 written out with loops over images, classes and pairs, as the paper's code does;
+    with a box map, ``gmm_to_pred`` and ``absent`` as cvpr_agmm_losses documents them."""
     batch, channels, h, w = features.shape
     height, width = target.shape[-2:]
     upsampled = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
@@ -59,7 +62,18 @@ def reference_losses(features, logits, target, num_classes, image_classes=None):
         total = sum(values[:, k] * present[:, k, None, None] for k in range(num_classes))
         return total / (present.sum(1)[:, None, None] + EPS)
 
-    gmm_to_pred = class_average(bce(probs, kernel) / 2)[target != 255]
+    if allowed is None:
+        gmm_to_pred = class_average(bce(probs, kernel) / 2)[target != 255]
+    else:
+        image_wide = allowed.flatten(2).all(2)[:, :, None, None]
+        boxed = allowed & ~image_wide
+        in_box = boxed.any(1, keepdim=True)
+        pull = (allowed & (boxed | ~in_box)).to(features.dtype)
+        push = (allowed & ~boxed).to(features.dtype)
+        parts = -pull * kernel * torch.log(probs + EPS)
+        parts = parts - push * (1 - kernel) * torch.log(1 - probs + EPS)
+        gmm_to_pred = class_average(parts / 2)[target != 255]
+        image_classes = allowed.to(features.dtype)
     label_to_gmm = class_average(bce(kernel, one_hot) / 2)[target < num_classes]
 
     counts = present.sum(0)
@@ -73,9 +87,10 @@ def reference_losses(features, logits, target, num_classes, image_classes=None):
                 separation = separation + torch.exp(-gap * gap)
     separation = separation / (pairs + EPS)
 
+    if image_classes.ndim == 2:
+        image_classes = image_classes[:, :, None, None]
     absent = sum(
-        -(1 - image_classes[:, k, None, None]) * torch.log(1 - probs[:, k] + EPS)
-        for k in range(num_classes)
+        -(1 - image_classes[:, k]) * torch.log(1 - probs[:, k] + EPS) for k in range(num_classes)
     )[target != 255]
 
     ce = F.cross_entropy(
@@ -282,3 +297,53 @@ def test_wrong_image_classes_shape():
     features, logits, target = make_case(1, 3, 5, (7, 5), (13, 17), 4, "dense")
     with pytest.raises(ValueError, match="image_classes"):
         cvpr_agmm_losses(features, logits, target, 4, torch.ones(3, 5))
+
+
+def box_case(seed=0, label_size=(20, 24), feat_size=(5, 6), core_fraction=0.4):
+    """Boxes rasterised as the data pipeline does: class 2 nested in class 1's box, class 3
+    apart; background labelled outside, cores labelled, the rest of each box unlabelled."""
+    boxes = np.array([[1, 1, 14, 15, 1], [5, 5, 10, 11, 2], [16, 2, 23, 9, 3]], np.float32)
+    maps = [rasterize_boxes(boxes, label_size, 4, core_fraction=core_fraction)] * 2
+    target = torch.from_numpy(np.stack([t for t, _ in maps])).long()
+    allowed = torch.from_numpy(np.stack([a for _, a in maps]))
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 4, *feat_size, generator=gen, dtype=torch.float64)
+    logits = torch.randn(2, 4, *label_size, generator=gen, dtype=torch.float64)
+    return features.requires_grad_(), logits.requires_grad_(), target, allowed
+
+
+@pytest.mark.parametrize("bands", ["whole", "rows"])
+def test_with_a_box_map_equals_the_plain_reference(bands, monkeypatch):
+    if bands == "rows":
+        monkeypatch.setattr(cvpr, "CPU_CHUNK_ELEMENTS", 1)
+    features, logits, target, allowed = box_case()
+    assert (target == 2).any() and (target == 4).any()
+    tags = allowed.flatten(2).any(2).double()
+    ours = cvpr_agmm_losses(features, logits, target, 4, tags, allowed)
+    ref_features = features.detach().clone().requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    theirs = reference_losses(ref_features, ref_logits, target, 4, tags, allowed)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-10, msg=name)
+    weights = torch.arange(1, 6, dtype=torch.float64)
+    names = ["seg", "gmm_to_pred", "label_to_gmm", "separation", "absent"]
+    sum(w * ours[n] for w, n in zip(weights, names, strict=True)).backward()
+    sum(w * theirs[n] for w, n in zip(weights, names, strict=True)).backward()
+    torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_with_a_box_map_the_pixel_terms_never_push_a_box_class_down_inside_its_box():
+    """Inside a box, the kernel and absent terms only raise the box's class (boxes of other
+    classes covering the same pixel compete with it through the softmax alone); the published
+    terms (tags only) push it down where its kernel is low, which a box cannot justify."""
+    features, logits, target, allowed = box_case(seed=3)
+    tags = allowed.flatten(2).any(2).double()
+    one_box = allowed[:, 1:].sum(1, keepdim=True) == 1
+    inside = allowed[:, 1:] & one_box & (target == 4)[:, None]  # unlabelled, classes 1-3
+    losses = cvpr_agmm_losses(features, logits, target, 4, tags, allowed)
+    (gradient,) = torch.autograd.grad(losses["gmm_to_pred"] + losses["absent"], logits)
+    assert (gradient[:, 1:][inside] <= 0).all()
+    published = cvpr_agmm_losses(features, logits, target, 4, tags)
+    (gradient,) = torch.autograd.grad(published["gmm_to_pred"] + published["absent"], logits)
+    assert (gradient[:, 1:][inside] > 0).any()

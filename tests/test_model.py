@@ -64,12 +64,27 @@ def test_capped_dense_labels_are_sampled_at_their_own_pixels():
     with torch.no_grad():
         samples = sample_at(features, pixels, target.shape[-2:], model.embed)
     images, labels = pixels.image, pixels.labels
-    assert samples.shape == (50, 64) and set(images.tolist()) == {0, 1, 2}
+    # At most the cap, shared evenly: 8 of each class (the cap's floor per class).
+    assert samples.shape == (48, 64) and set(images.tolist()) == {0, 1, 2}
+    assert (torch.bincount(labels, minlength=6) == 8).all()
     upsampled = F.interpolate(embeddings, size=(16, 16), mode="bilinear", align_corners=False)
     matches = (samples[:, :, None, None] - upsampled[images]).abs().amax(1) < 1e-5  # [n, H, W]
     assert matches.flatten(1).any(1).all()
     pixel = matches.flatten(1).float().argmax(1)
     assert torch.equal(target[images, pixel // 16, pixel % 16], labels)
+
+
+def test_the_sample_cap_is_shared_evenly_by_the_classes():
+    """A small structure beside a large background keeps all its pixels; the cap is met."""
+    target = torch.full((2, 64, 64), 6)
+    target[:, :48] = 0  # 6,144 background pixels
+    target[0, 50:53, 10:20] = 3  # 30 pixels of a small structure
+    target[1, 55:63, :40] = 5  # 320
+    pixels = labelled_pixels(target, 6, limit=400)
+    counts = torch.bincount(pixels.labels, minlength=6)
+    assert counts.sum() == 400 and counts[3] == 30 and counts[5] == 185 and counts[0] == 185
+    assert torch.equal(target[pixels.image, pixels.row, pixels.col], pixels.labels)
+    assert len(set(zip(*(t.tolist() for t in pixels[:3]), strict=True))) == 400
 
 
 @pytest.mark.parametrize("method", ["agmm", "cvpr", "baseline"])
@@ -170,7 +185,7 @@ def test_the_model_is_built_from_its_options():
 def test_the_pseudo_loss_trains_the_decoder_only_with_the_network_gradient(pseudo_gradient):
     batch = next(iter(tiny_data(augment=False).train_dataloader()))
     torch.manual_seed(0)
-    model = tiny_model(pseudo_gradient=pseudo_gradient)
+    model = tiny_model(pseudo_gradient=pseudo_gradient, pseudo_mode="soft")
     features = F.normalize(torch.randn(60, 64), dim=1)
     model.mixtures.update(
         model.mixtures.sufficient_statistics(features, F.one_hot(torch.arange(60) % 6, 6).float())

@@ -4,13 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agmm_lightning.agmm import cvpr_agmm_losses
+from agmm_lightning.agmm import OEMOptions, cvpr_agmm_losses
 from agmm_lightning.agmm.losses import (
     absent_class_loss,
     maximization_loss,
     partial_cross_entropy,
     pseudo_label_loss,
 )
+from agmm_lightning.agmm.oem import fitting_weights
 
 
 def make_batch(seed=0, num_classes=4):
@@ -57,18 +58,21 @@ def test_losses_stay_finite_without_labels():
     assert partial_cross_entropy(logits, target) == 0
     assert partial_cross_entropy(logits, target, hard_fraction=0.3) == 0
     posterior = torch.zeros(2, 4, 5, 6)
-    assert pseudo_label_loss(logits, posterior, (target == 4).float()) == 0
+    loss, supervised = pseudo_label_loss(logits, posterior, (target == 4).float())
+    assert loss == 0 and not supervised.any()
     void = torch.full((2, 5, 6), 255)
     assert absent_class_loss(logits, torch.ones(2, 4), void) == 0
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard", "surer"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "surer", "agree"])
 def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     logits, target = make_batch(2)
     gen = torch.Generator().manual_seed(3)
     posterior = (torch.randn(2, 4, 5, 6, generator=gen) * 2).softmax(1)
     posterior[1, :, 0, 0] = 0  # no valid class there
-    loss = pseudo_label_loss(logits, posterior, (target == 4).float(), mode, confidence=0.6)
+    loss, supervised = pseudo_label_loss(
+        logits, posterior, (target == 4).float(), mode, confidence=0.6
+    )
     log_probs = logits.log_softmax(1)
     counted = (target == 4) & (posterior.sum(1) > 0)
     if mode == "surer":
@@ -79,8 +83,13 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
         per_pixel = -(posterior * log_probs).sum(1)
     else:
         counted &= posterior.max(1).values >= 0.6
+        if mode == "agree":
+            agree = posterior.argmax(1) == logits.argmax(1)
+            assert (counted & ~agree).any()  # the gate leaves some confident pixels out
+            counted &= agree
         per_pixel = -log_probs.gather(1, posterior.argmax(1, keepdim=True))[:, 0]
     assert counted.any()
+    assert torch.equal(supervised, counted)
     expected = per_pixel[counted].mean()
     torch.testing.assert_close(loss, expected)
     (gradient,) = torch.autograd.grad(loss, logits)
@@ -88,7 +97,7 @@ def test_pseudo_label_loss_only_on_unlabelled_pixels(mode):
     assert (gradient.abs().sum(1)[~counted] == 0).all()
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "agree"])
 def test_pseudo_label_loss_weighs_positions_by_their_unlabelled_share(mode):
     """At feature resolution, a cell weighted by its share of unlabelled pixels counts as those
     pixels would at label resolution (logits and posterior constant over each 4x4 cell); the soft
@@ -103,15 +112,37 @@ def test_pseudo_label_loss_weighs_positions_by_their_unlabelled_share(mode):
     share = F.avg_pool2d(unlabelled[:, None], 4)[:, 0]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = pseudo_label_loss(cells, posterior, share, mode, confidence=0.5)
+        loss, _ = pseudo_label_loss(cells, posterior, share, mode, confidence=0.5)
     spread = cells.repeat_interleave(4, 2).repeat_interleave(4, 3)
     dense = posterior.repeat_interleave(4, 2).repeat_interleave(4, 3)
-    expected = pseudo_label_loss(spread, dense, unlabelled, mode, confidence=0.5)
+    expected, _ = pseudo_label_loss(spread, dense, unlabelled, mode, confidence=0.5)
     torch.testing.assert_close(loss, expected)
     (gradient,) = torch.autograd.grad(loss, cells)
     torch.testing.assert_close(gradient, torch.autograd.grad(expected, cells)[0])
     if mode == "soft":
         assert all(t is cells or t is posterior for t in saved if t.shape == cells.shape)
+
+
+def test_a_teacher_worse_than_the_student_does_not_move_it():
+    """Where the GMM's label disagrees with the network's prediction, however sure the GMM is,
+    the default pseudo loss gives the network no gradient; where they agree, it teaches."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 4, 5, 6, generator=gen).mul(3).requires_grad_()
+    student = logits.argmax(1)
+    wrong = (student + 1) % 4  # a confident teacher, wrong wherever the student is right
+    posterior = F.one_hot(wrong, 4).permute(0, 3, 1, 2).float() * 0.97 + 0.01
+    unlabelled = torch.ones(2, 5, 6)
+    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert not supervised.any() and (gradient == 0).all()
+    # The same teacher where it agrees with the student on half of the pixels teaches there.
+    half = torch.rand(2, 5, 6, generator=gen) < 0.5
+    teacher = torch.where(half, student, wrong)
+    posterior = F.one_hot(teacher, 4).permute(0, 3, 1, 2).float() * 0.97 + 0.01
+    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(supervised, half)
+    assert (gradient.abs().sum(1)[half] > 0).all() and (gradient.abs().sum(1)[~half] == 0).all()
 
 
 def test_pseudo_label_loss_rejects_unknown_mode():
@@ -163,11 +194,34 @@ def test_maximization_loss_is_cross_entropy_over_valid_classes():
     valid = torch.ones(8, 3, dtype=torch.bool)
     valid[0, 2] = False  # an excluded rival
     valid[1, 1] = False  # own class invalid: skipped
+    valid[2, :2] = False  # nothing to compare its own class with: skipped
     loss = maximization_loss(log_lik, labels, temperature=2.0, valid=valid)
     scores = (log_lik / 2).masked_fill(~valid, float("-inf"))
-    keep = torch.arange(8) != 1
+    keep = (torch.arange(8) != 1) & (torch.arange(8) != 2)
     torch.testing.assert_close(loss, F.cross_entropy(scores[keep], labels[keep]))
     loss.backward()
-    assert log_lik.grad[1].abs().sum() == 0 and log_lik.grad[0, 2] == 0
+    assert log_lik.grad[1:3].abs().sum() == 0 and log_lik.grad[0, 2] == 0
     nothing = maximization_loss(log_lik, labels, 2.0, torch.zeros(8, 3, dtype=torch.bool))
     assert nothing == 0
+
+
+def test_unlabelled_fitting_mass_is_trusted_confident_and_bounded_by_the_labels():
+    """Only confident features the prediction agrees with join the refit, and no class takes
+    more unlabelled mass than ``unlabelled_mass`` times its labelled mass in the step."""
+    gen = torch.Generator().manual_seed(12)
+    posterior = (torch.randn(400, 3, generator=gen) * 4).softmax(1)
+    trusted = torch.rand(400, generator=gen) < 0.7
+    labelled_mass = torch.tensor([100.0, 2.0, 0.0])
+    options = OEMOptions(fit_confidence=0.8, unlabelled_mass=1.0)
+    weights = fitting_weights(posterior, trusted, labelled_mass, options)
+    joins = (posterior.amax(1) >= 0.8) & trusted
+    assert (weights[~joins] == 0).all() and (weights[joins] > 0).any()
+    unbounded = posterior * joins[:, None]
+    assert unbounded[:, 1].sum() > 2 and unbounded[:, 2].sum() > 0  # the caps bind
+    torch.testing.assert_close(weights.sum(0)[1:], labelled_mass[1:])
+    assert unbounded[:, 0].sum() < 100  # under its cap: kept whole
+    torch.testing.assert_close(weights[:, 0], unbounded[:, 0])
+    free = fitting_weights(
+        posterior, trusted, labelled_mass, OEMOptions(fit_confidence=0.8, unlabelled_mass=None)
+    )
+    torch.testing.assert_close(free, unbounded)

@@ -45,14 +45,25 @@ def test_mixtures_change_after_training_steps_and_stay_finite(tmp_path):
     assert "train_pseudo_coverage" in run.callback_metrics
 
 
-def test_pseudo_labels_are_scored_per_class_against_the_dense_masks(tmp_path):
-    model = tiny_model()
+def test_teacher_and_student_are_scored_per_class_against_the_dense_masks(tmp_path):
+    """The GMM's labels (teacher) and the network's prediction (student) on the same training
+    crops, and the precision of the pixels the pseudo loss supervised."""
+    model = tiny_model(confidence=0.0)
     run = trainer(tmp_path, max_epochs=1)
     run.fit(model, tiny_data())
     metrics = run.callback_metrics
-    per_class = torch.stack([metrics[f"train_pseudo_iou_{name}"] for name in model.class_names])
-    assert per_class.shape == (6,)
-    assert 0 <= per_class.min() <= metrics["train_pseudo_miou"] <= per_class.max() <= 1
+    for who in ("pseudo", "student"):
+        per_class = torch.stack([metrics[f"train_{who}_iou_{name}"] for name in model.class_names])
+        assert per_class.shape == (6,)
+        assert 0 <= per_class.min() <= metrics[f"train_{who}_miou"] <= per_class.max() <= 1
+    assert 0 <= metrics["train_pseudo_precision"] <= 1
+    assert 0 < metrics["train_pseudo_coverage"] <= 1
+
+
+def test_the_student_is_scored_on_training_crops_by_every_method(tmp_path):
+    run = trainer(tmp_path, max_epochs=1)
+    run.fit(tiny_model(method="cvpr"), tiny_data())
+    assert 0 <= run.callback_metrics["train_student_miou"] <= 1
 
 
 class StopAfterEpochs(pl.Callback):
@@ -90,10 +101,15 @@ def test_resume_restores_the_mixtures_exactly(tmp_path):
     [
         ({"method": "oem"}, r"method must be one of \['agmm', 'cvpr', 'baseline'\], got 'oem'"),
         ({"prior": "flat"}, r"prior must be one of \['prediction', 'uniform'\]"),
-        ({"pseudo_mode": "argmax"}, r"pseudo_mode must be one of \['soft', 'hard', 'surer'\]"),
+        (
+            {"pseudo_mode": "argmax"},
+            r"pseudo_mode must be one of \['agree', 'soft', 'hard', 'surer'\]",
+        ),
         ({"optimizer": "adam"}, r"optimizer must be one of \['sgd', 'adamw'\], got 'adam'"),
         ({"hard_fraction": 0.0}, r"hard_fraction must be in \(0, 1\], got 0.0"),
         ({"adaptation": 0.0}, "adaptation must be None or > 0, got 0.0"),
+        ({"fit_confidence": 1.5}, "confidence and fit_confidence in \\[0, 1\\]; got 1, 0.9, 1.5"),
+        ({"unlabelled_mass": -1.0}, "unlabelled_mass must be None or >= 0, got -1.0"),
         ({"arch": "NotANet"}, "arch='NotANet' is not an smp architecture; choose one of"),
         ({"encoder": "not_an_encoder"}, "encoder='not_an_encoder' is neither an smp encoder"),
     ],

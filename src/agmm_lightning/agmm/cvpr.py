@@ -113,6 +113,7 @@ class _PixelLosses(torch.autograd.Function):
         target: Tensor,
         labelled: tuple[Tensor, Tensor, Tensor, Tensor],
         cell: tuple[int, int] | None,
+        parts: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         dtype = kernel.dtype
         cell_logits = None if cell is None else F.avg_pool2d(logits, cell).to(dtype)
@@ -125,11 +126,18 @@ class _PixelLosses(torch.autograd.Function):
             log_not_probs = torch.rsub(probs, 1 + EPS).log_()
             slot_probs[:, :, rows] = probs.gather(1, index[:, :, rows])
             slot_log_not[:, :, rows] = log_not_probs.gather(1, index[:, :, rows])
-            absent_rows = torch.bmm(forbidden[:, None], log_not_probs.flatten(2))
-            absent_map[:, rows] = absent_rows.view_as(absent_map[:, rows])
+            if forbidden.ndim == 2:
+                absent_rows = torch.bmm(forbidden[:, None], log_not_probs.flatten(2))
+                absent_map[:, rows] = absent_rows.view_as(absent_map[:, rows])
+            else:
+                absent_map[:, rows] = (forbidden[:, :, rows] * log_not_probs).sum(1)
         slot_log_probs = torch.add(slot_probs, EPS).log_()
-        # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
-        log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
+        if parts is None:
+            # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
+            log_fit = torch.sub(slot_log_probs, slot_log_not).mul_(kernel).add_(slot_log_not)
+        else:  # only the parts of -BCE that each slot keeps at each pixel
+            pull, push = parts
+            log_fit = (kernel * slot_log_probs * pull).add_((1 - kernel) * slot_log_not * push)
         valid = target != VOID
         pixel = valid / valid.sum().clamp_min(1).to(dtype)  # mean over non-void pixels
         fit_map = torch.bmm(slot_weight[:, None], log_fit.flatten(2)).view_as(pixel)
@@ -145,6 +153,7 @@ class _PixelLosses(torch.autograd.Function):
         )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
         ctx.cell = cell
+        ctx.parts = parts
         ctx.set_materialize_grads(False)
         return seg, gmm_to_pred, absent, cell_logits
 
@@ -171,8 +180,13 @@ class _PixelLosses(torch.autograd.Function):
             to_not = slot_probs.neg().add_(1 + EPS)
             to_not = torch.div(slot_probs, to_not, out=to_not)  # P / (1 - P + eps)
             to_fit = torch.add(slot_probs, EPS)
-            to_fit = torch.div(slot_probs, to_fit, out=to_fit).add_(to_not).mul_(kernel)
-            slot_grad = to_not.sub_(to_fit).mul_(slot_scale).mul_(pixel[:, None])
+            to_fit = torch.div(slot_probs, to_fit, out=to_fit)  # P / (P + eps)
+            if ctx.parts is None:
+                slot_grad = to_not.sub_(to_fit.add_(to_not).mul_(kernel))
+            else:
+                pull, push = ctx.parts
+                slot_grad = (to_not * (1 - kernel) * push).sub_(to_fit.mul_(kernel).mul_(pull))
+            slot_grad.mul_(slot_scale).mul_(pixel[:, None])
         grad_logits = torch.empty_like(logits)
         cell_rows, cell_cols = ctx.cell or (1, 1)
         if grad_cell is not None:  # each pixel gets its cell's gradient over the cell's area
@@ -187,7 +201,10 @@ class _PixelLosses(torch.autograd.Function):
                 grad.zero_()
             else:
                 torch.div(probs, torch.sub(probs, 1 + EPS, out=grad), out=grad)
-                grad.mul_((-grad_absent * forbidden)[..., None, None]).mul_(pixel[:, None, rows])
+                band_forbidden = (
+                    forbidden[..., None, None] if forbidden.ndim == 2 else forbidden[:, :, rows]
+                )
+                grad.mul_(band_forbidden * -grad_absent).mul_(pixel[:, None, rows])
             if slot_grad is not None:
                 grad.scatter_add_(1, index[:, :, rows], slot_grad[:, :, rows])
             # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k.
@@ -208,9 +225,13 @@ class _PixelLosses(torch.autograd.Function):
             grad_logits[image, :, row, col] = at_labels.to(grad_logits.dtype)
         grad_kernel = None
         if ctx.needs_input_grad[1] and grad_gmm is not None:
-            grad_kernel = torch.sub(slot_log_not, slot_log_probs).mul_(slot_scale)
-            grad_kernel.mul_(pixel[:, None])
-        return grad_logits, grad_kernel, None, None, None, None, None, None
+            if ctx.parts is None:
+                grad_kernel = torch.sub(slot_log_not, slot_log_probs)
+            else:
+                pull, push = ctx.parts
+                grad_kernel = (slot_log_not * push).sub_(slot_log_probs * pull)
+            grad_kernel.mul_(slot_scale).mul_(pixel[:, None])
+        return grad_logits, grad_kernel, None, None, None, None, None, None, None
 
 
 class _CentersAndDistances(torch.autograd.Function):
@@ -249,12 +270,33 @@ class _CentersAndDistances(torch.autograd.Function):
         return grad_features.baddbmm_(grad_centers.transpose(1, 2), weights), None
 
 
+def _kernel_parts(allowed: Tensor, slot_class: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each slot's ``gmm_to_pred`` keeps its pull and its push, given a box map.
+
+    The pull is ``-G log P``, the push ``-(1-G) log(1-P)``; both maps are ``[B, S, H, W]``
+    float, from the ``[B, C, H, W]`` bool box map. A class allowed at every pixel of its image
+    (background) is image-wide; a class allowed at a pixel only through a box covering it is a
+    box class there. Outside boxes the image-wide classes keep both parts; inside a box, the
+    box's classes keep only the pull and the image-wide ones only the push. A class is never
+    read where it is not allowed.
+    """
+    index = slot_class[..., None, None].expand(-1, -1, *allowed.shape[-2:])
+    slot_allowed = allowed.gather(1, index)
+    image_wide = allowed.flatten(2).all(2)
+    boxed = slot_allowed & ~image_wide.gather(1, slot_class)[..., None, None]
+    in_box = (allowed & ~image_wide[..., None, None]).any(1, keepdim=True)
+    pull = slot_allowed & (boxed | ~in_box)
+    push = slot_allowed & ~boxed
+    return pull.float(), push.float()
+
+
 def cvpr_agmm_losses(
     features: Tensor,
     logits: Tensor,
     target: Tensor,
     num_classes: int,
     image_classes: Tensor | None = None,
+    allowed: Tensor | None = None,
     with_cell_logits: bool = False,
 ) -> dict[str, Tensor]:
     """The sparsely-annotated AGMM losses of the CVPR 2023 code (METHOD §2).
@@ -272,6 +314,12 @@ def cvpr_agmm_losses(
         num_classes: Number of classes C.
         image_classes: ``[B, C]`` classes present in each image; defaults to the classes
             labelled in ``target``.
+        allowed: Optional ``[B, C, H, W]`` map of the classes each pixel may take (boxes,
+            METHOD §4). The absent term then forbids, per pixel, the classes it does not allow,
+            and ``gmm_to_pred`` reads each class only where it is allowed; inside a box it only
+            pulls the box's classes up (where their kernel is high) and pushes the image-wide
+            classes, such as background, down (where theirs is low), so it never pushes a box's
+            class down inside its box. Without it the terms are the published ones exactly.
         with_cell_logits: Also return ``cell_logits``, the logits averaged over each feature
             cell (``[B, C, h, w]``, differentiable, in the losses' float32), which OEM mode
             reads: where the cells tile the logits evenly, their gradient joins the pixel
@@ -288,7 +336,7 @@ def cvpr_agmm_losses(
     (features,) = in_float32(features)  # the logits are upcast a band at a time where they are read
     with float32_math(logits.device):
         return _cvpr_agmm_losses(
-            features, logits, target, num_classes, image_classes, with_cell_logits
+            features, logits, target, num_classes, image_classes, allowed, with_cell_logits
         )
 
 
@@ -298,6 +346,7 @@ def _cvpr_agmm_losses(
     target: Tensor,
     num_classes: int,
     image_classes: Tensor | None,
+    allowed: Tensor | None,
     with_cell_logits: bool,
 ) -> dict[str, Tensor]:
     """:func:`cvpr_agmm_losses` on checked float32 inputs, with autocast off."""
@@ -344,11 +393,27 @@ def _cvpr_agmm_losses(
     # Per-image class averaging weights c_{b,k} / (sum_k c_{b,k} + 1e-6), halved as in the code.
     slot_weight = slot_present / (2 * (present.sum(1, keepdim=True) + EPS))
     forbidden = 1.0 - image_classes.to(features.dtype)
+    parts = None
+    if allowed is not None:
+        if allowed.shape != logits.shape:
+            raise ValueError(
+                f"allowed must be [B, C, H, W] = {tuple(logits.shape)}, got {tuple(allowed.shape)}"
+            )
+        forbidden = 1.0 - allowed.to(features.dtype)
+        parts = _kernel_parts(allowed > 0, slot_class)
     label_height, label_width = target.shape[-2:]
     tiled = label_height % height == 0 and label_width % width == 0
     cell = (label_height // height, label_width // width) if with_cell_logits and tiled else None
     seg, gmm_to_pred, absent, cell_logits = _PixelLosses.apply(
-        logits, kernel, slot_class, slot_weight, forbidden, target, (image, row, col, labels), cell
+        logits,
+        kernel,
+        slot_class,
+        slot_weight,
+        forbidden,
+        target,
+        (image, row, col, labels),
+        cell,
+        parts,
     )
     if with_cell_logits and cell is None:
         cell_logits = F.adaptive_avg_pool2d(logits, (height, width)).to(features.dtype)

@@ -105,8 +105,9 @@ def maximization_loss(
             into the features; the mixtures are buffers).
         labels: ``[N]`` class of each feature.
         temperature: T, the divisor of the log-likelihoods.
-        valid: Optional ``[N, C]`` bool, classes each feature may be compared against (allowed
-            and initialised). A feature whose own class is not valid is skipped.
+        valid: Optional ``[N, C]`` bool, classes each feature may be compared against (its
+            image's classes that have a mixture). A feature whose own class is not valid, or
+            that has no other valid class, is skipped (it would add 0 and dilute the mean).
 
     Returns:
         Scalar loss, 0 when no feature counts.
@@ -115,7 +116,8 @@ def maximization_loss(
     own_class = torch.ones_like(labels, dtype=torch.bool)
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-        own_class = valid.gather(1, labels[:, None])[:, 0]
+        # A feature with no other valid class to compare against has nothing to learn here.
+        own_class = valid.gather(1, labels[:, None])[:, 0] & (valid.sum(1) > 1)
     if not own_class.any():
         return log_likelihood.sum() * 0
     return F.cross_entropy(scores[own_class], labels[own_class])
@@ -125,9 +127,10 @@ def pseudo_label_loss(
     logits: Tensor,
     posterior: Tensor,
     weight: Tensor,
-    mode: str = "soft",
+    mode: str = "agree",
     confidence: float = 0.9,
-) -> Tensor:
+    agrees: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """GMM supervision of the prediction where labels are missing (METHOD §3.5).
 
     It runs at the resolution of the posterior: OEM mode passes the logits averaged over each
@@ -138,26 +141,33 @@ def pseudo_label_loss(
         logits: ``[B, C, h, w]`` logits.
         posterior: ``[B, C, h, w]`` detached GMM posterior G; all-zero where no class was valid.
         weight: ``[B, h, w]`` weight of each position; 0 leaves it out.
-        mode: ``"soft"`` for ``CE(P, G)``, ``"hard"`` for CE on ``argmax G`` where
-            ``max G >= confidence``, ``"surer"`` for ``CE(P, G)`` where ``max G > max P``: the
-            GMM teaches only where it is more confident than the prediction.
-        confidence: Threshold of the hard mode.
+        mode: ``"agree"`` for CE on ``argmax G`` where ``max G >= confidence`` and ``agrees``
+            holds, so a teacher never argues against the prediction; ``"hard"`` for the same
+            without the agreement; ``"soft"`` for ``CE(P, G)``; ``"surer"`` for ``CE(P, G)``
+            where ``max G > max P`` (the GMM teaches only where it is more confident).
+        confidence: Threshold of the ``"agree"`` and ``"hard"`` modes.
+        agrees: ``[B, h, w]`` bool, where the prediction's argmax equals G's (``"agree"``);
+            computed from ``logits`` when None.
 
     Returns:
-        The weighted mean over the positions where G has mass (and, in the hard mode, reaches
-        ``confidence``); 0 when there are none.
+        The weighted mean over the positions it supervises (0 when there are none) and the
+        ``[B, h, w]`` bool map of those positions.
     """
     confident, hard_label = posterior.max(1)
     weight = weight.float() * (confident > 0)
     if mode == "surer":
         weight = weight * (confident > logits.detach().float().softmax(1).amax(1))
     if mode in ("soft", "surer"):
-        return _SoftCrossEntropy.apply(logits, posterior, weight)
-    if mode == "hard":
-        weight = weight * (confident >= confidence)
-        loss = F.cross_entropy(logits.float(), hard_label, reduction="none")
-        return (loss * weight).sum() / weight.sum().clamp_min(EPS)
-    raise ValueError(f"mode must be 'soft', 'hard' or 'surer', got {mode!r}")
+        return _SoftCrossEntropy.apply(logits, posterior, weight), weight > 0
+    if mode not in ("agree", "hard"):
+        raise ValueError(f"mode must be 'agree', 'soft', 'hard' or 'surer', got {mode!r}")
+    weight = weight * (confident >= confidence)
+    if mode == "agree":
+        if agrees is None:
+            agrees = logits.detach().argmax(1) == hard_label
+        weight = weight * agrees
+    loss = F.cross_entropy(logits.float(), hard_label, reduction="none")
+    return (loss * weight).sum() / weight.sum().clamp_min(EPS), weight > 0
 
 
 class _SoftCrossEntropy(torch.autograd.Function):

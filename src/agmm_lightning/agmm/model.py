@@ -202,7 +202,12 @@ class AGMMModel(nn.Module):
                 step_losses = StepLosses({"seg": seg})
             elif self.method == "cvpr":
                 terms = cvpr_agmm_losses(
-                    features, logits, target, self.num_classes, batch.get("image_classes")
+                    features,
+                    logits,
+                    target,
+                    self.num_classes,
+                    batch.get("image_classes"),
+                    batch.get("allowed"),
                 )
                 terms.pop("total")
                 step_losses = StepLosses(terms)

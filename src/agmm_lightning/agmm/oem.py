@@ -29,7 +29,7 @@ from agmm_lightning.agmm.mixtures import ClassMixtures, MixtureStatistics
 from agmm_lightning.agmm.sampling import labelled_pixels, sample_at
 from agmm_lightning.targets import allowed_classes
 
-__all__ = ["KERNEL_TERMS", "OEMOptions", "StepLosses", "oem_losses"]
+__all__ = ["KERNEL_TERMS", "OEMOptions", "StepLosses", "fitting_weights", "oem_losses"]
 
 KERNEL_TERMS = ("gmm_to_pred", "label_to_gmm", "separation")
 """CVPR mode's per-image Gaussian-kernel terms that OEM mode adds with ``lambda_kernel``."""
@@ -51,11 +51,15 @@ class OEMOptions:
         lambda_max: Weight of the maximization loss.
         lambda_gmm: Weight of the GMM pseudo supervision (ramped over ``warmup_steps``).
         lambda_kernel: Weight of the CVPR kernel terms.
-        pseudo_mode: ``"soft"``, ``"hard"`` or ``"surer"`` pseudo supervision.
+        pseudo_mode: ``"agree"``, ``"soft"``, ``"hard"`` or ``"surer"`` pseudo supervision.
         pseudo_gradient: What the pseudo loss trains: ``"network"`` or only the ``"head"``.
-        confidence: Posterior threshold of hard pseudo labels and of the fitting set.
-        warmup_steps: Steps of the pseudo-loss ramp; unlabelled pixels join the fitting set after.
-        max_labelled_samples: Cap on the labelled features per step.
+        confidence: Posterior threshold of the pseudo labels (``"agree"``, ``"hard"``).
+        fit_confidence: Posterior threshold of unlabelled features in the fitting set.
+        unlabelled_mass: Cap on each class's unlabelled fitting mass, relative to its labelled
+            mass in the same step; None leaves it unbounded.
+        warmup_steps: Steps before the pseudo loss starts (it then ramps up over as many) and
+            unlabelled pixels join the fitting set.
+        max_labelled_samples: Cap on the labelled features per step, shared evenly by classes.
     """
 
     mixture_count: int = 1
@@ -69,9 +73,11 @@ class OEMOptions:
     lambda_max: float = 0.1
     lambda_gmm: float = 1.0
     lambda_kernel: float = 1.0
-    pseudo_mode: Literal["soft", "hard", "surer"] = "soft"
+    pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "agree"
     pseudo_gradient: Literal["network", "head"] = "network"
     confidence: float = 0.9
+    fit_confidence: float = 0.9
+    unlabelled_mass: float | None = 1.0
     warmup_steps: int = 100
     max_labelled_samples: int = 16384
 
@@ -89,11 +95,14 @@ class StepLosses(NamedTuple):
         posterior: ``[B, C, h, w]`` detached GMM posterior at feature resolution (OEM mode),
             else None; :func:`~agmm_lightning.targets.upsample_posterior` brings it to the labels'.
         stats: Detached statistics for the mixtures' refit (OEM mode), else None.
+        pseudo_cells: ``[B, h, w]`` bool, the feature cells the pseudo loss supervised at this
+            step (OEM mode), else None.
     """
 
     terms: dict[str, Tensor]
     posterior: Tensor | None = None
     stats: MixtureStatistics | None = None
+    pseudo_cells: Tensor | None = None
 
 
 def oem_losses(
@@ -132,13 +141,11 @@ def oem_losses(
     temperature = options.effective_temperature
     image_classes, boxes = batch["image_classes"], batch.get("allowed")
 
-    # Labelled features, read by bilinear sampling at the labels' own coordinates.
+    # Labelled features, read by bilinear sampling at the labels' own coordinates. The
+    # maximization loss compares each with the classes of its image that have a mixture.
     pixels = labelled_pixels(target, num_classes, options.max_labelled_samples)
     labelled = sample_at(features, pixels, target.shape[-2:], embed)
-    labelled_allowed = allowed_classes(image_classes, boxes, target.shape[-2:])[
-        pixels.image, :, pixels.row, pixels.col
-    ]
-    valid = mixtures.initialized[None] & labelled_allowed
+    valid = mixtures.initialized[None] & (image_classes[pixels.image] > 0)
     log_likelihood = mixtures.log_likelihood(labelled)
     maximization = maximization_loss(log_likelihood, pixels.labels, temperature, valid)
 
@@ -148,7 +155,7 @@ def oem_losses(
     kernel = {}
     if options.lambda_kernel:
         kernel = cvpr_agmm_losses(
-            features, logits, target, num_classes, image_classes, with_cell_logits=True
+            features, logits, target, num_classes, image_classes, boxes, with_cell_logits=True
         )
         cell_logits = kernel["cell_logits"]
     else:
@@ -178,19 +185,20 @@ def oem_losses(
             expectation.log_likelihood, prior, flat_allowed, temperature
         )
         posterior = posterior_low.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
+        agrees = posterior.argmax(1) == cell_logits.detach().argmax(1)
 
     warmup = options.warmup_steps
-    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    ramp = min(1.0, max(0.0, (step + 1 - warmup) / warmup)) if warmup else 1.0
     pseudo_logits = cell_logits
     if options.pseudo_gradient == "head":
         # The head alone learns from the GMM: detached, the decoder features the GMM reads are
         # not pulled toward the GMM's own mistakes.
         pseudo_logits = classify(features.detach())
-    pseudo = pseudo_label_loss(
-        pseudo_logits, posterior, unlabelled, options.pseudo_mode, options.confidence
+    pseudo, pseudo_cells = pseudo_label_loss(
+        pseudo_logits, posterior, unlabelled, options.pseudo_mode, options.confidence, agrees
     )
-    # The kernel block's seg term is the partial cross-entropy without OHEM, and with image tags
-    # its absent term is absent_class_loss: taking them from it spares their own logit gradients.
+    # The kernel block's seg term is the partial cross-entropy without OHEM, and its absent term
+    # is absent_class_loss: taking them from it spares their own logit gradients.
     if "seg" in kernel and hard_fraction == 1:
         seg = kernel["seg"]
     else:
@@ -202,21 +210,44 @@ def oem_losses(
     }
     if kernel:
         terms |= {name: options.lambda_kernel * kernel[name] for name in KERNEL_TERMS}
-    if "absent" in kernel and boxes is None:
         terms["absent"] = kernel["absent"]
     else:
-        allowed = image_classes if boxes is None else boxes
-        terms["absent"] = absent_class_loss(logits, allowed, target)
+        terms["absent"] = absent_class_loss(
+            logits, image_classes if boxes is None else boxes, target
+        )
 
-    # Fitting set of the online EM: labelled features, then confident unlabelled ones.
-    fit_unlabelled = torch.zeros_like(posterior_low[:, 0], dtype=torch.bool)
-    if step >= warmup:
-        confident = posterior_low.amax(1) >= options.confidence
-        fit_unlabelled = confident & (unlabelled.flatten() > 0.5)
-    labelled_stats = mixtures.sufficient_statistics(
-        labelled.detach(), F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
+    labels = F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
+    fitting = fitting_weights(
+        posterior_low, agrees.flatten() & (unlabelled.flatten() > 0.5), labels.sum(0), options
     )
-    pixel_stats = mixtures.sufficient_statistics(
-        flat, posterior_low * fit_unlabelled[:, None], expectation
-    )
-    return StepLosses(terms, posterior, labelled_stats + pixel_stats)
+    if step < warmup:
+        fitting = torch.zeros_like(fitting)
+    labelled_stats = mixtures.sufficient_statistics(labelled.detach(), labels)
+    pixel_stats = mixtures.sufficient_statistics(flat, fitting, expectation)
+    active = pseudo_cells if ramp * options.lambda_gmm > 0 else torch.zeros_like(pseudo_cells)
+    return StepLosses(terms, posterior, labelled_stats + pixel_stats, active)
+
+
+def fitting_weights(
+    posterior: Tensor, trusted: Tensor, labelled_mass: Tensor, options: OEMOptions
+) -> Tensor:
+    """The fitting weights ``[N, C]`` of unlabelled features in the online EM (METHOD §3.4).
+
+    A feature joins with its posterior G where G reaches ``fit_confidence`` and ``trusted`` holds
+    (an unlabelled cell whose GMM label the network's prediction agrees with). Each class's
+    unlabelled mass is then scaled down to at most ``unlabelled_mass`` times its labelled mass
+    in the step, so the mixtures stay anchored to the labels instead of to their own output.
+
+    Args:
+        posterior: ``[N, C]`` GMM posterior of the features.
+        trusted: ``[N]`` bool, the features that may join.
+        labelled_mass: ``[C]`` labelled features of each class in the step.
+        options: OEM mode's options.
+    """
+    confident = (posterior.amax(1) >= options.fit_confidence) & trusted
+    weights = posterior * confident[:, None]
+    if options.unlabelled_mass is None:
+        return weights
+    mass = weights.sum(0)
+    scale = (options.unlabelled_mass * labelled_mass / mass.clamp_min(1e-12)).clamp_max(1.0)
+    return weights * scale

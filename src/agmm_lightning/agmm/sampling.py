@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["LabelledPixels", "bilinear_taps", "labelled_pixels", "sample_at"]
+__all__ = ["LabelledPixels", "bilinear_taps", "class_quota", "labelled_pixels", "sample_at"]
 
 
 def _axis_taps(index: Tensor, source: int, size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -75,16 +75,44 @@ def labelled_pixels(target: Tensor, num_classes: int, limit: int | None = None) 
     Args:
         target: The target maps.
         num_classes: C.
-        limit: At most this many (a random subset of dense labels); None keeps all.
+        limit: At most this many, shared evenly by the classes (:func:`class_quota`): a random
+            subset of each class that has more than its share, so a small structure keeps its
+            pixels beside a large background; None keeps all.
 
     Returns:
-        The pixels, in raster order unless subsampled.
+        The pixels, in raster order unless subsampled (then grouped by class).
     """
     index = (target < num_classes).nonzero()
     if limit is not None and index.shape[0] > limit:
-        index = index[torch.randperm(index.shape[0], device=index.device)[:limit]]
+        labels = target[tuple(index.T)].long()
+        # Random order within each class: sort by class plus a random fraction.
+        order = (labels + torch.rand(labels.shape, device=labels.device)).argsort()
+        labels = labels[order]
+        counts = torch.bincount(labels, minlength=num_classes)
+        rank = (
+            torch.arange(labels.numel(), device=labels.device) - (counts.cumsum(0) - counts)[labels]
+        )
+        index = index[order[rank < class_quota(counts, limit)]]
     image, row, col = index.unbind(1)
     return LabelledPixels(image, row, col, target[image, row, col].long())
+
+
+def class_quota(counts: Tensor, limit: int) -> Tensor:
+    """The largest per-class quota q with ``sum_c min(counts_c, q) <= limit`` (water filling).
+
+    Args:
+        counts: ``[C]`` items of each class, more than ``limit`` in all.
+        limit: The total to keep.
+
+    Returns:
+        A scalar tensor q: classes below it keep everything, the others q items each.
+    """
+    ascending = counts.sort().values
+    before = ascending.cumsum(0) - ascending  # items of the smaller classes
+    remaining = torch.arange(counts.numel(), 0, -1, device=counts.device)
+    share = (limit - before) // remaining  # the quota if this class and larger ones are capped
+    capped = (ascending > share).float().argmax()  # the first class that exceeds its share
+    return share[capped]
 
 
 def sample_at(

@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch import Tensor
 from torchmetrics import MetricCollection
@@ -141,14 +142,21 @@ class AGMMSegmenter(BaseTask):
         lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
             ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
             0 leaves METHOD §3.5 as written.
-        pseudo_mode: ``"soft"`` (CE against G), ``"hard"`` (argmax G above ``confidence``) or
-            ``"surer"`` (CE against G where G is more confident than the prediction).
+        pseudo_mode: ``"agree"`` (argmax G above ``confidence`` where the prediction agrees:
+            the GMM never argues against the network), ``"hard"`` (argmax G above
+            ``confidence``), ``"soft"`` (CE against G) or ``"surer"`` (CE against G where G is
+            more confident than the prediction).
         pseudo_gradient: What the pseudo loss trains: ``"network"`` (every layer) or ``"head"``
             (the segmentation head alone, on detached decoder features).
-        confidence: Posterior threshold of confident pseudo labels and of the fitting set.
-        warmup_steps: Steps over which the pseudo loss is ramped up; unlabelled pixels join the
-            fitting set only after them.
-        max_labelled_samples: Cap on the labelled features used per step (dense labels).
+        confidence: Posterior threshold of the pseudo labels (``agree`` and ``hard`` modes).
+        fit_confidence: Posterior threshold of the unlabelled features that join the mixtures'
+            fitting set (where the prediction agrees with the GMM).
+        unlabelled_mass: Cap on each class's unlabelled fitting mass per step, relative to its
+            labelled mass in the step; None leaves it unbounded.
+        warmup_steps: Steps before the pseudo loss starts (it then ramps up over as many
+            steps) and unlabelled pixels join the fitting set.
+        max_labelled_samples: Cap on the labelled features used per step (dense labels),
+            shared evenly by the classes.
         hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
             disables it; CVPR mode keeps the paper's loss).
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
@@ -187,9 +195,11 @@ class AGMMSegmenter(BaseTask):
         lambda_max: float = 0.1,
         lambda_gmm: float = 1.0,
         lambda_kernel: float = 1.0,
-        pseudo_mode: Literal["soft", "hard", "surer"] = "soft",
+        pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "agree",
         pseudo_gradient: Literal["network", "head"] = "network",
         confidence: float = 0.9,
+        fit_confidence: float = 0.9,
+        unlabelled_mass: float | None = 1.0,
         warmup_steps: int = 100,
         max_labelled_samples: int = 16384,
         hard_fraction: float = 1.0,
@@ -209,11 +219,16 @@ class AGMMSegmenter(BaseTask):
             raise InputError(f"num_classes must be >= 2, got {num_classes}")
         check_choice("method", method, METHODS)
         check_choice("prior", prior, ("prediction", "uniform"))
-        check_choice("pseudo_mode", pseudo_mode, ("soft", "hard", "surer"))
+        check_choice("pseudo_mode", pseudo_mode, ("agree", "soft", "hard", "surer"))
         check_choice("pseudo_gradient", pseudo_gradient, ("network", "head"))
         check_choice("optimizer", optimizer, ("sgd", "adamw"))
-        if warmup_steps < 0 or not 0 <= confidence <= 1:
-            raise InputError("warmup_steps must be >= 0 and confidence in [0, 1]")
+        if warmup_steps < 0 or not 0 <= confidence <= 1 or not 0 <= fit_confidence <= 1:
+            raise InputError(
+                "warmup_steps must be >= 0, and confidence and fit_confidence in [0, 1]; got "
+                f"{warmup_steps}, {confidence}, {fit_confidence}"
+            )
+        if unlabelled_mass is not None and unlabelled_mass < 0:
+            raise InputError(f"unlabelled_mass must be None or >= 0, got {unlabelled_mass}")
         if not 0 < hard_fraction <= 1:
             raise InputError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
         if adaptation is not None and adaptation <= 0:
@@ -258,6 +273,9 @@ class AGMMSegmenter(BaseTask):
         self.val_metrics = self._metrics("val_")
         self.test_metrics = self._metrics("test_")
         self.train_pseudo_metrics = self._metrics("train_pseudo_")
+        self.train_student_metrics = self._metrics("train_student_")
+        # Pixels the pseudo loss supervised in the epoch, and those of them it labelled right.
+        self._pseudo_pixels = torch.zeros(2, device=self.device)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         """MIoU and per-class IoU of one confusion matrix, accumulated over a whole split."""
@@ -347,12 +365,17 @@ class AGMMSegmenter(BaseTask):
         output: dict[str, Any] = {"loss": total, "logits": logits.detach()}
         if step.posterior is not None:
             output["posterior"] = step.posterior
+            output["pseudo_cells"] = step.pseudo_cells
         return output
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Score the step's pseudo labels, after backward has freed the activations."""
-        if isinstance(outputs, dict) and "posterior" in outputs:
-            self._log_pseudo_label_quality(batch, outputs["posterior"])
+        """Score the step's pseudo labels and prediction, after backward freed the activations."""
+        if not isinstance(outputs, dict):
+            return
+        if "posterior" in outputs:
+            self._log_pseudo_label_quality(batch, outputs)
+        elif "mask" in batch:
+            self.train_student_metrics.update(outputs["logits"].argmax(1), batch["mask"])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip non-finite steps (see :class:`BaseTask`); refit the mixtures once per step.
@@ -380,25 +403,41 @@ class AGMMSegmenter(BaseTask):
         seen = initialized.sum().clamp_min(1)
         self.log("mixture_mean_variance", (mean_variance * initialized).sum() / seen)
 
-    def _log_pseudo_label_quality(self, batch: dict[str, Any], posterior: Tensor) -> None:
-        """``train_pseudo_miou`` against dense GT (never trained on) and the coverage."""
+    def _log_pseudo_label_quality(self, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
+        """Teacher against student on the same training pixels (METHOD §3.6).
+
+        ``train_pseudo_coverage``: the share of unlabelled pixels the pseudo loss supervised.
+        With dense ground truth (never trained on): the mIoU of the GMM labels
+        (``train_pseudo_*``) and of the network's prediction (``train_student_*``) over the
+        pixels the GMM labels, and the precision of the supervised pixels, logged per epoch.
+        """
         target = batch["target"]
-        posterior = upsample_posterior(posterior, target.shape[-2:], batch.get("allowed"))
+        size = target.shape[-2:]
+        posterior = upsample_posterior(outputs["posterior"], size, batch.get("allowed"))
         confidence, pseudo = posterior.max(1)
         unlabelled = target == self.hparams["num_classes"]
-        confident = (confidence >= self.hparams["confidence"]) & unlabelled
-        coverage = confident.sum() / unlabelled.sum().clamp_min(1)
+        cells = F.interpolate(outputs["pseudo_cells"][:, None].float(), size=size)[:, 0]
+        supervised = (cells > 0) & unlabelled
+        coverage = supervised.sum() / unlabelled.sum().clamp_min(1)
         self.log("train_pseudo_coverage", coverage, batch_size=target.shape[0])
         if "mask" in batch:
-            self.train_pseudo_metrics.update(
-                pseudo, batch["mask"].masked_fill(confidence == 0, VOID)
-            )
+            mask = batch["mask"].masked_fill(confidence == 0, VOID)
+            self.train_pseudo_metrics.update(pseudo, mask)
+            self.train_student_metrics.update(outputs["logits"].argmax(1), mask)
+            supervised &= mask != VOID
+            right = (supervised & (pseudo == mask)).sum()
+            self._pseudo_pixels += torch.stack([supervised.sum(), right]).float()
 
     def on_train_epoch_end(self) -> None:
-        """Log the pseudo labels' mIoU and per-class IoU of the epoch; warn about skipped refits."""
-        if self.train_pseudo_metrics["miou"].update_count:
-            self.log_dict(self.train_pseudo_metrics.compute())
-        self.train_pseudo_metrics.reset()
+        """Log the epoch's teacher and student scores; warn about skipped refits."""
+        for metrics in (self.train_pseudo_metrics, self.train_student_metrics):
+            if metrics["miou"].update_count:
+                self.log_dict(metrics.compute())
+            metrics.reset()
+        supervised, right = self._pseudo_pixels
+        if supervised > 0:  # one host read per epoch
+            self.log("train_pseudo_precision", right / supervised)
+        self._pseudo_pixels.zero_()
         skipped = int(self.skipped_refits)  # one host read per epoch
         if skipped > self._skipped_refits_reported:
             warnings.warn(

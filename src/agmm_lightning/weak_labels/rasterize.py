@@ -104,7 +104,9 @@ def rasterize_boxes(
 
     Pixels outside every box are labelled ``background``; pixels inside a box are unlabelled (C),
     except the box's central core (``core_fraction`` of its width and height, at least one pixel
-    when positive), labelled with the box class wherever no box of a different class covers it.
+    when positive), labelled with the box class wherever the smallest box covering the pixel has
+    that class: a box nested in another class's box keeps a core of its own, and where boxes of
+    different classes of equal size overlap, neither labels it.
     Box edges are snapped outwards to whole pixels (``floor(x0)``, ``ceil(x1)``) and clipped to the
     canvas; empty boxes are ignored.
 
@@ -139,24 +141,28 @@ def rasterize_boxes(
     y1 = np.clip(np.ceil(boxes[:, 3]), 0, height).astype(np.int64)
     classes = boxes[:, 4].astype(np.int64)
     live = (x1 > x0) & (y1 > y0)
-    for bx0, by0, bx1, by1, cls in zip(
-        x0[live], y0[live], x1[live], y1[live], classes[live], strict=True
-    ):
-        target[by0:by1, bx0:bx1] = num_classes
-        allowed[cls, by0:by1, bx0:bx1] = True
-    # Number of distinct box classes covering each pixel decides whether a core is unambiguous.
-    box_classes = allowed.sum(0)
+    x0, y0, x1, y1, classes = x0[live], y0[live], x1[live], y1[live], classes[live]
+    # The class of the smallest box covering each pixel (-1 where boxes of different classes tie
+    # for it): boxes drawn largest first.
+    area = (x1 - x0) * (y1 - y0)
+    smallest = np.full((height, width), -1, dtype=np.int64)
+    smallest_area = np.full((height, width), -1, dtype=np.int64)
+    for i in np.argsort(-area, kind="stable"):
+        region = (slice(y0[i], y1[i]), slice(x0[i], x1[i]))
+        target[region] = num_classes
+        allowed[classes[i], region[0], region[1]] = True
+        tie = (smallest_area[region] == area[i]) & (smallest[region] != classes[i])
+        smallest[region] = np.where(tie, -1, classes[i])
+        smallest_area[region] = area[i]
     allowed[background] = True
     if core_fraction > 0:
-        for bx0, by0, bx1, by1, cls in zip(
-            x0[live], y0[live], x1[live], y1[live], classes[live], strict=True
-        ):
+        for bx0, by0, bx1, by1, cls in zip(x0, y0, x1, y1, classes, strict=True):
             core_w = max(1, round((bx1 - bx0) * core_fraction))
             core_h = max(1, round((by1 - by0) * core_fraction))
             cx0 = bx0 + (bx1 - bx0 - core_w) // 2
             cy0 = by0 + (by1 - by0 - core_h) // 2
             region = (slice(cy0, cy0 + core_h), slice(cx0, cx0 + core_w))
-            target[region][box_classes[region] == 1] = cls
+            target[region][smallest[region] == cls] = cls
     return target, allowed
 
 
