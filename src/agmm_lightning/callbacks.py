@@ -1,4 +1,4 @@
-"""Callbacks: image panels and prediction PNGs, and the run folder they write to."""
+"""Callbacks: image panels, prediction PNGs, the latest checkpoint, and the run folder."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -18,6 +19,7 @@ from agmm_lightning.panels import draw_panel, render
 from agmm_lightning.targets import posterior_labels, upsample_posterior
 
 __all__ = [
+    "LatestCheckpoint",
     "PredictionWriter",
     "SegmentationPanels",
     "colorize",
@@ -26,6 +28,41 @@ __all__ = [
     "run_directory",
     "shared_run_directory",
 ]
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: the latest state, whatever the validation interval, so nothing is lost.
+
+    Written after every training epoch, at the end of fit (a ``max_steps`` budget may end one
+    mid-epoch) and when fit is interrupted: by SIGTERM (a cluster's preemption or time limit;
+    Lightning stops every rank at the same step), or by Ctrl+C or an error in a single-process
+    run. ``--ckpt_path=last`` resumes from it.
+
+    Args:
+        **kwargs: Other :class:`~lightning.pytorch.callbacks.ModelCheckpoint` arguments.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = {"filename": "last", "enable_version_counter": False} | kwargs
+        super().__init__(save_on_train_epoch_end=True, **kwargs)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save the final state unless the last epoch's checkpoint already holds it."""
+        self._save_latest(trainer)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Save the state of the interrupted step (every rank reaches here on SIGTERM)."""
+        alone = trainer.world_size == 1
+        if trainer.state.fn == "fit" and (isinstance(exception, SIGTERMException) or alone):
+            self._save_latest(trainer)
+
+    def _save_latest(self, trainer: Trainer) -> None:
+        if self.dirpath is None or self._last_global_step_saved == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.format_checkpoint_name({}))
+        self._last_global_step_saved = trainer.global_step
 
 
 @rank_zero_only

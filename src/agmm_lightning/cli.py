@@ -13,6 +13,7 @@ import inspect
 import os
 import pickle
 import re
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,8 +28,9 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from agmm_lightning.callbacks import run_directory
+from agmm_lightning.callbacks import LatestCheckpoint, run_directory
 from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.errors import InputError
 from agmm_lightning.tasks import AGMMSegmenter
@@ -188,9 +190,9 @@ def long_run_callbacks(
         callbacks.append(RichProgressBar())
     if wanted(ModelCheckpoint, trainer_config.get("enable_checkpointing") is not False):
         # Lightning's save_last writes last.ckpt only when a best checkpoint is written too, so
-        # after an epoch that did not improve it would still hold the best one: a callback of
-        # its own keeps the latest state.
-        callbacks.append(ModelCheckpoint(filename="last", enable_version_counter=False))
+        # after an epoch that did not improve (or without validation) it would not hold the
+        # latest state: a callback of its own does.
+        callbacks.append(LatestCheckpoint())
         if isinstance(model, AGMMSegmenter):
             callbacks.append(
                 ModelCheckpoint(
@@ -243,6 +245,16 @@ class AGMMLightningCLI(LightningCLI):
             given.insert(1, f"--model={self._checkpoint_model[0]}")
         self.config = parser.parse_args(given)
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            root = Path(self.config[subcommand].trainer.get("default_root_dir") or ".")
+            found = latest_checkpoint(root)
+            if found is None:
+                self.parser.error(
+                    f"--ckpt_path=last: no checkpoint of an earlier run under {root} (looked for "
+                    "*/*/checkpoints/last.ckpt, checkpoints/last.ckpt and hpc_ckpt_*.ckpt); "
+                    "leave --ckpt_path out to start afresh"
+                )
+            self.config[subcommand].ckpt_path = str(found)
         self._configured = self.config.clone()
         if subcommand:
             self._saved_hparams = self._read_checkpoint(self.config[subcommand].get("ckpt_path"))
@@ -346,6 +358,18 @@ class AGMMLightningCLI(LightningCLI):
         configured = [configured] if isinstance(configured, Callback) else list(configured)
         callbacks = configured + long_run_callbacks(trainer_config, configured, self.model)
         return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint a run under ``root`` (a ``default_root_dir``) left to resume from.
+
+    Each fit writes to a run folder of its own (``<logger name>/version_<n>/checkpoints/``, or
+    ``checkpoints/`` without a logger), and SLURM's requeue writes ``hpc_ckpt_<n>.ckpt`` in
+    ``root``: the newest ``last.ckpt`` or ``hpc_ckpt`` file among them, or None.
+    """
+    patterns = ("*/*/checkpoints/last.ckpt", "checkpoints/last.ckpt", "hpc_ckpt_*.ckpt")
+    found = [path for pattern in patterns for path in root.glob(pattern)]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def _class_name(class_path: str) -> str:
@@ -514,3 +538,9 @@ def main(args: list[str] | None = None) -> None:
     except InputError as error:
         sys.stderr.write(f"error: {_user_message(error)}\n")
         sys.exit(1)
+    except SIGTERMException:
+        sys.stderr.write(
+            "stopped by SIGTERM; the state of the interrupted step is in the run's last.ckpt: "
+            "rerun the same command with --ckpt_path=last to resume\n"
+        )
+        sys.exit(128 + signal.SIGTERM)
