@@ -88,9 +88,9 @@ def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The method and data settings that ``experiments/voc_<form>.yaml`` gives a weak form.
 
     Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
-    boxes take a labelled core, a uniform prior and hard pseudo labels; scribbles no GMM
-    pseudo loss. The benchmarks train each form with the data keys and OEM mode with the model
-    keys too.
+    boxes take a labelled core; no form sets OEM options today (one setting serves every
+    form). The benchmarks train each form with the data keys and OEM mode with the model keys
+    too.
     """
     config_path = EXPERIMENTS / f"voc_{form}.yaml"
     if not config_path.is_file():

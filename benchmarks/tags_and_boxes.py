@@ -11,7 +11,7 @@ Every seed renders the synthetic scenes of ``experiments/demo.yaml`` into the ge
 - **boxes** (METHOD §4): the "fill" baseline labels every box with its class (smaller boxes on top)
   and trains the same segmenter on that as full supervision; AGMM trains on the boxes themselves
   (unlabelled inside, background outside, allowed map) with the box settings of
-  ``experiments/voc_box.yaml``: a labelled box core, a uniform GMM prior and hard pseudo labels.
+  ``experiments/voc_box.yaml``: a labelled box core.
 
 The segmenters use the model and budget of ``experiments/demo.yaml``. Mean ± std over seeds;
 Markdown table. ``--quick`` shrinks everything to check the pipeline end to end in about a minute.

@@ -121,7 +121,7 @@ def teacher_and_student(runs: dict[tuple[str, str], list[dict]], path: Path) -> 
                     for i in range(len(epochs))
                 ]
                 label = f"{name}: {'G' if style == '-' else 'network'}"
-                axes.plot(epochs, curve, style, color=colour, label=label)
+                axes.plot(epochs, curve, style, marker=".", color=colour, label=label)
     axes.set_xlabel("epoch")
     axes.set_ylabel("train mIoU (%)")
     axes.legend(fontsize="small", loc="lower right")

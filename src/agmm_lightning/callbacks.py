@@ -39,12 +39,13 @@ class LatestCheckpoint(ModelCheckpoint):
     run. ``--ckpt_path=last`` resumes from it.
 
     Args:
-        **kwargs: Other :class:`~lightning.pytorch.callbacks.ModelCheckpoint` arguments.
+        dirpath: The folder; by default the run folder's ``checkpoints/``, as ModelCheckpoint's.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs = {"filename": "last", "enable_version_counter": False} | kwargs
-        super().__init__(save_on_train_epoch_end=True, **kwargs)
+    def __init__(self, dirpath: str | Path | None = None) -> None:
+        super().__init__(
+            dirpath, filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+        )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Save the final state unless the last epoch's checkpoint already holds it."""
