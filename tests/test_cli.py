@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from agmm_lightning import AGMMSegmenter
-from agmm_lightning.callbacks import colorize
+from agmm_lightning.callbacks import LatestCheckpoint, colorize
 from agmm_lightning.cli import AGMMLightningCLI, long_run_callbacks, main
 from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
 
@@ -136,15 +136,15 @@ def test_long_runs_keep_best_and_last_checkpoints_beside_the_config(tmp_path):
 def test_long_run_callbacks_stand_aside_when_switched_off_or_configured():
     model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
     kinds = {type(c) for c in long_run_callbacks({}, [], model)}
-    assert kinds == {RichProgressBar, ModelCheckpoint, LearningRateMonitor}
+    assert kinds == {RichProgressBar, LatestCheckpoint, ModelCheckpoint, LearningRateMonitor}
     switched_off = {"enable_progress_bar": False, "enable_checkpointing": False, "logger": False}
     assert long_run_callbacks(switched_off, [], model) == []
     own = [ModelCheckpoint(monitor="val_loss"), TQDMProgressBar(), LearningRateMonitor()]
     assert long_run_callbacks({}, own, model) == []
     (checkpoint,) = [
-        c for c in long_run_callbacks({}, [], LightningModule()) if type(c) is ModelCheckpoint
+        c for c in long_run_callbacks({}, [], LightningModule()) if isinstance(c, ModelCheckpoint)
     ]
-    assert checkpoint.monitor is None and checkpoint.filename == "last"
+    assert isinstance(checkpoint, LatestCheckpoint) and checkpoint.filename == "last"
 
 
 class _Worsening(LightningModule):
