@@ -84,6 +84,29 @@ def test_a_validation_image_that_fails_to_decode_is_left_out_of_the_metrics(fold
         sample = dataset[0]
     assert (sample["mask"] == 255).all()
     assert sample["image"].shape[1:] == (40, 56)
+    assert "d.png: the image is corrupt" in sample["left_out"]
+
+
+def test_a_metric_over_part_of_a_split_says_so_and_fails_the_command(
+    tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A validation mask with a class classes.txt does not list: fit reports the table over the
+    other images, says how many were left out and why, and exits non-zero."""
+    mask = np.array(Image.open(folder / "masks" / "d.png"))
+    mask[0, 0] = 3  # classes.txt lists 3 classes, 0..2
+    Image.fromarray(mask).save(folder / "masks" / "d.png")
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning):
+        main(["fit", "--config", config(tmp_path, folder), "--trainer.max_epochs=1"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "Per-class IoU (%), val, epoch 0, 1 image(s) LEFT OUT:" in captured.out
+    first = captured.err.strip().splitlines()[0]
+    assert first == (
+        "error: 1 image(s) of the val split could not be read and were left out of its metrics, "
+        "which cover the rest:"
+    )
+    assert "masks/d.png: stored values [3] are out of range" in captured.err
+    assert "classes.txt lists 3 classes (0..2): add the missing ones" in captured.err
 
 
 def config(tmp_path: Path, root: Path, weak_label: str = "point") -> str:
@@ -114,6 +137,7 @@ def test_check_data_decodes_everything_and_lists_every_bad_file(
     assert "3 train, 1 val images of FolderDataModule" in report and "3 problem(s)" in report
     assert "[train] " + str(folder / "images" / "c.png") + ": the image is corrupt" in report
     assert "masks/b.png: stored values [7] are out of range" in report
+    assert "classes.txt lists 3 classes (0..2)" in report
     assert "weak/scribble/a.png: the label PNG is corrupt" in report
 
 

@@ -157,17 +157,20 @@ class FileDataset(WeakLabelDataset):
 
         The header check at ``setup`` finds most bad files; one whose pixels are corrupt behind a
         good header is found only here. A training sample is then replaced by the next good one
-        and an evaluation sample by an all-void one (left out of the metrics), with a warning
-        naming the file.
+        and an evaluation sample by an all-void one (left out of the metrics, with the reason in
+        its ``left_out``, which the segmenter reports), with a warning naming the file.
         """
         try:
-            return super().__getitem__(index)
+            sample = super().__getitem__(index)
         except InputError as error:
             if self.mode == "train":
                 return self._replace_training_sample(index, error)
             if self.mode == "eval":
                 return self._void_sample(index, error)
             raise
+        if self.mode == "eval":
+            sample["left_out"] = ""  # nothing: the image counts
+        return sample
 
     def _replace_training_sample(self, index: int, error: InputError) -> dict[str, Any]:
         warnings.warn(f"{error} Training goes on with the next image instead.", stacklevel=2)
@@ -184,7 +187,8 @@ class FileDataset(WeakLabelDataset):
         warnings.warn(f"{error} The image is left out of the metrics.", stacklevel=2)
         image = np.zeros((height, width, 3), np.uint8)
         void = np.full((height, width), VOID, np.uint8)
-        return build_eval_sample(self.transform, image, name=record.name, mask=void)
+        sample = build_eval_sample(self.transform, image, name=record.name, mask=void)
+        return sample | {"left_out": str(error)}
 
     def load(self, index: int) -> tuple[str, np.ndarray, np.ndarray | None]:
         """Read image ``index`` and, except for prediction, its dense mask.

@@ -116,6 +116,12 @@ class FolderDataModule(FileDataModule):
         splits = {"train": train_split, "val": val_split, "test": test_split}
         super().__init__(root, splits=splits, weak_label=weak_label, **kwargs)
         self._class_names = self._read_class_names(num_classes)
+        count = len(self._class_names)
+        source = "classes.txt lists" if num_classes is None else f"num_classes={count} gives"
+        self.mask_fix = (
+            f"{source} {count} classes (0..{count - 1}): add the missing ones, or fix the masks "
+            "(class-index PNGs in masks/, 255 = void)."
+        )
 
     def _read_class_names(self, num_classes: int | None) -> list[str]:
         """Class names from ``classes.txt``, or ``class_<i>`` when only ``num_classes`` is given."""

@@ -249,7 +249,8 @@ class AGMMSegmenter(BaseTask):
         self._pending_stats: MixtureStatistics | None = None
         self.register_buffer("skipped_refits", torch.zeros((), dtype=torch.long), persistent=False)
         self._skipped_refits_reported = 0
-        self._ious: tuple[str, int, list[float], float] | None = None
+        self._ious: tuple[str, int, list[float], float, list[str]] | None = None
+        self._left_out: list[str] = []  # why images of the evaluation under way were left out
         self._start_time = time.monotonic()
 
     # -------------------------------------------------------------------------- set-up
@@ -453,10 +454,14 @@ class AGMMSegmenter(BaseTask):
     def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection) -> None:
         logits = self.predict_logits(batch["image"])
         metrics.update(logits.argmax(1), batch["mask"])
+        # Images a dataset could not read come as all-void samples with the reason.
+        reasons = batch.get("left_out") or []
+        self._left_out += [reason for reason in reasons if reason]
 
     def _log_metrics(self, prefix: str, metrics: MetricCollection) -> None:
         values = metrics.compute()
         metrics.reset()
+        left_out, self._left_out = self._left_out, []
         miou = values.pop(f"{prefix}_miou")
         self.log(f"{prefix}_miou", miou, prog_bar=True)
         self.log_dict(values)
@@ -464,7 +469,7 @@ class AGMMSegmenter(BaseTask):
             return
         ious = [float(values[f"{prefix}_iou_{name}"]) for name in self.class_names]
         mean = float(miou)
-        self._ious = (prefix, self.current_epoch, ious, mean)
+        self._ious = (prefix, self.current_epoch, ious, mean, left_out)
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - self._start_time))
         print_line(
             f"epoch {self.current_epoch} step {self.global_step}: {prefix}_miou {mean:.4f} "
@@ -472,12 +477,25 @@ class AGMMSegmenter(BaseTask):
         )
 
     def _print_ious(self) -> None:
-        """Print the per-class IoU of the last evaluation as a table."""
+        """Print the per-class IoU of the last evaluation as a table.
+
+        Raises:
+            InputError: If the evaluation left images out (files it could not read), after the
+                table, which says so: a metric over part of a split must not pass for the whole.
+        """
         if self._ious is None:
             return
-        prefix, epoch, ious, mean = self._ious
-        title = f"Per-class IoU (%), {prefix}, epoch {epoch}:"
+        prefix, epoch, ious, mean, left_out = self._ious
+        missing = f", {len(left_out)} image(s) LEFT OUT" if left_out else ""
+        title = f"Per-class IoU (%), {prefix}, epoch {epoch}{missing}:"
         print_line(format_iou_table(title, self.class_names, ious, mean))
+        if left_out:
+            shown = "\n  ".join(left_out[:5]) + ("\n  ..." if len(left_out) > 5 else "")
+            raise InputError(
+                f"{len(left_out)} image(s) of the {prefix} split could not be read and were left "
+                f"out of its metrics, which cover the rest:\n  {shown}\nFix or remove them "
+                "(`agmm check-data --config <your config>` lists every bad file)."
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Accumulate the validation confusion matrix."""
