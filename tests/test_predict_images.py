@@ -137,3 +137,51 @@ def test_only_a_folder_given_to_data_is_spelt_out(tmp_path):
         "fit",
         "--data=FolderDataModule",
     ]
+
+
+def test_images_sharing_a_stem_keep_distinct_outputs(tmp_path, checkpoint, photos):
+    Image.open(photos / "a.png").convert("RGB").save(photos / "a.jpg")
+    out = tmp_path / "out"
+    predict = ["predict", f"--ckpt_path={checkpoint}", f"--data={photos}"]
+    main([*predict, f"--trainer.default_root_dir={out}", "--trainer.logger=false"])
+    listing = (out / "predictions" / "predictions.csv").read_text().splitlines()
+    names = sorted(line.split(",")[0] for line in listing[1:])
+    assert names == ["a.jpg", "a.png", "b", "c", "d", "more/again"]
+    assert (out / "predictions" / "a.jpg.png").is_file()
+    assert (out / "predictions" / "a.png.png").is_file()
+
+
+def test_an_unreadable_image_is_skipped_listed_and_fails_the_command(
+    tmp_path, checkpoint, photos, capsys
+):
+    (photos / "b.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    predict = ["predict", f"--ckpt_path={checkpoint}", f"--data={photos}"]
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="b.png"):
+        main([*predict, f"--trainer.default_root_dir={out}", "--trainer.logger=false"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "Predictions of 4 images written" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert lines[0] == "error: 1 image(s) could not be read and were skipped:"
+    assert "b.png" in lines[1] and "split" not in captured.err
+    written = {line.split(",")[0] for line in (out / "predictions" / "predictions.csv").open()}
+    assert written == {"name", "a", "c", "d", "more/again"}
+
+
+@pytest.mark.parametrize(
+    ("data", "ckpt", "message"),
+    [
+        ("{images}/a.png", "{ckpt}", "--data={images}/a.png: a file, not a folder of images"),
+        ("{tmp}/missing", "{ckpt}", "--data={tmp}/missing: no such folder"),
+        ("{images}", "{tmp}/none.ckpt", "--ckpt_path={tmp}/none.ckpt: file not found"),
+    ],
+)
+def test_predict_mistakes_are_one_line(tmp_path, checkpoint, capsys, data, ckpt, message):
+    values = {"images": IMAGES, "tmp": tmp_path, "ckpt": checkpoint}
+    args = ["predict", f"--ckpt_path={ckpt.format(**values)}", f"--data={data.format(**values)}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code != 0
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message.format(**values)}")

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.errors import InputError
 from agmm_lightning.panels import draw_panel, render
 from agmm_lightning.targets import posterior_labels, upsample_posterior
 
@@ -237,6 +238,8 @@ class PredictionWriter(BasePredictionWriter):
     white); ``color/<name>.png`` is the same map as plain RGB, for tools that ignore palettes.
     ``predictions.csv`` lists ``name,index_png,color_png`` per image (one list per rank under
     DDP: ``predictions_rank<r>.csv``). A name with folders (an image in a sub-folder) keeps them.
+    Images a dataset could not read (``unreadable`` in the batch) are skipped, and listed at the
+    end in an error, after everything else is written.
     Files go to ``output_dir``, or to the task's
     :meth:`~agmm_lightning.tasks.base.BaseTask.prediction_folder`.
 
@@ -250,13 +253,14 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.written: list[str] = []
+        self.skipped: list[str] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the folder once, the same on every rank."""
         default = pl_module.prediction_folder(trainer)  # type: ignore[operator]
         self.folder = Path(self.output_dir) if self.output_dir else default
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.written = []
+        self.written, self.skipped = [], []
 
     def write_on_batch_end(
         self,
@@ -270,7 +274,13 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         """Save the batch's predictions."""
         palette = palette_of(pl_module.hparams["num_classes"])
-        for name, labels in zip(prediction["name"], prediction["prediction"], strict=True):
+        unreadable = batch.get("unreadable") or [""] * len(prediction["name"])
+        for name, labels, reason in zip(
+            prediction["name"], prediction["prediction"], unreadable, strict=True
+        ):
+            if reason:
+                self.skipped.append(reason)
+                continue
             indices = labels.cpu().numpy()
             index_file, color_file = f"{name}.png", f"color/{name}.png"
             for file in (index_file, color_file):
@@ -290,3 +300,9 @@ class PredictionWriter(BasePredictionWriter):
             f"Predictions of {len(self.written)} images written to {self.folder} (class-index "
             f"palette PNGs, color/ RGB PNGs, listed in {listing.name})"
         )
+        if self.skipped:
+            shown = "\n  ".join(self.skipped[:10])
+            more = f"\n  ... and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
+            raise InputError(
+                f"{len(self.skipped)} image(s) could not be read and were skipped:\n  {shown}{more}"
+            )

@@ -451,6 +451,9 @@ def folder_shorthand(args: list[str]) -> list[str]:
 
     Returns:
         The arguments with a folder given to ``--data`` spelt out as the datamodule's options.
+
+    Raises:
+        InputError: For a ``--data`` path that is neither a folder nor a config file.
     """
     out: list[str] = []
     index = 0
@@ -464,11 +467,24 @@ def folder_shorthand(args: list[str]) -> list[str]:
         if value is not None and Path(value).is_dir():
             out += [f"--data={_IMAGE_FOLDER}", f"--data.root={value}"]
         elif value is not None:
+            _check_data_path(value)
             out += [f"--data={value}"]
         else:
             out.append(arg)
         index += 1
     return out
+
+
+def _check_data_path(value: str) -> None:
+    """Refuse a ``--data`` path that is neither a folder of images nor a config file."""
+    path = Path(value).expanduser()
+    if path.is_file() and path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise InputError(
+            f"--data={value}: a file, not a folder of images or a data config (.yaml); give the "
+            "folder that holds the images"
+        )
+    if not path.exists() and ("/" in value or value.startswith((".", "~"))):
+        raise InputError(f"--data={value}: no such folder")
 
 
 def model_overrides(args: list[str]) -> tuple[str, list[str]] | None:
@@ -489,8 +505,10 @@ def model_overrides(args: list[str]) -> tuple[str, list[str]] | None:
     if path is None and "--ckpt_path" in args[:-1]:
         path = args[args.index("--ckpt_path") + 1]
     configured = any(arg in ("-c", "--config", "--model") for arg in args) or "model" in options
-    if configured or not path or not Path(path).is_file():
+    if configured or not path or path in _CHECKPOINT_ALIASES or path.startswith("registry:"):
         return None
+    if not Path(path).is_file():
+        raise InputError(f"--ckpt_path={path}: file not found")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         class_path = saved["hyper_parameters"]["_class_path"]
@@ -521,8 +539,8 @@ def main(args: list[str] | None = None) -> None:
         args: Arguments instead of ``sys.argv[1:]`` (for tests).
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    given = folder_shorthand(sys.argv[1:] if args is None else list(args))
     try:
+        given = folder_shorthand(sys.argv[1:] if args is None else list(args))
         if given[:1] == ["check-data"]:
             sys.exit(check_data(given[1:]))
         AGMMLightningCLI(

@@ -2,14 +2,20 @@
 
 ``agmm predict --ckpt_path=model.ckpt --data=photos/`` reads every ``.jpg``, ``.jpeg`` and
 ``.png`` under ``photos/`` (sub-folders included) at its own size; a prediction keeps the file's
-path relative to the folder as its name, so sub-folders are mirrored in the output.
+path relative to the folder as its name, so sub-folders are mirrored in the output. The name drops
+the suffix unless two files share a stem (``a.png`` and ``a.jpg``): those keep it, so no output
+overwrites another. An image that cannot be read is skipped and reported at the end.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from agmm_lightning.data.base import AGMMDataModule, Split, WeakLabelDataset
 from agmm_lightning.data.io import IMAGE_SUFFIXES, read_rgb_image, require_directory
@@ -47,15 +53,33 @@ class ImageFolderDataset(WeakLabelDataset):
         super().__init__(0, mode="predict", transform=eval_transform())
         self.root = root
         self.paths = find_images(root)
+        stems = [path.relative_to(root).with_suffix("").as_posix() for path in self.paths]
+        shared = {stem for stem, count in Counter(stems).items() if count > 1}
+        self.names = [
+            path.relative_to(root).as_posix() if stem in shared else stem
+            for path, stem in zip(self.paths, stems, strict=True)
+        ]
 
     def __len__(self) -> int:
         """Return the number of images."""
         return len(self.paths)
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample of image ``index``; ``unreadable`` holds why when it cannot be read.
+
+        An unreadable image does not stop the run: it comes as a one-pixel placeholder that the
+        prediction writer skips and lists at the end.
+        """
+        try:
+            return super().__getitem__(index) | {"unreadable": ""}
+        except InputError as error:
+            warnings.warn(f"{error} Skipped; the other images are predicted.", stacklevel=2)
+            placeholder = torch.zeros(3, 1, 1)
+            return {"image": placeholder, "name": self.names[index], "unreadable": str(error)}
+
     def load(self, index: int) -> tuple[str, np.ndarray, None]:
-        """Read image ``index``: its name (relative path without suffix) and RGB pixels."""
-        path = self.paths[index]
-        return path.relative_to(self.root).with_suffix("").as_posix(), read_rgb_image(path), None
+        """Read image ``index``: its name (see the module) and RGB pixels."""
+        return self.names[index], read_rgb_image(self.paths[index]), None
 
 
 class ImageFolderDataModule(AGMMDataModule):

@@ -194,8 +194,7 @@ def _open_image(path: Path) -> Image.Image:
         raise MissingInputError(f"{path}: file not found.") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(
-            f"{path}: not a readable image ({error}); expected a JPEG or PNG file. Replace it, "
-            "or remove its id from the split."
+            f"{path}: not a readable image ({error}); expected a JPEG or PNG file."
         ) from error
 
 
@@ -217,8 +216,7 @@ def read_rgb_image(path: Path) -> np.ndarray:
             return np.array(image.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(
-                f"{path}: the image is corrupt ({error}); expected a complete JPEG or PNG file. "
-                "Replace it, or remove its id from the split."
+                f"{path}: the image is corrupt ({error}); expected a complete JPEG or PNG file."
             ) from error
 
 
