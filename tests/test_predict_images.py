@@ -112,6 +112,40 @@ def test_segment_takes_a_path_pil_image_array_or_tensor_alike(checkpoint):
     assert model.training  # segment() leaves the mode as it found it
 
 
+def test_segment_reads_every_dtype_by_one_rule_and_takes_lists(checkpoint):
+    """Integers are 0..255 whatever their dtype; floats 0..1, or 0..255 when above 1."""
+    model = AGMMSegmenter.load_from_checkpoint(checkpoint, map_location="cpu")
+    pixels = np.array(Image.open(IMAGES / "c.png").convert("RGB"))
+    labels = model.segment(pixels)
+    for same in (
+        pixels.astype(np.float32),
+        pixels.astype(np.int64),
+        pixels.astype(np.uint16),
+        pixels.astype(np.float64) / 255,
+        torch.from_numpy(pixels).permute(2, 0, 1).double(),
+    ):
+        assert torch.equal(model.segment(same), labels)
+    maps = model.segment([IMAGES / "c.png", pixels, IMAGES / "a.png"])
+    assert isinstance(maps, list) and len(maps) == 3
+    assert torch.equal(maps[0], labels) and torch.equal(maps[1], labels)
+    assert torch.equal(maps[2], model.segment(IMAGES / "a.png"))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (np.full((8, 8, 3), 4095, np.uint16), r"got values in 0\.\.4095|got values in 4095"),
+        (np.full((8, 8, 3), -1.0, np.float32), "got values in -1"),
+        (np.zeros((8, 8, 3), bool), "bool"),
+    ],
+)
+def test_segment_refuses_pixels_outside_both_scales_in_one_line(checkpoint, pixels, message):
+    model = AGMMSegmenter.load_from_checkpoint(checkpoint, map_location="cpu")
+    with pytest.raises(InputError, match=message) as error:
+        model.segment(pixels)
+    assert "\n" not in str(error.value)
+
+
 def test_segment_refuses_what_is_not_an_rgb_image(checkpoint):
     model = AGMMSegmenter.load_from_checkpoint(checkpoint, map_location="cpu")
     with pytest.raises(InputError, match=r"Expected an RGB image.*\(4, 8, 8\)"):

@@ -17,10 +17,34 @@ from agmm_lightning.errors import InputError
 
 LogitsFn = Callable[[Tensor], Tensor]
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
-"""An image to segment: a file, a PIL image, a uint8 [H,W,3] (or [H,W]) array, or a [3,H,W] or
-[B,3,H,W] tensor (uint8, or float in [0, 1])."""
+"""An image to segment: a file, a PIL image, an [H,W,3] (or [H,W]) array, or a [3,H,W] or
+[B,3,H,W] tensor. Arrays and tensors of any dtype are read by one rule (:func:`pixel_scale`):
+integers are 0..255; floats are 0..1 when none exceeds 1, else 0..255."""
 
-__all__ = ["ImageInput", "image_batch", "infer_logits", "sliding_window_logits"]
+__all__ = ["ImageInput", "image_batch", "infer_logits", "pixel_scale", "sliding_window_logits"]
+
+
+def pixel_scale(pixels: Tensor) -> float:
+    """The value of full intensity in an image tensor: 255 or 1.
+
+    Integers (uint8, int64, uint16, ...) are 0..255; floats are 0..1 when no value exceeds 1
+    and 0..255 otherwise (a float image whose brightest pixel is at most 1 reads as 0..1).
+
+    Raises:
+        InputError: For a bool tensor, or values outside 0..255 (a 16-bit or signed image:
+            scale it to 0..255 or 0..1 first).
+    """
+    if pixels.dtype == torch.bool:
+        raise InputError("Expected image pixels, got a bool array; give 0..255 or 0..1 values.")
+    if pixels.numel() == 0:
+        return 255.0
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < 0 or high > 255:
+        raise InputError(
+            f"Expected pixels in 0..255 (integers, or floats) or 0..1 (floats); got values in "
+            f"{low:g}..{high:g}. Scale the image to one of those ranges first."
+        )
+    return 1.0 if pixels.is_floating_point() and high <= 1 else 255.0
 
 
 def image_batch(image: ImageInput) -> Tensor:
@@ -42,6 +66,8 @@ def image_batch(image: ImageInput) -> Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
+        if image.dtype == np.uint16:  # torch has no unsigned 16-bit arithmetic on every build
+            image = image.astype(np.int32)
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     batch = image[None] if image.ndim == 3 else image
     if batch.ndim != 4 or batch.shape[1] != 3:
@@ -49,7 +75,7 @@ def image_batch(image: ImageInput) -> Tensor:
             f"Expected an RGB image: [H,W,3] array, [3,H,W] or [B,3,H,W] tensor; got shape "
             f"{tuple(image.shape)}."
         )
-    batch = batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+    batch = batch.float() / pixel_scale(batch)
     mean = batch.new_tensor(IMAGENET_MEAN)[:, None, None]
     std = batch.new_tensor(IMAGENET_STD)[:, None, None]
     return (batch - mean) / std

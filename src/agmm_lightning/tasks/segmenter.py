@@ -10,7 +10,8 @@ import dataclasses
 import inspect
 import time
 import warnings
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -323,25 +324,29 @@ class AGMMSegmenter(BaseTask):
         )
 
     @torch.inference_mode()
-    def segment(self, image: ImageInput) -> Tensor:
+    def segment(self, image: ImageInput | Sequence[ImageInput]) -> Tensor | list[Tensor]:
         """The class map of an image, with the configured sliding window, scales and flip.
 
         Args:
-            image: A file path, PIL image, uint8 [H,W,3] array, or [3,H,W] / [B,3,H,W] tensor
-                (uint8, or float in [0, 1]); see :data:`~agmm_lightning.inference.ImageInput`.
+            image: A file path, PIL image, [H,W,3] array, or [3,H,W] / [B,3,H,W] tensor (any
+                dtype: integers 0..255, floats 0..1 or 0..255; see
+                :data:`~agmm_lightning.inference.ImageInput`), or a list of them.
 
         Returns:
-            int64 class indices on the CPU: [H,W], or [B,H,W] for a batch tensor. Class i is
-            ``class_names[i]``.
+            int64 class indices on the CPU: [H,W], [B,H,W] for a batch tensor, or a list of
+            maps for a list of images. Class i is ``class_names[i]``.
         """
-        batch = image_batch(image).to(self.device)
+        if isinstance(image, (list, tuple)):
+            return [cast(Tensor, self.segment(one)) for one in image]
+        single = cast(ImageInput, image)
+        batch = image_batch(single).to(self.device)
         training = self.training
         self.eval()
         try:
             labels = self.predict_logits(batch).argmax(1).cpu()
         finally:
             self.train(training)
-        return labels if _is_batch(image) else labels[0]
+        return labels if _is_batch(single) else labels[0]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the class names the data gave, for :meth:`segment`'s users and the panels."""
