@@ -82,13 +82,46 @@ def test_print_config_of_the_demo(capsys):
         ("--model.num_classes=5", "set --model.init_args.num_classes=6"),
         ("--model.mixture_cnt=3", "mixture_cnt"),
         ("--model.method=magic", "magic"),
+        ("--model.lr=-1", "error: lr must be > 0, got -1.0"),
+        ("--model.weight_decay=-0.1", "error: weight_decay must be >= 0, got -0.1"),
+        ("--model.oem_momentum=1.5", "error: oem_momentum must be in [0, 1), got 1.5"),
     ],
 )
 def test_bad_configuration_exits_with_a_message(tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "fit", override, "--trainer.fast_dev_run=true")
     assert exit_info.value.code != 0
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 1
+    assert (
+        capsys.readouterr().err == f"error: --config={tmp_path / 'missing.yaml'}: file not found\n"
+    )
+
+
+def test_a_checkpoint_of_another_class_count_names_the_count_not_classes_txt(tmp_path, capsys):
+    """A 6-class checkpoint on a 3-class folder dataset: the message is about the model."""
+    checkpoint = fit_once(tmp_path / "first")
+    capsys.readouterr()
+    folder = Path(__file__).parent / "data" / "folder"
+    config = tmp_path / "folder.yaml"
+    config.write_text(
+        "model:\n  class_path: agmm_lightning.AGMMSegmenter\n  init_args:\n"
+        "    arch: Unet\n    encoder: tu-test_resnet\n"
+        "data:\n  class_path: agmm_lightning.data.FolderDataModule\n"
+        f"  init_args:\n    root: {folder}\n"
+        f"trainer:\n  accelerator: cpu\n  default_root_dir: {tmp_path / 'second'}\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", str(config), f"--ckpt_path={checkpoint}"])
+    message = capsys.readouterr().err
+    assert "classes.txt" not in message
+    assert f"--ckpt_path={checkpoint} holds a model with num_classes=6" in message
 
 
 def fit_once(root: Path, *args: str) -> Path:

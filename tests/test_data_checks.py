@@ -10,6 +10,7 @@ from PIL import Image
 
 from agmm_lightning.cli import main
 from agmm_lightning.data import FolderDataModule
+from agmm_lightning.data.io import read_id_list
 from agmm_lightning.errors import InputError
 
 DATA = Path(__file__).parent / "data"
@@ -166,3 +167,12 @@ def test_a_bad_dataset_ends_fit_with_a_message_and_no_traceback(
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "images: directory not found" in err
     assert "Traceback" not in err
+
+
+def test_an_id_with_a_space_is_refused_naming_the_line(tmp_path: Path) -> None:
+    listing = tmp_path / "train.txt"
+    listing.write_text("a\nJPEGImages/b.jpg SegmentationClass/b.png\nmy image\n")
+    with pytest.raises(InputError, match=r"train\.txt, line 3: 'my image' is not one id"):
+        read_id_list(listing, "train_split")
+    listing.write_text("a\nJPEGImages/b.jpg SegmentationClass/b.png\n")
+    assert read_id_list(listing, "train_split") == ["a", "b"]

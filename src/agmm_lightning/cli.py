@@ -286,7 +286,8 @@ class AGMMLightningCLI(LightningCLI):
         """Restore the configured options over those LightningCLI took from the checkpoint.
 
         Without a configured model (``predict --ckpt_path=… --data=…`` alone) the checkpoint's is
-        built, and a datamodule whose class count is left open (None) gets the checkpoint's.
+        built, and a plain folder of images (which has no class count of its own) gets the
+        checkpoint's.
         """
         if not self.subcommand:
             self.config = self._configured
@@ -296,9 +297,9 @@ class AGMMLightningCLI(LightningCLI):
             for key in self._checkpoint_model[1]:
                 loaded.model.init_args[key] = configured.model.init_args[key]
             configured.model = loaded.model
-        data = (configured.get("data") or {}).get("init_args") or {}
-        if "num_classes" in data and data["num_classes"] is None:
-            data["num_classes"] = self._saved_hparams.get("num_classes")
+        data = configured.get("data") or {}
+        if data.get("class_path") == _IMAGE_FOLDER and data["init_args"]["num_classes"] is None:
+            data["init_args"]["num_classes"] = self._saved_hparams.get("num_classes")
         self.config = self._configured
 
     def instantiate_classes(self) -> None:
@@ -475,6 +476,18 @@ def folder_shorthand(args: list[str]) -> list[str]:
     return out
 
 
+def _check_config_files(args: list[str]) -> None:
+    """Refuse a ``--config`` (``-c``) file that does not exist, naming it."""
+    for index, arg in enumerate(args):
+        value = None
+        if arg.startswith("--config="):
+            value = arg.removeprefix("--config=")
+        elif arg in ("--config", "-c") and index + 1 < len(args):
+            value = args[index + 1]
+        if value and not Path(value).expanduser().is_file():
+            raise InputError(f"--config={value}: file not found")
+
+
 def _check_data_path(value: str) -> None:
     """Refuse a ``--data`` path that is neither a folder of images nor a config file."""
     path = Path(value).expanduser()
@@ -541,6 +554,7 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         given = folder_shorthand(sys.argv[1:] if args is None else list(args))
+        _check_config_files(given)
         if given[:1] == ["check-data"]:
             sys.exit(check_data(given[1:]))
         AGMMLightningCLI(

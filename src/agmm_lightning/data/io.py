@@ -133,8 +133,9 @@ def existing_files(paths: Sequence[Path]) -> list[bool]:
 def read_id_list(path: Path, option: str) -> list[str]:
     """Read a split list: one image per line, as ``<id>`` or ``<dir>/<id>.jpg [<dir>/<id>.png]``.
 
-    Only the first whitespace-separated token of a line is used; a folder in front and an image
-    file ending are removed from it. Blank lines are skipped.
+    Only the first whitespace-separated token of a line is used (the second may name its label
+    file); a folder in front and an image file ending are removed from it. Blank lines are
+    skipped. A line whose second token is not a file name (an id with a space) is refused.
 
     Args:
         path: The list file.
@@ -145,14 +146,20 @@ def read_id_list(path: Path, option: str) -> list[str]:
 
     Raises:
         FileNotFoundError: If the list does not exist.
-        ValueError: If it lists no id.
+        ValueError: If it lists no id, or an id with a space.
     """
     require_file(path, option, "a split list with one image id per line")
     ids = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         tokens = line.split()
         if not tokens:
             continue
+        if len(tokens) > 1 and not os.path.splitext(tokens[1])[1]:
+            raise InputError(
+                f"{path}, line {number}: {line.strip()!r} is not one id: ids cannot hold spaces "
+                "(a second word may only name a label file). Rename the image, or list it "
+                "without the space."
+            )
         name = PurePosixPath(tokens[0]).name
         stem, suffix = os.path.splitext(name)
         ids.append(stem if suffix.lower() in IMAGE_SUFFIXES else name)

@@ -19,13 +19,28 @@ from torch import nn
 from agmm_lightning.callbacks import shared_run_directory
 from agmm_lightning.errors import InputError
 
-__all__ = ["BaseTask", "check_choice"]
+__all__ = ["BaseTask", "check_choice", "check_optimizer_options"]
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     """Raise an InputError naming the argument, its allowed values and the value given."""
     if value not in choices:
         raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_optimizer_options(optimizer: str, **values: float) -> None:
+    """Raise an InputError naming the first optimizer option out of range.
+
+    Args:
+        optimizer: ``"sgd"`` or ``"adamw"``.
+        **values: Learning rates and multipliers (``> 0``), ``weight_decay`` and ``poly_power``
+            (``>= 0``), by their option names.
+    """
+    check_choice("optimizer", optimizer, ("sgd", "adamw"))
+    for name, value in values.items():
+        positive = name not in ("weight_decay", "poly_power")
+        if value < 0 or (positive and value == 0):
+            raise InputError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
 
 
 class BaseTask(LightningModule):

@@ -31,7 +31,7 @@ from agmm_lightning.callbacks import PredictionWriter, print_line
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import infer_logits
 from agmm_lightning.targets import VOID, present_classes
-from agmm_lightning.tasks.base import BaseTask, check_choice
+from agmm_lightning.tasks.base import BaseTask, check_optimizer_options
 from agmm_lightning.weights import load_encoder_weights, split_weights
 
 __all__ = ["CAMClassifier", "build_encoder", "cam_pseudo_labels", "normalize_cams"]
@@ -208,7 +208,13 @@ class CAMClassifier(BaseTask):
         _check_arguments(
             num_classes, background_index, cam_scales, foreground_threshold, background_threshold
         )
-        check_choice("optimizer", optimizer, ("sgd", "adamw"))
+        check_optimizer_options(
+            optimizer,
+            lr=lr,
+            head_lr_multiplier=head_lr_multiplier,
+            weight_decay=weight_decay,
+            poly_power=poly_power,
+        )
         self.save_hyperparameters()
         self.encoder, channels = build_encoder(encoder, encoder_weights, output_stride)
         self.classifier = nn.Conv2d(channels, num_classes - 1, kernel_size=1, bias=False)

@@ -27,7 +27,7 @@ from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels, print
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import ImageInput, image_batch, infer_logits
 from agmm_lightning.targets import VOID, upsample_posterior
-from agmm_lightning.tasks.base import BaseTask, check_choice
+from agmm_lightning.tasks.base import BaseTask, check_choice, check_optimizer_options
 
 __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
 
@@ -222,7 +222,15 @@ class AGMMSegmenter(BaseTask):
         check_choice("prior", prior, ("prediction", "uniform"))
         check_choice("pseudo_mode", pseudo_mode, ("agree", "soft", "hard", "surer"))
         check_choice("pseudo_gradient", pseudo_gradient, ("network", "head"))
-        check_choice("optimizer", optimizer, ("sgd", "adamw"))
+        check_optimizer_options(
+            optimizer,
+            lr=lr,
+            backbone_lr_multiplier=backbone_lr_multiplier,
+            weight_decay=weight_decay,
+            poly_power=poly_power,
+        )
+        if not 0 <= oem_momentum < 1:
+            raise InputError(f"oem_momentum must be in [0, 1), got {oem_momentum}")
         if warmup_steps < 0 or not 0 <= confidence <= 1 or not 0 <= fit_confidence <= 1:
             raise InputError(
                 "warmup_steps must be >= 0, and confidence and fit_confidence in [0, 1]; got "
