@@ -82,7 +82,7 @@ def test_print_config_of_the_demo(capsys):
         ("--model.num_classes=5", "set --model.init_args.num_classes=6"),
         ("--model.mixture_cnt=3", "mixture_cnt"),
         ("--model.method=magic", "magic"),
-        ("--model.lr=-1", "error: lr must be > 0, got -1.0"),
+        ("--model.lr=-1", "error: lr must be >= 0, got -1.0"),
         ("--model.weight_decay=-0.1", "error: weight_decay must be >= 0, got -0.1"),
         ("--model.oem_momentum=1.5", "error: oem_momentum must be in [0, 1), got 1.5"),
     ],

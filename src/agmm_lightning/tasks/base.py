@@ -33,14 +33,13 @@ def check_optimizer_options(optimizer: str, **values: float) -> None:
 
     Args:
         optimizer: ``"sgd"`` or ``"adamw"``.
-        **values: Learning rates and multipliers (``> 0``), ``weight_decay`` and ``poly_power``
-            (``>= 0``), by their option names.
+        **values: Learning rates, multipliers, ``weight_decay`` and ``poly_power``, by their
+            option names: each must be ``>= 0`` (a learning rate of 0 freezes the weights).
     """
     check_choice("optimizer", optimizer, ("sgd", "adamw"))
     for name, value in values.items():
-        positive = name not in ("weight_decay", "poly_power")
-        if value < 0 or (positive and value == 0):
-            raise InputError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+        if value < 0:
+            raise InputError(f"{name} must be >= 0, got {value}")
 
 
 class BaseTask(LightningModule):
