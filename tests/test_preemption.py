@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.cli import latest_checkpoint, long_run_callbacks, main
@@ -98,3 +98,56 @@ def test_last_without_an_earlier_run_is_one_line(tmp_path, capsys):
     assert first.startswith(
         f"error: --ckpt_path=last: no checkpoint of an earlier run under {tmp_path}"
     )
+
+
+class StopAfter(Callback):
+    """Interrupt a fit at the end of an epoch, as a time limit would."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def fit_epochs(
+    root: Path, epochs: int, ckpt_path: Path | None = None, workers: int = 0, stop: int = 0
+):
+    """The final weights of a seeded tiny fit of ``epochs`` epochs with augmentation on,
+    stopped after ``stop`` epochs when given."""
+    seed_everything(0)
+    model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=1)
+    data = SyntheticDataModule(
+        num_train=8, num_val=4, image_size=48, crop_size=32, batch_size=4, num_workers=workers
+    )
+    options = {"enable_progress_bar": False, "logger": False}
+    trainer = Trainer(
+        max_epochs=epochs,
+        callbacks=long_run_callbacks(options, [], model) + ([StopAfter(stop)] if stop else []),
+        default_root_dir=root,
+        enable_model_summary=False,
+        **options,
+    )
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model.state_dict()
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_resumed_fit_equals_the_uninterrupted_one(tmp_path):
+    """Augmentation is seeded per sample from (seed, epoch, index): a fit stopped after two
+    epochs and resumed from last.ckpt ends with the weights of the one that never stopped."""
+    whole = fit_epochs(tmp_path / "whole", 4)
+    fit_epochs(tmp_path / "parts", 4, stop=2)
+    resumed = fit_epochs(tmp_path / "parts", 4, tmp_path / "parts" / "checkpoints" / "last.ckpt")
+    assert_same_weights(whole, resumed)
+
+
+def test_the_same_seed_gives_the_same_fit_whatever_the_worker_count(tmp_path):
+    assert_same_weights(fit_epochs(tmp_path / "a", 2), fit_epochs(tmp_path / "b", 2))
+    assert_same_weights(fit_epochs(tmp_path / "c", 2), fit_epochs(tmp_path / "d", 2, workers=2))

@@ -178,7 +178,10 @@ def test_workers_epochs_and_seeds() -> None:
     module = _module(num_workers=2, crop_size=48)
     module.setup("fit")
     loader = module.train_dataloader()
-    epochs = [list(loader) for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        epochs.append(list(loader))
     images = [
         {
             name: image

@@ -25,6 +25,8 @@ from agmm_lightning.data.transforms import (
     build_eval_sample,
     build_train_sample,
     eval_transform,
+    reseed_transform,
+    sample_seed,
     seed_worker,
     train_transform,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "AGMMDataModule",
     "Mode",
     "PredictSplit",
+    "SampleIndex",
     "Split",
     "WeakLabelDataset",
 ]
@@ -129,7 +132,12 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return the sample dict of image ``index`` for this dataset's mode."""
+        """Return the sample dict of image ``index`` for this dataset's mode.
+
+        A training :class:`SampleIndex` seeds the augmentation from ``(seed, epoch, index)``.
+        """
+        if isinstance(index, SampleIndex):
+            reseed_transform(self.transform, sample_seed(self.seed, index.epoch, index))
         name, image, mask = self.load(index)
         if self.mode == "predict":
             return build_eval_sample(self.transform, image, name=name)
@@ -158,12 +166,34 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         )
 
 
+class SampleIndex(int):
+    """A training sample's index that also carries its epoch.
+
+    The dataset seeds the sample's augmentation from ``(seed, epoch, index)``, so it depends on
+    nothing else (not on the worker that draws it, nor on the samples before it) and a resumed
+    run draws what it would have.
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> SampleIndex:
+        """The index ``index`` of epoch ``epoch``."""
+        value = super().__new__(cls, index)
+        value.epoch = epoch
+        return value
+
+    def __getnewargs__(self) -> tuple[int, int]:  # type: ignore[override]
+        """Both numbers, so that the index reaches DataLoader workers whole."""
+        return int(self), self.epoch
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on ``(seed, epoch)``, so a resumed run replays its order.
 
     Lightning calls :meth:`set_epoch` at the start of every epoch. Under DDP it wraps this sampler
     in a distributed one that shuffles again, seeded by ``seed_everything``: the order is still
-    reproducible, but it is not the single-device order.
+    reproducible, but it is not the single-device order. The indices are :class:`SampleIndex`
+    values that carry the epoch.
 
     Args:
         size: Number of samples.
@@ -184,7 +214,8 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return iter([SampleIndex(index, self.epoch) for index in order])
 
 
 class AGMMDataModule(LightningDataModule, ABC):

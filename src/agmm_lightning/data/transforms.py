@@ -35,6 +35,7 @@ __all__ = [
     "build_train_sample",
     "eval_transform",
     "reseed_transform",
+    "sample_seed",
     "seed_worker",
     "train_transform",
 ]
@@ -117,6 +118,11 @@ def eval_transform() -> A.Compose:
         The albumentations pipeline; it takes ``image`` and optionally ``mask``.
     """
     return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one training sample of one epoch, from SeedSequence's hash."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def reseed_transform(transform: A.BaseCompose, seed: int | None) -> None:
