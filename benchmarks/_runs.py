@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.loggers import Logger
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-FORM_MODEL_KEYS = ("lambda_gmm", "prior", "pseudo_mode", "confidence")
+FORM_MODEL_KEYS = ("lambda_gmm", "prior", "pseudo_mode", "confidence", "unlabelled_mass")
 FORM_DATA_KEYS = ("box_core_fraction",)
 
 
@@ -88,9 +88,8 @@ def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The method and data settings that ``experiments/voc_<form>.yaml`` gives a weak form.
 
     Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
-    boxes take a labelled core; no form sets OEM options today (one setting serves every
-    form). The benchmarks train each form with the data keys and OEM mode with the model keys
-    too.
+    boxes take a labelled core, boxes and scribbles the agreement-gated teacher. The
+    benchmarks train each form with the data keys and OEM mode with the model keys too.
     """
     config_path = EXPERIMENTS / f"voc_{form}.yaml"
     if not config_path.is_file():

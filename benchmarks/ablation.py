@@ -4,8 +4,8 @@ Every run uses the model, data and budget of one experiment config (``--config``
 ``experiments/demo.yaml``, the synthetic scenes; ``experiments/macaque.yaml`` for the real MRI
 data), with weak labels simulated from the dense masks. Only ``method`` and the weak-label form
 change between runs; each form takes the data settings of its ``experiments/voc_<form>.yaml``
-(boxes: a labelled core) and its agmm runs any OEM settings it sets (none today: one OEM setting
-serves every form).
+(boxes: a labelled core) and its agmm runs the OEM settings it sets (boxes and scribbles: the
+agreement-gated teacher).
 Mean ± std over seeds, printed as a Markdown table (AGMM's pseudo labels and its ratio to full
 supervision when agmm is among ``--methods``, and then its pseudo labels' mIoU over training and
 IoU per class, from each run's CSV log); with ``--out`` the tables are written there and a bar

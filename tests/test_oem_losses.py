@@ -125,21 +125,21 @@ def test_pseudo_label_loss_weighs_positions_by_their_unlabelled_share(mode):
 
 def test_a_teacher_worse_than_the_student_does_not_move_it():
     """Where the GMM's label disagrees with the network's prediction, however sure the GMM is,
-    the default pseudo loss gives the network no gradient; where they agree, it teaches."""
+    the agreement-gated pseudo loss gives the network no gradient; where they agree, it teaches."""
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(2, 4, 5, 6, generator=gen).mul(3).requires_grad_()
     student = logits.argmax(1)
     wrong = (student + 1) % 4  # a confident teacher, wrong wherever the student is right
     posterior = F.one_hot(wrong, 4).permute(0, 3, 1, 2).float() * 0.97 + 0.01
     unlabelled = torch.ones(2, 5, 6)
-    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled)
+    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled, "agree")
     (gradient,) = torch.autograd.grad(loss, logits)
     assert not supervised.any() and (gradient == 0).all()
     # The same teacher where it agrees with the student on half of the pixels teaches there.
     half = torch.rand(2, 5, 6, generator=gen) < 0.5
     teacher = torch.where(half, student, wrong)
     posterior = F.one_hot(teacher, 4).permute(0, 3, 1, 2).float() * 0.97 + 0.01
-    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled)
+    loss, supervised = pseudo_label_loss(logits, posterior, unlabelled, "agree")
     (gradient,) = torch.autograd.grad(loss, logits)
     assert torch.equal(supervised, half)
     assert (gradient.abs().sum(1)[half] > 0).all() and (gradient.abs().sum(1)[~half] == 0).all()

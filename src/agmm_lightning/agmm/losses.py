@@ -127,7 +127,7 @@ def pseudo_label_loss(
     logits: Tensor,
     posterior: Tensor,
     weight: Tensor,
-    mode: str = "agree",
+    mode: str = "soft",
     confidence: float = 0.9,
     agrees: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:

@@ -57,8 +57,8 @@ class OEMOptions:
         fit_confidence: Posterior threshold of unlabelled features in the fitting set.
         unlabelled_mass: Cap on each class's unlabelled fitting mass, relative to its labelled
             mass in the same step; None leaves it unbounded.
-        warmup_steps: Steps before the pseudo loss starts (it then ramps up over as many) and
-            unlabelled pixels join the fitting set.
+        warmup_steps: Steps of the pseudo loss's ramp (``"agree"``: steps before it starts, then
+            ramps up over as many); unlabelled pixels join the fitting set after them.
         max_labelled_samples: Cap on the labelled features per step, shared evenly by classes.
     """
 
@@ -73,11 +73,11 @@ class OEMOptions:
     lambda_max: float = 0.1
     lambda_gmm: float = 1.0
     lambda_kernel: float = 1.0
-    pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "agree"
+    pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "soft"
     pseudo_gradient: Literal["network", "head"] = "network"
     confidence: float = 0.9
     fit_confidence: float = 0.9
-    unlabelled_mass: float | None = 1.0
+    unlabelled_mass: float | None = None
     warmup_steps: int = 100
     max_labelled_samples: int = 16384
 
@@ -188,7 +188,9 @@ def oem_losses(
         agrees = posterior.argmax(1) == cell_logits.detach().argmax(1)
 
     warmup = options.warmup_steps
-    ramp = min(1.0, max(0.0, (step + 1 - warmup) / warmup)) if warmup else 1.0
+    agree = options.pseudo_mode == "agree"
+    start = warmup if agree else 0  # the agreement gate waits for a network worth agreeing with
+    ramp = min(1.0, max(0.0, (step + 1 - start) / warmup)) if warmup else 1.0
     pseudo_logits = cell_logits
     if options.pseudo_gradient == "head":
         # The head alone learns from the GMM: detached, the decoder features the GMM reads are
@@ -217,9 +219,10 @@ def oem_losses(
         )
 
     labels = F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
-    fitting = fitting_weights(
-        posterior_low, agrees.flatten() & (unlabelled.flatten() > 0.5), labels.sum(0), options
-    )
+    trusted = unlabelled.flatten() > 0.5
+    if agree:
+        trusted &= agrees.flatten()
+    fitting = fitting_weights(posterior_low, trusted, labels.sum(0), options)
     if step < warmup:
         fitting = torch.zeros_like(fitting)
     labelled_stats = mixtures.sufficient_statistics(labelled.detach(), labels)
@@ -234,7 +237,8 @@ def fitting_weights(
     """The fitting weights ``[N, C]`` of unlabelled features in the online EM (METHOD §3.4).
 
     A feature joins with its posterior G where G reaches ``fit_confidence`` and ``trusted`` holds
-    (an unlabelled cell whose GMM label the network's prediction agrees with). Each class's
+    (an unlabelled cell; with ``pseudo_mode="agree"``, one whose GMM label the network's
+    prediction agrees with). With ``unlabelled_mass``, each class's
     unlabelled mass is then scaled down to at most ``unlabelled_mass`` times its labelled mass
     in the step, so the mixtures stay anchored to the labels instead of to their own output.
 

@@ -143,19 +143,20 @@ class AGMMSegmenter(BaseTask):
         lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
             ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
             0 leaves METHOD §3.5 as written.
-        pseudo_mode: ``"agree"`` (argmax G above ``confidence`` where the prediction agrees:
-            the GMM never argues against the network), ``"hard"`` (argmax G above
-            ``confidence``), ``"soft"`` (CE against G) or ``"surer"`` (CE against G where G is
-            more confident than the prediction).
+        pseudo_mode: ``"soft"`` (CE against G), ``"agree"`` (argmax G above ``confidence`` where
+            the prediction agrees: the GMM never argues against the network; it starts after
+            ``warmup_steps`` and only agreeing cells join the fitting set), ``"hard"`` (argmax G
+            above ``confidence``) or ``"surer"`` (CE against G where G is more confident than the
+            prediction).
         pseudo_gradient: What the pseudo loss trains: ``"network"`` (every layer) or ``"head"``
             (the segmentation head alone, on detached decoder features).
         confidence: Posterior threshold of the pseudo labels (``agree`` and ``hard`` modes).
         fit_confidence: Posterior threshold of the unlabelled features that join the mixtures'
-            fitting set (where the prediction agrees with the GMM).
+            fitting set.
         unlabelled_mass: Cap on each class's unlabelled fitting mass per step, relative to its
             labelled mass in the step; None leaves it unbounded.
-        warmup_steps: Steps before the pseudo loss starts (it then ramps up over as many
-            steps) and unlabelled pixels join the fitting set.
+        warmup_steps: Steps over which the pseudo loss is ramped up (``agree``: before it
+            starts, then ramps up over as many); unlabelled pixels join the fitting set after.
         max_labelled_samples: Cap on the labelled features used per step (dense labels),
             shared evenly by the classes.
         hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
@@ -196,11 +197,11 @@ class AGMMSegmenter(BaseTask):
         lambda_max: float = 0.1,
         lambda_gmm: float = 1.0,
         lambda_kernel: float = 1.0,
-        pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "agree",
+        pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "soft",
         pseudo_gradient: Literal["network", "head"] = "network",
         confidence: float = 0.9,
         fit_confidence: float = 0.9,
-        unlabelled_mass: float | None = 1.0,
+        unlabelled_mass: float | None = None,
         warmup_steps: int = 100,
         max_labelled_samples: int = 16384,
         hard_fraction: float = 1.0,
