@@ -185,10 +185,10 @@ def oem_losses(
             expectation.log_likelihood, prior, flat_allowed, temperature
         )
         posterior = posterior_low.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
-        agrees = posterior.argmax(1) == cell_logits.detach().argmax(1)
+        agree = options.pseudo_mode == "agree"
+        agrees = posterior.argmax(1) == cell_logits.detach().argmax(1) if agree else None
 
     warmup = options.warmup_steps
-    agree = options.pseudo_mode == "agree"
     start = warmup if agree else 0  # the agreement gate waits for a network worth agreeing with
     ramp = min(1.0, max(0.0, (step + 1 - start) / warmup)) if warmup else 1.0
     pseudo_logits = cell_logits
@@ -220,7 +220,7 @@ def oem_losses(
 
     labels = F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
     trusted = unlabelled.flatten() > 0.5
-    if agree:
+    if agrees is not None:
         trusted &= agrees.flatten()
     fitting = fitting_weights(posterior_low, trusted, labels.sum(0), options)
     if step < warmup:
