@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,16 @@ def test_a_box_label_out_of_range_names_the_file(tmp_path: Path) -> None:
     dataset = FolderDataModule(str(root), weak_label="box").build_dataset("train")
     with pytest.warns(UserWarning, match=r"a\.json: box label 9 is out of range"):
         dataset[0]
+
+
+def test_the_agreement_gated_refit_takes_only_cells_the_network_agrees_with() -> None:
+    """With pseudo_mode='agree' the unlabelled fitting mass shrinks to the cells whose GMM label
+    the network predicts too; the soft mode takes every confident unlabelled cell."""
+    batch = voc_box_batch(box_core_fraction=0.5)
+    model = initialised_model()
+    with torch.no_grad():
+        soft, _ = model.losses(batch)
+        model.oem = replace(model.oem, pseudo_mode="agree")
+        agree, _ = model.losses(batch)
+    soft_mass, agree_mass = soft.stats.weight.sum(), agree.stats.weight.sum()
+    assert agree_mass < soft_mass
