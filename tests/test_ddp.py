@@ -12,11 +12,9 @@ What these tests prove:
   SyncBatchNorm has no CPU kernel). One component per class: with K > 1 the k-means++ seeds are
   drawn from candidates pooled per rank, a different (equally valid) sample than one process's;
   the ranks still agree with each other, which is checked with K = 2.
-- The order of samples under DDP is deterministic: Lightning wraps our ``EpochShuffleSampler`` in
-  ``DistributedSamplerWrapper(shuffle=True, seed=PL_GLOBAL_SEED)``, which permutes the positions
-  of our epoch permutation again (seeded by ``seed_everything`` + epoch) and deals them out to the
-  ranks in turn. So the DDP order is reproducible, but differs from a single process's order; the
-  single-process reference replays the DDP order.
+- The order of samples under DDP is deterministic, and its global batches are those of one
+  process with the global batch size: ``EpochShuffleSampler`` deals each epoch's permutation out
+  to the ranks, and Lightning uses it as it is.
 - A checkpoint written under DDP restores the same mixtures on one process, which then trains on.
 
 Under ``ddp_spawn`` the model object in the test process is not the one trained, so the ranks
@@ -25,7 +23,6 @@ write what they saw into files.
 
 from __future__ import annotations
 
-import os
 import shlex
 import string
 import subprocess
@@ -35,9 +32,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.cli import main
@@ -83,53 +78,11 @@ class RecordRestored(pl.Callback):
         self.mixtures = {k: v.clone() for k, v in pl_module.model.mixtures.state_dict().items()}
 
 
-class ReplaySampler(Sampler[int]):
-    """A fixed order of indices per epoch."""
-
-    def __init__(self, orders: list[list[int]]) -> None:
-        self.orders = orders
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.orders[self.epoch])
-
-    def __iter__(self):
-        return iter(self.orders[self.epoch])
-
-
-class ReplayData(SyntheticDataModule):
-    """The synthetic data, trained on in a given order (that of the DDP run's global batches)."""
-
-    def __init__(self, orders: list[list[int]], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.orders = orders
-
-    def train_dataloader(self):
-        sampler = ReplaySampler(self.orders)
-        return DataLoader(self._dataset("train"), self.batch_size, sampler=sampler, drop_last=True)
-
-
 def ddp_rank_order(rank: int, epoch: int) -> list[int]:
-    """The indices Lightning's DDP sampler gives ``rank`` in ``epoch``."""
-    sampler = DistributedSamplerWrapper(
-        EpochShuffleSampler(NUM_TRAIN, seed=0),
-        num_replicas=WORLD_SIZE,
-        rank=rank,
-        shuffle=True,
-        seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-    )
+    """The indices ``rank`` trains on in ``epoch``."""
+    sampler = EpochShuffleSampler(NUM_TRAIN, seed=0, rank=rank, world_size=WORLD_SIZE)
     sampler.set_epoch(epoch)
     return list(sampler)
-
-
-def ddp_global_order(epoch: int) -> list[int]:
-    """The DDP run's global batches, one after the other: rank 0's part, then rank 1's."""
-    ranks = [ddp_rank_order(rank, epoch) for rank in range(WORLD_SIZE)]
-    steps = range(0, NUM_TRAIN // WORLD_SIZE, RANK_BATCH)
-    return [i for step in steps for order in ranks for i in order[step : step + RANK_BATCH]]
 
 
 def fit(
@@ -203,12 +156,11 @@ def test_ddp_sample_order_is_deterministic(ddp_run: Path) -> None:
         names = [f"train_{i:05d}" for order in expected for i in order]
         assert sum(record["names"], []) == names
         assert record["global_step"] == EPOCHS * steps_per_epoch
-    assert ddp_global_order(0) != ddp_global_order(1), "each epoch has its own order"
+    assert ddp_rank_order(0, 0) != ddp_rank_order(0, 1), "each epoch has its own order"
 
 
 def test_ddp_mixtures_equal_one_process_on_the_global_batch(ddp_run: Path, tmp_path: Path) -> None:
-    orders = [ddp_global_order(epoch) for epoch in range(EPOCHS)]
-    fit(tmp_path, tiny_data(GLOBAL_BATCH, ReplayData, orders=orders))
+    fit(tmp_path, tiny_data(GLOBAL_BATCH))
     (single,) = load_ranks(tmp_path, 1)
     ranks = load_ranks(ddp_run)
     for step, names in enumerate(single["names"]):

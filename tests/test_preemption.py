@@ -1,6 +1,8 @@
 """Nothing lost: the latest checkpoint whatever the validation interval, SIGTERM, resume."""
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from agmm_lightning import AGMMSegmenter
 from agmm_lightning.cli import latest_checkpoint, long_run_callbacks, main
 from agmm_lightning.data import SyntheticDataModule
+from agmm_lightning.data.base import EpochShuffleSampler
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
 
@@ -82,6 +86,35 @@ def test_sigterm_saves_the_step_exits_non_zero_and_last_resumes(tmp_path, caplog
     assert saved_step(resumed) == 8
 
 
+# The same fit sent SLURM's requeue signal (SIGUSR1) at step 3.
+REQUEUED = PREEMPTED.replace("signal.SIGTERM", "signal.SIGUSR1")
+
+
+def test_slurm_requeue_signal_saves_the_step_and_its_data_position(tmp_path):
+    """Under SLURM, SIGUSR1 (``#SBATCH --signal=USR1@90``) makes Lightning save
+    ``hpc_ckpt_1.ckpt`` (data position included) and requeue the job through ``scontrol``,
+    which a stand-in on PATH records here."""
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    scontrol = bin_folder / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "requeued"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "agmm", "SLURM_JOB_ID": "4242"}
+    slurm |= {"SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_PROCID": "0"}
+    env = os.environ | slurm | {"PATH": f"{bin_folder}:{os.environ['PATH']}"}
+    args = ["fit", "--config", CONFIG, f"--trainer.default_root_dir={tmp_path}"]
+    budget = ["--trainer.max_epochs=3", "--trainer.enable_progress_bar=false"]
+    run = subprocess.run(
+        [sys.executable, "-c", REQUEUED, *args, *budget], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    (position,) = (value for key, value in saved.items() if key.endswith("DataModule"))
+    assert position["epoch"] == 1 and position["consumed"] > 0
+
+
 def test_last_without_an_earlier_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
@@ -111,25 +144,43 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+class SigtermAt(Callback):
+    """Send this process SIGTERM (what SLURM sends at preemption) after ``step`` steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def fit_epochs(
-    root: Path, epochs: int, ckpt_path: Path | None = None, workers: int = 0, stop: int = 0
+    root: Path,
+    epochs: int,
+    ckpt_path: Path | None = None,
+    workers: int = 0,
+    stop: Callback | None = None,
 ):
-    """The final weights of a seeded tiny fit of ``epochs`` epochs with augmentation on,
-    stopped after ``stop`` epochs when given."""
+    """The final weights of a seeded tiny fit of ``epochs`` epochs of 3 batches with
+    augmentation on, interrupted by ``stop`` when given."""
     seed_everything(0)
     model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=1)
     data = SyntheticDataModule(
-        num_train=8, num_val=4, image_size=48, crop_size=32, batch_size=4, num_workers=workers
+        num_train=12, num_val=4, image_size=48, crop_size=32, batch_size=4, num_workers=workers
     )
     options = {"enable_progress_bar": False, "logger": False}
     trainer = Trainer(
         max_epochs=epochs,
-        callbacks=long_run_callbacks(options, [], model) + ([StopAfter(stop)] if stop else []),
+        callbacks=long_run_callbacks(options, [], model) + ([stop] if stop else []),
         default_root_dir=root,
         enable_model_summary=False,
         **options,
     )
-    trainer.fit(model, data, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        assert stop is not None
     return model.state_dict()
 
 
@@ -143,9 +194,41 @@ def test_a_resumed_fit_equals_the_uninterrupted_one(tmp_path):
     """Augmentation is seeded per sample from (seed, epoch, index): a fit stopped after two
     epochs and resumed from last.ckpt ends with the weights of the one that never stopped."""
     whole = fit_epochs(tmp_path / "whole", 4)
-    fit_epochs(tmp_path / "parts", 4, stop=2)
+    fit_epochs(tmp_path / "parts", 4, stop=StopAfter(2))
     resumed = fit_epochs(tmp_path / "parts", 4, tmp_path / "parts" / "checkpoints" / "last.ckpt")
     assert_same_weights(whole, resumed)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_fit_preempted_mid_epoch_resumes_at_its_sample(tmp_path, workers):
+    """SIGTERM after 4 steps (epoch 1, batch 1 of 3): the checkpoint holds the data position,
+    and the resumed fit trains on the samples the uninterrupted one did, in its order."""
+    whole = fit_epochs(tmp_path / "whole", 3, workers=workers)
+    fit_epochs(tmp_path / "parts", 3, workers=workers, stop=SigtermAt(4))
+    last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["SyntheticDataModule"] == {
+        "epoch": 1,
+        "consumed": 4,
+    }
+    resumed = fit_epochs(tmp_path / "parts", 3, last, workers=workers)
+    assert_same_weights(whole, resumed)
+
+
+def test_the_sampler_deals_one_order_to_the_ranks_and_resumes_inside_it():
+    single = EpochShuffleSampler(10, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    ranks = [EpochShuffleSampler(10, seed=3, rank=rank, world_size=2) for rank in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    first, second = (list(sampler) for sampler in ranks)
+    assert [i for pair in zip(first, second, strict=True) for i in pair] == order
+    for sampler in ranks:
+        sampler.resume(2, consumed=4)
+    assert sorted(sum((list(sampler) for sampler in ranks), [])) == sorted(order[4:])
+    assert all(index.epoch == 2 for index in ranks[0])
+    ranks[0].set_epoch(3)
+    assert len(list(ranks[0])) == 5, "a new epoch starts from its beginning"
 
 
 def test_the_same_seed_gives_the_same_fit_whatever_the_worker_count(tmp_path):

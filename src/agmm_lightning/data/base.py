@@ -9,6 +9,7 @@ the dataset of each split.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sized
 from functools import partial
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from agmm_lightning.data.transforms import (
     build_eval_sample,
@@ -187,35 +189,45 @@ class SampleIndex(int):
         return int(self), self.epoch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on ``(seed, epoch)``, so a resumed run replays its order.
+class EpochShuffleSampler(DistributedSampler):
+    """Training order: a permutation that depends only on ``(seed, epoch)``, dealt out to ranks.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch. Under DDP it wraps this sampler
-    in a distributed one that shuffles again, seeded by ``seed_everything``: the order is still
-    reproducible, but it is not the single-device order. The indices are :class:`SampleIndex`
-    values that carry the epoch.
+    Rank ``r`` of ``world_size`` takes positions ``r, r + world_size, ...`` of the epoch's
+    permutation, so the global batches under DDP are those of one process with the global batch
+    size. Being a ``DistributedSampler``, it is used by Lightning as it is (not wrapped in a
+    re-shuffling one), and Lightning calls :meth:`set_epoch` at the start of every epoch. The
+    indices are :class:`SampleIndex` values that carry the epoch.
+
+    A run resumed mid-epoch goes on from where it stopped (:meth:`resume`), so it trains on what
+    the uninterrupted run would have.
 
     Args:
         size: Number of samples.
         seed: Seed of the permutations.
+        rank: This process's rank.
+        world_size: Number of processes.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(range(size), num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
+        """Select the permutation of ``epoch`` (from its start, unless it is the resumed one)."""
+        if epoch != self.epoch:
+            self.start = 0
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.size
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Start in ``epoch`` after the first ``consumed`` samples of its global order."""
+        self.epoch = epoch
+        self.start = consumed // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        return iter([SampleIndex(index, self.epoch) for index in order])
+        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        mine = order[self.rank :: self.num_replicas][self.start :].tolist()
+        return iter([SampleIndex(index, self.epoch) for index in mine])
 
 
 class AGMMDataModule(LightningDataModule, ABC):
@@ -286,6 +298,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         self.augment = augment
         self.predict_split = predict_split
         self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
+        self._resume_position: tuple[int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -361,6 +374,29 @@ class AGMMDataModule(LightningDataModule, ABC):
         for split in STAGE_SPLITS[stage]:
             self._dataset(split)
 
+    def state_dict(self) -> dict[str, int]:
+        """The position of training in its data, saved in checkpoints.
+
+        The epoch, and the samples of it already trained on (all ranks together; 0 once the
+        epoch is over), so that a run resumed from a mid-epoch checkpoint goes on from there.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epochs = trainer.fit_loop.epoch_progress.current
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        mid_epoch = epochs.started > epochs.processed
+        consumed = batches * self.batch_size * trainer.world_size if mid_epoch else 0
+        return {"epoch": epochs.processed, "consumed": consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the training data where a checkpoint's run stopped (:meth:`state_dict`)."""
+        if state_dict:
+            self._resume_position = (state_dict["epoch"], state_dict["consumed"])
+            # Lightning warns that a DataLoader without a state cannot resume mid-epoch; this
+            # DataModule's state resumes it exactly.
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before")
+
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled, seeded training batches of ``batch_size`` (incomplete last batch dropped).
 
@@ -417,7 +453,10 @@ class AGMMDataModule(LightningDataModule, ABC):
         generator = torch.Generator().manual_seed(self.seed) if train else None
         sampler: Sampler[int] | None = None
         if train:
-            sampler = EpochShuffleSampler(len(cast(Sized, dataset)), self.seed)
+            sampler = EpochShuffleSampler(len(cast(Sized, dataset)), self.seed, rank, world_size)
+            if self._resume_position is not None:
+                sampler.resume(*self._resume_position)
+                self._resume_position = None
         elif world_size > 1:
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=world_size, rank=rank, shuffle=False
