@@ -19,6 +19,7 @@ import albumentations as A
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -209,7 +210,9 @@ class EpochShuffleSampler(DistributedSampler):
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(range(size), num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        dataset = cast(Dataset[int], range(size))
+        super().__init__(dataset, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        self.size = size
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -225,7 +228,7 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        order = torch.randperm(self.size, generator=generator)[: self.total_size]
         mine = order[self.rank :: self.num_replicas][self.start :].tolist()
         return iter([SampleIndex(index, self.epoch) for index in mine])
 
@@ -383,10 +386,10 @@ class AGMMDataModule(LightningDataModule, ABC):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        epochs = trainer.fit_loop.epoch_progress.current
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epochs = cast(_ProcessedTracker, trainer.fit_loop.epoch_progress.current)
+        batches = cast(_ProcessedTracker, trainer.fit_loop.epoch_loop.batch_progress.current)
         mid_epoch = epochs.started > epochs.processed
-        consumed = batches * self.batch_size * trainer.world_size if mid_epoch else 0
+        consumed = batches.processed * self.batch_size * trainer.world_size if mid_epoch else 0
         return {"epoch": epochs.processed, "consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
