@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from agmm_lightning import __version__
 from agmm_lightning.callbacks import LatestCheckpoint, run_directory
 from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.errors import InputError
@@ -565,7 +566,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False},
             args=given,
-            parser_kwargs={"prog": _program()},
+            parser_kwargs={"prog": _program(), "version": __version__},
         )
     except InputError as error:
         sys.stderr.write(f"error: {_user_message(error)}\n")
