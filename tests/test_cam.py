@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from agmm_lightning import CAMClassifier
+from agmm_lightning.cam import CAMModel, cam_pseudo_labels, normalize_cams
 from agmm_lightning.cli import main
 from agmm_lightning.data import SyntheticDataModule, VOCDataModule
-from agmm_lightning.tasks.cam import cam_pseudo_labels, normalize_cams
+from agmm_lightning.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -51,6 +52,61 @@ def tiny_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
         "default_root_dir": tmp_path,
     }
     return pl.Trainer(**(args | kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# The pure-torch model: no Trainer, no LightningModule
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_cam_model_runs_without_lightning() -> None:
+    torch.manual_seed(0)
+    model = CAMModel(build_encoder("tu-test_resnet", None, output_stride=16), 6, cam_scales=(1.0,))
+    assert not any(isinstance(module, pl.LightningModule) for module in model.modules())
+    images = torch.randn(2, 3, 32, 48)
+    tags = model.foreground_tags(torch.tensor([[1.0, 0, 1, 0, 0, 1], [1.0, 0, 0, 0, 0, 0]]))
+    assert tags.tolist() == [[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]]
+    loss, logits = model.loss(images, tags)
+    assert logits.shape == (2, 5) and loss.ndim == 0
+    loss.backward()
+    assert model.classifier.weight.grad is not None
+    with torch.no_grad():
+        labels = model.pseudo_labels(model.class_activation_maps(images, tags))
+    assert labels.shape == (2, 32, 48) and labels.dtype == torch.long
+    # Background, unlabelled (C = 6) and each image's own tags only.
+    assert set(labels[0].unique().tolist()) <= {0, 2, 5, 6}
+    assert (labels[1] == 0).all()
+
+
+def test_the_task_trains_the_model_it_holds() -> None:
+    task = tiny_classifier(background_index=3, foreground_threshold=0.5)
+    assert isinstance(task.model, CAMModel)
+    assert task.foreground_classes is task.model.foreground_classes
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(task(images), task.model(images))
+    grouped = [p for group in task.parameter_groups() for p in group["params"]]
+    assert {id(p) for p in grouped} == {id(p) for p in task.model.parameters()}
+
+
+def test_checkpoints_from_before_the_model_split_load(tmp_path: Path) -> None:
+    trained = tiny_classifier()
+    assert all(key.startswith("model.") for key in trained.state_dict())
+    # The task held the encoder and the classifier itself: encoder.*, classifier.weight.
+    old_keys = {k.removeprefix("model."): v for k, v in trained.state_dict().items()}
+    assert "classifier.weight" in old_keys
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {
+            "state_dict": old_keys,
+            "hyper_parameters": dict(trained.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+    restored = CAMClassifier.load_from_checkpoint(path)
+    for key, tensor in trained.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], tensor, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------

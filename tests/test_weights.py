@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from agmm_lightning import AGMMSegmenter
+from agmm_lightning import AGMMSegmenter, CAMClassifier
+from agmm_lightning.encoders import build_encoder
 from agmm_lightning.weights import load_encoder_weights
 
 
@@ -144,3 +145,23 @@ def test_unreadable_files_are_reported(content, message, tmp_path) -> None:
         torch.save(content, path)
     with pytest.raises(ValueError, match=message):
         tiny_model(encoder_weights=str(path))
+
+
+@pytest.mark.parametrize("writer", ["ddp_checkpoint", "safetensors"])
+def test_the_cam_encoder_reads_the_files_the_segmenter_reads(writer, timm_weights, tmp_path):
+    path = str(WRITERS[writer](timm_weights, tmp_path / "weights"))
+    segmenter = tiny_model(encoder_weights=path).model.network.encoder.state_dict()
+    classifier = CAMClassifier(num_classes=6, encoder="tu-test_resnet", encoder_weights=path)
+    # The same builder: the same tensors whether the encoder stands alone (dilated) or not.
+    for encoder in (classifier.model.encoder, build_encoder("tu-test_resnet", path, 32)):
+        loaded = encoder.state_dict()
+        assert loaded.keys() == segmenter.keys()
+        for key, tensor in segmenter.items():
+            torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0)
+
+
+def test_a_cam_encoder_file_that_does_not_fit_is_named(tmp_path) -> None:
+    path = tmp_path / "efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    with pytest.raises(ValueError, match=r"efficientnet\.pth does not fit the encoder"):
+        CAMClassifier(num_classes=6, encoder="tu-test_resnet", encoder_weights=str(path))

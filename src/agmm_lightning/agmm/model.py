@@ -2,16 +2,16 @@
 
 The network is any segmentation-models-pytorch encoder-decoder. In OEM mode the model also holds
 the embedding head and the class mixtures; their refit is left to the caller (the Lightning task
-sums the statistics across ranks first).
+sums the statistics across ranks first). :func:`build_network` builds that network by name; it
+lives in :mod:`agmm_lightning.encoders`, the one builder of encoders and their weights.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import segmentation_models_pytorch as smp
-import timm
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,62 +20,16 @@ from agmm_lightning.agmm.losses import partial_cross_entropy
 from agmm_lightning.agmm.mixtures import ClassMixtures
 from agmm_lightning.agmm.oem import OEMOptions, StepLosses, oem_losses
 from agmm_lightning.agmm.precision import float32_math
+from agmm_lightning.encoders import build_network, check_encoder
 from agmm_lightning.errors import InputError
 from agmm_lightning.targets import check_target
-from agmm_lightning.weights import load_encoder_weights, split_weights
 
+# build_network and check_encoder live in encoders.py (shared with the CAM model); re-exported
+# here, where the network's users have always imported them.
 __all__ = ["AGMMModel", "METHODS", "Method", "build_network", "check_encoder"]
 
 Method = Literal["agmm", "cvpr", "baseline"]
 METHODS: tuple[Method, ...] = ("agmm", "cvpr", "baseline")
-
-
-def check_encoder(encoder: str) -> None:
-    """Raise an InputError unless ``encoder`` names an smp encoder or ``tu-<timm model>``."""
-    known = (
-        timm.is_model(encoder[3:])
-        if encoder.startswith("tu-")
-        else encoder in smp.encoders.get_encoder_names()
-    )
-    if not known:
-        raise InputError(
-            f"encoder={encoder!r} is neither an smp encoder (smp.encoders.get_encoder_names()) "
-            "nor 'tu-<timm model>'"
-        )
-
-
-def build_network(
-    arch: str, encoder: str, encoder_weights: str | None, num_classes: int
-) -> smp.base.SegmentationModel:
-    """Build an smp model by name; ``encoder_weights`` may be a local weights file.
-
-    Args:
-        arch: An smp architecture name (``Unet``, ``DeepLabV3Plus``, ...).
-        encoder: An smp encoder name or ``tu-<timm model>``.
-        encoder_weights: None, ``"imagenet"`` (downloaded by smp/timm, or read from the Hugging
-            Face cache when ``HF_HUB_OFFLINE=1``) or a local file read by
-            :func:`agmm_lightning.weights.load_encoder_weights`.
-        num_classes: Output classes of the segmentation head.
-
-    Returns:
-        The model, its encoder loaded with the requested weights.
-
-    Raises:
-        InputError: For an unknown architecture or encoder, or a weights file that is unreadable
-            or does not fit the encoder.
-    """
-    # smp's own registry of architectures, the one create_model looks names up in.
-    architectures = sorted(model.__name__ for model in smp.MODEL_ARCHITECTURES_MAPPING.values())
-    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
-        raise InputError(f"arch={arch!r} is not an smp architecture; choose one of {architectures}")
-    check_encoder(encoder)
-    downloaded, local = split_weights(encoder_weights)
-    network = smp.create_model(
-        arch, encoder_name=encoder, encoder_weights=downloaded, classes=num_classes
-    )
-    if local is not None:
-        load_encoder_weights(cast(nn.Module, network.encoder), local)
-    return cast(smp.base.SegmentationModel, network)
 
 
 class AGMMModel(nn.Module):

@@ -1,12 +1,13 @@
-"""Stage 1 of image-level supervision (METHOD §5): a multi-label classifier and its CAM labels.
+"""Stage 1 of image-level supervision (METHOD §5): the Lightning task around :class:`CAMModel`.
 
-:class:`CAMClassifier` trains an encoder, global average pooling and a 1×1 classifier with a
-multi-label BCE on the image tags. Its ``predict`` turns every image into class activation maps
-(ReLU, multi-scale + flip, min-max normalised per class, masked by the tags), thresholds them into
-pseudo labels (confident foreground, background, or the uncertain band as unlabelled C), which
-the prediction writer saves as ``<output_dir>/<name>.png``: the target-map PNGs that the
-datamodules read in stage 2 with ``weak_label="image"`` and ``cam_dir=<output_dir>``. Predicting
-on the training images with their tags needs the datamodule's ``predict_split="train"``.
+The algorithm (encoder, global average pooling and a 1×1 classifier, multi-scale + flip CAMs,
+their normalisation and thresholds) is :class:`agmm_lightning.cam.CAMModel`, pure torch.
+:class:`CAMClassifier` wires it: it trains the classifier with a multi-label BCE on the image tags,
+measures its classification and CAM labels, and at ``predict`` turns every image into pseudo
+labels (confident foreground, background, or the uncertain band as unlabelled C), which the
+prediction writer saves as ``<output_dir>/<name>.png``: the target-map PNGs that the datamodules
+read in stage 2 with ``weak_label="image"`` and ``cam_dir=<output_dir>``. Predicting on the
+training images with their tags needs the datamodule's ``predict_split="train"``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassJaccardIndex,
@@ -26,98 +25,17 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from agmm_lightning.agmm.model import check_encoder
 from agmm_lightning.callbacks import PredictionWriter, print_line
+from agmm_lightning.cam import CAMModel, check_cam_options
+from agmm_lightning.encoders import build_encoder
 from agmm_lightning.errors import InputError
-from agmm_lightning.inference import infer_logits
 from agmm_lightning.targets import VOID, present_classes
 from agmm_lightning.tasks.base import BaseTask, check_optimizer_options
-from agmm_lightning.weights import load_encoder_weights, split_weights
 
-__all__ = ["CAMClassifier", "build_encoder", "cam_pseudo_labels", "normalize_cams"]
+__all__ = ["CAMClassifier"]
 
-_EPS = 1e-5
-
-
-def build_encoder(name: str, weights: str | None, output_stride: int) -> tuple[nn.Module, int]:
-    """Build an smp encoder by name; ``weights`` may be a local weights file.
-
-    Args:
-        name: An smp encoder name or ``tu-<timm model>``.
-        weights: None, ``"imagenet"`` or a local file read by
-            :func:`agmm_lightning.weights.load_encoder_weights` (as for the segmenter).
-        output_stride: 8, 16 or 32 (the last stages are dilated below 32).
-
-    Returns:
-        The encoder (``encoder(images)[-1]`` is its last feature map) and the channels of that
-        map.
-
-    Raises:
-        InputError: For an unknown encoder or weights name, or a file that does not fit.
-    """
-    check_encoder(name)
-    downloaded, local = split_weights(weights)
-    encoder = smp.encoders.get_encoder(name, weights=downloaded, output_stride=output_stride)
-    if local is not None:
-        load_encoder_weights(encoder, local)
-    return encoder, int(encoder.out_channels[-1])
-
-
-def normalize_cams(cams: Tensor, tags: Tensor) -> Tensor:
-    """Min-max normalise each class activation map to [0, 1] and zero the untagged classes.
-
-    Args:
-        cams: ``[B, K, H, W]`` activation maps.
-        tags: ``[B, K]`` multi-hot tags of the same K classes.
-
-    Returns:
-        ``[B, K, H, W]`` maps in [0, 1]; exactly 0 for classes absent from the tags and for
-        constant maps.
-    """
-    flat = cams.flatten(2)
-    low = flat.amin(-1)[..., None, None]
-    high = flat.amax(-1)[..., None, None]
-    normalized = (cams - low) / (high - low).clamp_min(_EPS)
-    return normalized * (tags > 0)[..., None, None].to(cams.dtype)
-
-
-def cam_pseudo_labels(
-    cams: Tensor,
-    classes: Tensor,
-    *,
-    background_index: int,
-    unlabeled: int,
-    foreground_threshold: float,
-    background_threshold: float,
-) -> Tensor:
-    """Threshold normalised CAMs into a target map (METHOD §5).
-
-    A pixel whose strongest map exceeds ``foreground_threshold`` takes that map's class; one whose
-    strongest map is at most ``background_threshold`` is background; the band between is
-    ``unlabeled``. Equal thresholds give a dense label map.
-
-    Args:
-        cams: ``[B, K, H, W]`` normalised maps (see :func:`normalize_cams`).
-        classes: ``[K]`` long, the class index of each map.
-        background_index: Class of background pixels.
-        unlabeled: Value of the uncertain band (C in the target-map convention).
-        foreground_threshold: Foreground above this score.
-        background_threshold: Background at or below this score.
-
-    Returns:
-        ``[B, H, W]`` long target map.
-
-    Raises:
-        ValueError: If ``background_threshold > foreground_threshold``.
-    """
-    if background_threshold > foreground_threshold:
-        raise InputError(
-            f"background_threshold={background_threshold} exceeds "
-            f"foreground_threshold={foreground_threshold}"
-        )
-    score, strongest = cams.max(1)
-    labels = torch.where(score > foreground_threshold, classes[strongest], unlabeled)
-    return labels.masked_fill(score <= background_threshold, background_index)
+# State-dict keys of checkpoints saved before the CAM model moved out of the task.
+_KEYS_BEFORE_THE_MODEL = ("encoder.", "classifier.")
 
 
 def _classification_metrics(num_labels: int, prefix: str) -> MetricCollection:
@@ -176,6 +94,7 @@ class CAMClassifier(BaseTask):
             (:func:`agmm_lightning.callbacks.run_directory`).
 
     Attributes:
+        model: The :class:`agmm_lightning.cam.CAMModel` (encoder and classifier) it trains.
         pseudo_label_quality: ``cam_miou``, ``pseudo_miou`` and ``pseudo_coverage`` of the last
             ``predict`` (empty when its batches had no dense masks).
 
@@ -183,7 +102,6 @@ class CAMClassifier(BaseTask):
         ValueError: If an argument is out of range or the encoder is unknown.
     """
 
-    foreground_classes: Tensor
     prediction_subfolder = "cam_labels"
 
     def __init__(
@@ -205,7 +123,8 @@ class CAMClassifier(BaseTask):
         output_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _check_arguments(
+        # Every option is checked before the encoder is built (and its weights downloaded).
+        check_cam_options(
             num_classes, background_index, cam_scales, foreground_threshold, background_threshold
         )
         check_optimizer_options(
@@ -216,19 +135,29 @@ class CAMClassifier(BaseTask):
             poly_power=poly_power,
         )
         self.save_hyperparameters()
-        self.encoder, channels = build_encoder(encoder, encoder_weights, output_stride)
-        self.classifier = nn.Conv2d(channels, num_classes - 1, kernel_size=1, bias=False)
-        foreground = [c for c in range(num_classes) if c != background_index]
-        self.register_buffer("foreground_classes", torch.tensor(foreground), persistent=False)
+        self.model = CAMModel(
+            build_encoder(encoder, encoder_weights, output_stride),
+            num_classes,
+            background_index=background_index,
+            cam_scales=cam_scales,
+            cam_flip=cam_flip,
+            foreground_threshold=foreground_threshold,
+            background_threshold=background_threshold,
+        )
         self.train_metrics = _classification_metrics(num_classes - 1, "train_")
         self.val_metrics = _classification_metrics(num_classes - 1, "val_")
         self.val_label_metrics = _pseudo_label_metrics(num_classes, "val_")
         self.predict_label_metrics = _pseudo_label_metrics(num_classes, "")
         self.pseudo_label_quality: dict[str, float] = {}
 
-    # ------------------------------------------------------------------------- forward
+    # ------------------------------------------------------------ the model's interface
+    @property
+    def foreground_classes(self) -> Tensor:
+        """``[C - 1]`` long, the class of each classifier output (the model's)."""
+        return self.model.foreground_classes
+
     def forward(self, images: Tensor) -> Tensor:
-        """Classification logits of the foreground classes.
+        """Classification logits of the foreground classes (:meth:`CAMModel.forward`).
 
         Args:
             images: ``[B, 3, H, W]`` normalised images.
@@ -236,22 +165,10 @@ class CAMClassifier(BaseTask):
         Returns:
             ``[B, C - 1]`` logits.
         """
-        features = self.encoder(images)[-1]
-        return self.classifier(features.mean((2, 3), keepdim=True)).flatten(1)
-
-    def activation_maps(self, images: Tensor) -> Tensor:
-        """ReLU class activation maps at the last feature map's resolution.
-
-        Args:
-            images: ``[B, 3, H, W]`` normalised images.
-
-        Returns:
-            ``[B, C - 1, h, w]`` maps.
-        """
-        return F.relu(self.classifier(self.encoder(images)[-1]))
+        return self.model(images)
 
     def class_activation_maps(self, images: Tensor, tags: Tensor) -> Tensor:
-        """Multi-scale (+ flip) CAMs at image resolution, normalised and masked by the tags.
+        """Normalised CAMs masked by the tags (:meth:`CAMModel.class_activation_maps`).
 
         Args:
             images: ``[B, 3, H, W]`` normalised images.
@@ -260,34 +177,22 @@ class CAMClassifier(BaseTask):
         Returns:
             ``[B, C - 1, H, W]`` maps in [0, 1], zero for untagged classes.
         """
-        hp = self.hparams
-        maps = infer_logits(
-            self.activation_maps, images, scales=hp["cam_scales"], flip=hp["cam_flip"]
-        )
-        return normalize_cams(maps, tags)
+        return self.model.class_activation_maps(images, tags)
 
     def pseudo_labels(self, cams: Tensor, *, dense: bool = False) -> Tensor:
-        """Target map of normalised CAMs: foreground, background and (unless dense) unlabelled C.
+        """Target map of normalised CAMs (:meth:`CAMModel.pseudo_labels`).
 
         Args:
             cams: ``[B, C - 1, H, W]`` maps from :meth:`class_activation_maps`.
             dense: Use ``background_threshold`` for the foreground too (no uncertain band).
 
         Returns:
-            ``[B, H, W]`` long labels.
+            ``[B, H, W]`` long labels, unlabelled = C unless dense.
         """
-        hp = self.hparams
-        return cam_pseudo_labels(
-            cams,
-            self.foreground_classes,
-            background_index=hp["background_index"],
-            unlabeled=hp["num_classes"],
-            foreground_threshold=hp["background_threshold" if dense else "foreground_threshold"],
-            background_threshold=hp["background_threshold"],
-        )
+        return self.model.pseudo_labels(cams, dense=dense)
 
     def foreground_tags(self, image_classes: Tensor) -> Tensor:
-        """The foreground part of ``[B, C]`` image classes.
+        """The foreground part of ``[B, C]`` image classes (:meth:`CAMModel.foreground_tags`).
 
         Args:
             image_classes: ``[B, C]`` multi-hot tags, background included.
@@ -298,31 +203,30 @@ class CAMClassifier(BaseTask):
         Raises:
             ValueError: If the tags do not have C entries.
         """
-        num_classes = self.hparams["num_classes"]
-        if image_classes.ndim != 2 or image_classes.shape[1] != num_classes:
-            raise InputError(
-                f"Expected image_classes of shape [B, {num_classes}] (num_classes, background "
-                f"included), got {list(image_classes.shape)}."
-            )
-        return (image_classes[:, self.foreground_classes] > 0).float()
+        return self.model.foreground_tags(image_classes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read checkpoints saved before the model moved out of the task, under its old keys."""
+        state = checkpoint.get("state_dict", {})
+        for key in [key for key in state if key.startswith(_KEYS_BEFORE_THE_MODEL)]:
+            state[f"model.{key}"] = state.pop(key)
 
     # ------------------------------------------------------------------------ training
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The encoder at ``lr``, the new classifier ``head_lr_multiplier`` times faster."""
         hp = self.hparams
         return [
-            {"params": list(self.encoder.parameters()), "lr": hp["lr"]},
+            {"params": list(self.model.encoder.parameters()), "lr": hp["lr"]},
             {
-                "params": list(self.classifier.parameters()),
+                "params": list(self.model.classifier.parameters()),
                 "lr": hp["lr"] * hp["head_lr_multiplier"],
             },
         ]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Multi-label BCE on the batch's ``image_classes``."""
-        tags = self.foreground_tags(batch["image_classes"])
-        logits = self(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logits, tags)
+        tags = self.model.foreground_tags(batch["image_classes"])
+        loss, logits = self.model.loss(batch["image"], tags)
         self.log("train_loss", loss, prog_bar=True, batch_size=tags.shape[0])
         self.train_metrics.update(logits.detach().sigmoid(), tags.long())
         return loss
@@ -335,9 +239,8 @@ class CAMClassifier(BaseTask):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Classification and CAM-label quality, with the tags of the dense masks."""
         masks = batch["mask"]
-        tags = self.foreground_tags(present_classes(masks, self.hparams["num_classes"]))
-        logits = self(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(logits, tags)
+        tags = self.model.foreground_tags(present_classes(masks, self.hparams["num_classes"]))
+        loss, logits = self.model.loss(batch["image"], tags)
         self.log("val_loss", loss, batch_size=tags.shape[0])
         self.val_metrics.update(logits.sigmoid(), tags.long())
         self._update_label_metrics(batch["image"], tags, masks, self.val_label_metrics)
@@ -351,9 +254,9 @@ class CAMClassifier(BaseTask):
         self, images: Tensor, tags: Tensor, masks: Tensor, metrics: MetricCollection
     ) -> Tensor:
         """Accumulate the CAM-label measures of a batch and return its pseudo labels."""
-        cams = self.class_activation_maps(images, tags)
-        labels = self.pseudo_labels(cams)
-        metrics["cam_miou"].update(self.pseudo_labels(cams, dense=True), masks)
+        cams = self.model.class_activation_maps(images, tags)
+        labels = self.model.pseudo_labels(cams)
+        metrics["cam_miou"].update(self.model.pseudo_labels(cams, dense=True), masks)
         labelled = labels < self.hparams["num_classes"]
         metrics["pseudo_miou"].update(labels, masks.masked_fill(~labelled, VOID))
         metrics["pseudo_coverage"].update(labelled[masks != VOID].float())
@@ -383,13 +286,14 @@ class CAMClassifier(BaseTask):
                 "CAMClassifier.predict needs each image's tags: use the datamodule's "
                 "predict_split='train' with weak_label='image'."
             )
-        tags = self.foreground_tags(batch["image_classes"])
+        model = self.model
+        tags = model.foreground_tags(batch["image_classes"])
         if "mask" in batch:
             labels = self._update_label_metrics(
                 batch["image"], tags, batch["mask"], self.predict_label_metrics
             )
         else:
-            labels = self.pseudo_labels(self.class_activation_maps(batch["image"], tags))
+            labels = model.pseudo_labels(model.class_activation_maps(batch["image"], tags))
         return {"name": batch["name"], "prediction": labels.to(torch.uint8)}
 
     def on_predict_epoch_end(self) -> None:
@@ -403,29 +307,6 @@ class CAMClassifier(BaseTask):
         print_line(f"CAM pseudo labels against the dense masks: {summary}")
         for logger in self.trainer.loggers:
             logger.log_metrics({f"predict_{k}": v for k, v in self.pseudo_label_quality.items()})
-
-
-def _check_arguments(
-    num_classes: int,
-    background_index: int,
-    cam_scales: tuple[float, ...],
-    foreground_threshold: float,
-    background_threshold: float,
-) -> None:
-    """Raise a ValueError for out-of-range arguments of :class:`CAMClassifier`."""
-    if num_classes < 2:
-        raise InputError(f"num_classes must be >= 2 (background included), got {num_classes}")
-    if not 0 <= background_index < num_classes:
-        raise InputError(
-            f"background_index must be in 0..{num_classes - 1}, got {background_index}"
-        )
-    if not cam_scales or min(cam_scales) <= 0:
-        raise InputError(f"cam_scales must be positive scales, got {cam_scales}")
-    if not 0 <= background_threshold <= foreground_threshold <= 1:
-        raise InputError(
-            "Expected 0 <= background_threshold <= foreground_threshold <= 1, got "
-            f"{background_threshold} and {foreground_threshold}"
-        )
 
 
 def _updated(metrics: MetricCollection) -> bool:
