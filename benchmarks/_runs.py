@@ -14,6 +14,12 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FORM_MODEL_KEYS = ("lambda_gmm", "prior", "pseudo_mode", "confidence", "unlabelled_mass")
 FORM_DATA_KEYS = ("box_core_fraction",)
 
+# One colour per method in every plot (Okabe-Ito colours, distinct under colour blindness); full
+# supervision is a black dashed line. Lines that are no method (variants of agmm, devices) take
+# OTHER_COLOURS in order, so they never reuse a method's colour.
+METHOD_COLOURS = {"baseline": "#999999", "cvpr": "#0072B2", "agmm": "#D55E00", "full": "#000000"}
+OTHER_COLOURS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#332288", "#F0E442")
+
 
 def publish(text: str, out: Path | None) -> None:
     """Print a script's Markdown tables and, given a path, write them there too."""
@@ -21,6 +27,14 @@ def publish(text: str, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def legend_outside(axes: Any, **kwargs: Any) -> None:
+    """A legend to the right of a matplotlib ``axes``, clear of the data; save the figure with
+    ``bbox_inches="tight"`` so it is kept."""
+    axes.legend(
+        loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", **kwargs
+    )
 
 
 def parse_value(text: str) -> Any:

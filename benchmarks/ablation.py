@@ -40,7 +40,15 @@ import lightning.pytorch as pl
 import matplotlib
 import torch
 import yaml
-from _runs import add_run_arguments, form_settings, publish, quiet_trainer, run_options
+from _runs import (
+    METHOD_COLOURS,
+    add_run_arguments,
+    form_settings,
+    legend_outside,
+    publish,
+    quiet_trainer,
+    run_options,
+)
 from lightning.pytorch.loggers import CSVLogger
 
 from agmm_lightning import AGMMSegmenter
@@ -259,25 +267,52 @@ def pseudo_table(
     return "\n".join(lines)
 
 
+def scores(
+    results: dict[tuple[str, str], list[dict]],
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """Val mIoU mean and std (%) of every (form, method) run list, for :func:`bar_chart`."""
+    return {run: mean_std([r["val_miou"] for r in runs]) for run, runs in results.items()}
+
+
 def bar_chart(
-    results: dict[tuple[str, str], list[dict]], forms: list[str], methods: list[str], path: Path
+    scores: dict[tuple[str, str], tuple[float, float]],
+    forms: list[str],
+    methods: list[str],
+    path: Path,
 ) -> None:
-    """Grouped bars (mean ± std) per form and method, full supervision as a dashed line."""
-    figure, axes = plt.subplots(figsize=(1.8 * len(forms) + 2, 3.5))
-    width = 0.8 / len(methods)
+    """Grouped bars (mean ± std of val mIoU, %) per form in the methods' colours, full supervision
+    (key ``("full", "baseline")``) as a dashed line, the legend right of the axes."""
+    figure, axes = plt.subplots(figsize=(1.3 * len(forms) * len(methods) / 3 + 2.6, 3.2))
+    width = 0.8 / max(len(methods), 2)
     for index, method in enumerate(methods):
-        stats = [mean_std([run["val_miou"] for run in results[form, method]]) for form in forms]
+        stats = [scores[form, method] for form in forms]
         offset = (index - (len(methods) - 1) / 2) * width
         positions = [position + offset for position in range(len(forms))]
-        axes.bar(positions, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=method)
-    if ("full", "baseline") in results:
-        full, _ = mean_std([run["val_miou"] for run in results["full", "baseline"]])
-        axes.axhline(full, color="black", linestyle="--", linewidth=1, label="full supervision")
+        axes.bar(
+            positions,
+            [mean for mean, _ in stats],
+            width,
+            yerr=[std for _, std in stats],
+            capsize=3,
+            color=METHOD_COLOURS[method],
+            label=method,
+        )
+    if ("full", "baseline") in scores:
+        full, _ = scores["full", "baseline"]
+        axes.axhline(
+            full,
+            color=METHOD_COLOURS["full"],
+            linestyle="--",
+            linewidth=1,
+            label="full supervision",
+        )
     axes.set_xticks(range(len(forms)), forms)
-    axes.set_ylabel("val mIoU (%)")
-    axes.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axes.set_xlabel("weak labels")
+    axes.set_ylabel("val mIoU (%), mean ± std")
+    axes.set_ylim(0, None)
+    axes.spines[["top", "right"]].set_visible(False)
+    legend_outside(axes)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -314,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     text += f"\n\n{pseudo}" if pseudo else ""
     publish(text, args.out)
     if args.out:
-        bar_chart(results, args.forms, args.methods, args.out.with_suffix(".png"))
+        bar_chart(scores(results), args.forms, args.methods, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

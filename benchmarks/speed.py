@@ -31,7 +31,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
-from _runs import publish
+from _runs import OTHER_COLOURS, legend_outside, publish
 from bench_core import click_target, loss_block
 from torch.profiler import ProfilerActivity, profile
 
@@ -39,6 +39,7 @@ from agmm_lightning.agmm import AGMMModel, ClassMixtures, OEMOptions, build_netw
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 METHODS = ("baseline", "cvpr", "agmm")
 PRECISIONS = ("32", "bf16-mixed")
@@ -225,20 +226,46 @@ def scaling(device: torch.device, curves: dict, repeats: int) -> dict[str, list[
 
 
 def plot(curves: dict, measured: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """Log-log curves with their fitted slopes, one panel per size, one line per device."""
-    figure, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0))
+    """One log-log panel per size varied: the OEM step's time per device, a dotted line of linear
+    growth through the first point, and in the title the exponent of each device's fit
+    (:func:`slope`: time grows as size^exponent)."""
+    figure, axes = plt.subplots(1, len(curves), figsize=(3.0 * len(curves), 3.4))
+    colours = dict(zip(measured, OTHER_COLOURS, strict=False))
     for axis, (name, values) in zip(axes, curves.items(), strict=True):
+        power = 2 if name == "side" else 1  # the side's exponent is against the pixels
+        exponents = []
         for device, times in measured.items():
-            fitted = slope(name, values, times[name])
             ms = [1e3 * t for t in times[name]]
-            axis.loglog(values, ms, "o-", label=f"{device}: slope {fitted:.2f}")
-        axis.set_xlabel(name if name != "side" else "image side (px)")
+            axis.loglog(values, ms, "o-", color=colours[device], label=device)
+            linear = [ms[0] * (v / values[0]) ** power for v in values]
+            axis.loglog(values, linear, ":", color=colours[device], linewidth=1)
+            exponents.append(f"{device} {slope(name, values, times[name]):.2f}")
+        axis.set_title(f"exponent: {', '.join(exponents)}", fontsize="small")
+        axis.set_xlabel(
+            {
+                "classes": "classes C",
+                "components": "components per class K",
+                "dim": "embedding size D",
+                "side": "image side (px); exponent vs pixels",
+            }.get(name, name)
+        )
         axis.set_xticks(values, [str(v) for v in values])
-        axis.minorticks_off()
-        axis.legend(fontsize="small")
-    axes[0].set_ylabel("OEM step (ms)")
+        axis.xaxis.set_minor_locator(NullLocator())
+        low = min(1e3 * min(times[name]) for times in measured.values())
+        high = max(1e3 * max(times[name]) for times in measured.values())
+        middle, half = math.sqrt(low * high), max(math.sqrt(high / low), math.sqrt(3)) * 1.2
+        axis.set_ylim(middle / half, middle * half)  # flat curves look flat, with tick labels
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5, 7)))
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_locator(NullLocator())
+        axis.grid(True, which="major", linewidth=0.3)
+    axes[0].set_ylabel("one OEM step (ms)")
+    axes[-1].plot([], [], ":", color="grey", label="linear growth")
+    legend_outside(axes[-1])
+    base = ", ".join(f"{k}={v}" for k, v in BASE.items())
+    figure.suptitle(f"OEM step time, one size varied at a time from {base}", fontsize="medium")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

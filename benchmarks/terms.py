@@ -31,7 +31,14 @@ from typing import Any
 
 import matplotlib
 import torch
-from _runs import add_run_arguments, publish, run_options
+from _runs import (
+    METHOD_COLOURS,
+    OTHER_COLOURS,
+    add_run_arguments,
+    legend_outside,
+    publish,
+    run_options,
+)
 from ablation import DEMO, cell, pseudo_table, train
 
 matplotlib.use("Agg")
@@ -104,15 +111,22 @@ def main(argv: list[str] | None = None) -> None:
         teacher_and_student(agmm_runs, args.out.with_suffix(".png"))
 
 
+def variant_colours(names: list[str]) -> dict[str, str]:
+    """A method's colour for the variant named after it (``agmm``, ``cvpr``), the other colours
+    in order for the rest."""
+    others = iter(OTHER_COLOURS)
+    return {name: METHOD_COLOURS.get(name) or next(others) for name in names}
+
+
 def teacher_and_student(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
     """mIoU of G (solid) and of the network (dashed) on the training crops over the epochs, mean
-    over seeds, one colour per variant."""
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    for index, ((name, _), results) in enumerate(runs.items()):
+    over seeds, one colour per variant (:func:`variant_colours`), the legend right of the axes."""
+    figure, axes = plt.subplots(figsize=(6.5, 3.5))
+    colours = variant_colours([name for name, _ in runs])
+    for (name, _), results in runs.items():
         histories = [r.get("pseudo_history") or [] for r in results]
         if not all(histories):
             continue
-        colour = f"C{index}"
         epochs = [entry["epoch"] + 1 for entry in histories[0]]
         for key, style in (("train_pseudo_miou", "-"), ("train_student_miou", "--")):
             if all(key in entry for history in histories for entry in history):
@@ -120,13 +134,14 @@ def teacher_and_student(runs: dict[tuple[str, str], list[dict]], path: Path) -> 
                     100 * statistics.mean(history[i][key] for history in histories)
                     for i in range(len(epochs))
                 ]
-                label = f"{name}: {'G' if style == '-' else 'network'}"
-                axes.plot(epochs, curve, style, marker=".", color=colour, label=label)
+                label = f"{name}: {'G (GMM labels)' if style == '-' else 'network'}"
+                axes.plot(epochs, curve, style, marker=".", color=colours[name], label=label)
     axes.set_xlabel("epoch")
-    axes.set_ylabel("train mIoU (%)")
-    axes.legend(fontsize="small", loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axes.set_ylabel("train-crop mIoU (%)")
+    axes.set_ylim(0, None)
+    axes.spines[["top", "right"]].set_visible(False)
+    legend_outside(axes)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
