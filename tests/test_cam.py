@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from agmm_lightning import CAMClassifier
+from agmm_lightning.callbacks import PredictionWriter
 from agmm_lightning.cam import CAMModel, cam_pseudo_labels, normalize_cams
 from agmm_lightning.cli import main
 from agmm_lightning.data import SyntheticDataModule, VOCDataModule
@@ -212,7 +213,8 @@ def test_fit_logs_classification_and_cam_label_quality(tmp_path: Path) -> None:
 def test_predict_writes_pseudo_labels_of_the_training_scenes(tmp_path: Path) -> None:
     model = tiny_classifier(output_dir=str(tmp_path / "cams"), foreground_threshold=0.5)
     data = tiny_data(predict_split="train")
-    tiny_trainer(tmp_path).predict(model, data, return_predictions=False)
+    trainer = tiny_trainer(tmp_path, callbacks=[PredictionWriter()])
+    trainer.predict(model, data, return_predictions=False)
     files = sorted((tmp_path / "cams").glob("*.png"))
     assert [path.stem for path in files] == [f"train_{i:05d}" for i in range(4)]
     data.setup("predict")

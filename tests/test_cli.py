@@ -22,9 +22,15 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from agmm_lightning import AGMMSegmenter
-from agmm_lightning.callbacks import LatestCheckpoint, colorize
-from agmm_lightning.cli import AGMMLightningCLI, long_run_callbacks, main
+from agmm_lightning.callbacks import (
+    BestCheckpoint,
+    LatestCheckpoint,
+    PredictionWriter,
+    SegmentationPanels,
+    colorize,
+    default_callbacks,
+)
+from agmm_lightning.cli import AGMMLightningCLI, main
 from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
@@ -166,22 +172,74 @@ def test_long_runs_keep_best_and_last_checkpoints_beside_the_config(tmp_path):
     assert any(tag.startswith("lr-") for tag in events.Tags()["scalars"])
 
 
-def test_long_run_callbacks_stand_aside_when_switched_off_or_configured():
-    model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
-    kinds = {type(c) for c in long_run_callbacks({}, [], model)}
-    assert kinds == {RichProgressBar, LatestCheckpoint, ModelCheckpoint, LearningRateMonitor}
+def test_default_callbacks_stand_aside_when_switched_off_or_configured():
+    kinds = {type(c) for c in default_callbacks()}
+    assert kinds == {
+        RichProgressBar,
+        LatestCheckpoint,
+        BestCheckpoint,
+        LearningRateMonitor,
+        SegmentationPanels,
+        PredictionWriter,
+    }
     switched_off = {"enable_progress_bar": False, "enable_checkpointing": False, "logger": False}
-    assert long_run_callbacks(switched_off, [], model) == []
-    own = [ModelCheckpoint(monitor="val_loss"), TQDMProgressBar(), LearningRateMonitor()]
-    assert long_run_callbacks({}, own, model) == []
-    (checkpoint,) = [
-        c for c in long_run_callbacks({}, [], LightningModule()) if isinstance(c, ModelCheckpoint)
-    ]
-    assert isinstance(checkpoint, LatestCheckpoint) and checkpoint.filename == "last"
+    assert {type(c) for c in default_callbacks(switched_off)} == {
+        SegmentationPanels,
+        PredictionWriter,
+    }
+    own = [TQDMProgressBar(), LearningRateMonitor(), SegmentationPanels(every_n_epochs=7)]
+    kept = default_callbacks({}, own)
+    assert kept[:3] == own and {type(c) for c in kept[3:]} == {
+        LatestCheckpoint,
+        BestCheckpoint,
+        PredictionWriter,
+    }
+    plain = ModelCheckpoint(monitor="val_loss")
+    assert plain in default_callbacks({}, [plain]), "a checkpoint of another kind adds to ours"
+
+
+def test_the_printed_config_is_the_run(tmp_path, capsys):
+    """--print_config to a file, then that file alone: the same callbacks, options and optimizer;
+    a configured callback replaces the default of its kind, and --optimizer is refused."""
+    own_panels = ["--trainer.callbacks+=SegmentationPanels", "--trainer.callbacks.every_n_epochs=7"]
+    short = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    args = ["--config", CONFIG, f"--trainer.default_root_dir={tmp_path}", *own_panels, *short]
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+
+    def built(arguments):
+        cli = AGMMLightningCLI(
+            LightningModule,
+            AGMMDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=["fit", *arguments],
+        )
+        callbacks = [(type(c), vars(c).get("every_n_epochs")) for c in cli.trainer.callbacks]
+        (optimizer,) = cli.trainer.optimizers
+        (schedule,) = cli.trainer.lr_scheduler_configs
+        groups = [group["initial_lr"] for group in optimizer.param_groups]
+        return callbacks, type(optimizer), groups, type(schedule.scheduler), schedule.interval
+
+    direct, from_file = built(args), built(["--config", str(printed)])
+    assert direct == from_file
+    callbacks, optimizer, groups, _, interval = direct
+    assert [every for kind, every in callbacks if kind is SegmentationPanels] == [7]
+    assert {LatestCheckpoint, BestCheckpoint, PredictionWriter} <= {kind for kind, _ in callbacks}
+    assert optimizer is torch.optim.SGD and len(groups) == 2 and interval == "step"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--optimizer=Adam"])
+    assert exit_info.value.code == 2
+    assert "--optimizer" in capsys.readouterr().err.splitlines()[0]
 
 
 class _Worsening(LightningModule):
     """A model whose val_miou falls every epoch."""
+
+    selection_metric = "val_miou"
 
     def __init__(self) -> None:
         super().__init__()
@@ -204,10 +262,9 @@ class _Worsening(LightningModule):
 
 def test_last_checkpoint_holds_the_last_epoch_when_it_was_not_the_best(tmp_path):
     options = {"enable_progress_bar": False, "logger": False}
-    segmenter = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
     trainer = Trainer(
         max_epochs=3,
-        callbacks=long_run_callbacks(options, [], segmenter),
+        callbacks=default_callbacks(options),
         default_root_dir=tmp_path,
         enable_model_summary=False,
         **options,

@@ -13,7 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from agmm_lightning import AGMMSegmenter
-from agmm_lightning.cli import latest_checkpoint, long_run_callbacks, main
+from agmm_lightning.callbacks import default_callbacks
+from agmm_lightning.cli import latest_checkpoint, main
 from agmm_lightning.data import SyntheticDataModule
 from agmm_lightning.data.base import EpochShuffleSampler
 
@@ -27,7 +28,7 @@ def tiny_fit(tmp_path: Path, **trainer_options) -> Trainer:
         num_train=8, num_val=4, image_size=32, crop_size=32, batch_size=4, augment=False
     )
     trainer = Trainer(
-        callbacks=long_run_callbacks(options, [], model),
+        callbacks=default_callbacks(options),
         default_root_dir=tmp_path,
         enable_model_summary=False,
         **options,
@@ -56,15 +57,14 @@ def test_last_checkpoint_at_the_end_of_a_step_budget_that_ends_mid_epoch(tmp_pat
 PREEMPTED = """
 import os, signal, sys
 from lightning.pytorch import Callback
-import agmm_lightning.cli as cli
+from agmm_lightning import callbacks, cli
 
 class Preempt(Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-default = cli.long_run_callbacks
-cli.long_run_callbacks = lambda *args: default(*args) + [Preempt()]
+callbacks.DEFAULT_CALLBACKS["preempt"] = (Preempt, Preempt, {})
 cli.main(sys.argv[1:])
 """
 
@@ -172,7 +172,7 @@ def fit_epochs(
     options = {"enable_progress_bar": False, "logger": False}
     trainer = Trainer(
         max_epochs=epochs,
-        callbacks=long_run_callbacks(options, [], model) + ([stop] if stop else []),
+        callbacks=default_callbacks(options, [stop] if stop else []),
         default_root_dir=root,
         enable_model_summary=False,
         **options,

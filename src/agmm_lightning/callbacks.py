@@ -1,14 +1,24 @@
-"""Callbacks: image panels, prediction PNGs, the latest checkpoint, and the run folder."""
+"""Callbacks: image panels, prediction PNGs, the latest and best checkpoints, the run folder.
+
+:data:`DEFAULT_CALLBACKS` are those every command-line run gets.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
@@ -20,14 +30,18 @@ from agmm_lightning.panels import draw_panel, render
 from agmm_lightning.targets import posterior_labels, upsample_posterior
 
 __all__ = [
+    "DEFAULT_CALLBACKS",
+    "BestCheckpoint",
     "LatestCheckpoint",
     "PredictionWriter",
     "SegmentationPanels",
     "colorize",
+    "default_callbacks",
     "palette_of",
     "print_line",
     "run_directory",
     "shared_run_directory",
+    "usable_callbacks",
 ]
 
 
@@ -65,6 +79,29 @@ class LatestCheckpoint(ModelCheckpoint):
             return
         trainer.save_checkpoint(self.format_checkpoint_name({}))
         self._last_global_step_saved = trainer.global_step
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``best-epoch=<n>-<metric>=<value>.ckpt``: the checkpoint of the best validation score.
+
+    The score is the task's :attr:`~agmm_lightning.tasks.base.BaseTask.selection_metric`
+    (``val_miou`` for :class:`~agmm_lightning.AGMMSegmenter`); a task without one (the CAM
+    classifier) keeps no best checkpoint.
+
+    Args:
+        dirpath: The folder; by default the run folder's ``checkpoints/``, as ModelCheckpoint's.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None) -> None:
+        super().__init__(dirpath, mode="max")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Monitor the task's selection metric."""
+        metric = getattr(pl_module, "selection_metric", None)
+        self.monitor = metric
+        self.save_top_k = 1 if metric else 0
+        self.filename = f"best-{{epoch}}-{{{metric}:.4f}}"
+        super().setup(trainer, pl_module, stage)
 
 
 @rank_zero_only
@@ -306,3 +343,66 @@ class PredictionWriter(BasePredictionWriter):
             raise InputError(
                 f"{len(self.skipped)} image(s) could not be read and were skipped:\n  {shown}{more}"
             )
+
+
+DEFAULT_CALLBACKS: dict[str, tuple[type[Callback], type[Callback], dict[str, Any]]] = {
+    "progress_bar": (RichProgressBar, ProgressBar, {}),
+    "last_checkpoint": (LatestCheckpoint, LatestCheckpoint, {}),
+    "best_checkpoint": (BestCheckpoint, BestCheckpoint, {}),
+    "lr_monitor": (LearningRateMonitor, LearningRateMonitor, {"logging_interval": "step"}),
+    "panels": (SegmentationPanels, SegmentationPanels, {}),
+    "prediction_writer": (PredictionWriter, PredictionWriter, {}),
+}
+"""The callbacks every run gets: config key -> (class, the kind a configured callback replaces
+it by, its default arguments). The command line lists them in ``--print_config`` under these
+keys."""
+
+
+def usable_callbacks(
+    defaults: Sequence[Callback], configured: Sequence[Callback], trainer_options: Mapping[str, Any]
+) -> list[Callback]:
+    """The configured callbacks, then the defaults the run keeps.
+
+    A default is left out when a configured callback is of its kind (that one replaces it), or
+    when the Trainer's options switch it off: ``enable_progress_bar=false``,
+    ``enable_checkpointing=false``, or no logger (``logger=false``) for the learning-rate monitor.
+
+    Args:
+        defaults: Instances of :data:`DEFAULT_CALLBACKS`.
+        configured: The callbacks given in ``trainer.callbacks``.
+        trainer_options: The Trainer's arguments.
+
+    Returns:
+        The callbacks of the run.
+    """
+    kinds = {cls: kind for cls, kind, _ in DEFAULT_CALLBACKS.values()}
+    switched_off = {
+        ProgressBar: trainer_options.get("enable_progress_bar") is False,
+        ModelCheckpoint: trainer_options.get("enable_checkpointing") is False,
+        # Trainer(logger=None) means the default logger; only False or [] mean none.
+        LearningRateMonitor: trainer_options.get("logger") in (False, []),
+    }
+
+    def kept(callback: Callback) -> bool:
+        kind = kinds.get(type(callback), type(callback))
+        replaced = any(isinstance(other, kind) for other in configured)
+        off = any(isinstance(callback, cls) and off for cls, off in switched_off.items())
+        return not (replaced or off)
+
+    return [*configured, *(callback for callback in defaults if kept(callback))]
+
+
+def default_callbacks(
+    trainer_options: Mapping[str, Any] | None = None, configured: Sequence[Callback] = ()
+) -> list[Callback]:
+    """The command line's callbacks for a Trainer built in Python.
+
+    Args:
+        trainer_options: The Trainer's arguments (they may switch defaults off).
+        configured: Callbacks of your own; one of a default's kind replaces it.
+
+    Returns:
+        ``configured`` and the :data:`DEFAULT_CALLBACKS` that the run keeps.
+    """
+    defaults = [cls(**arguments) for cls, _, arguments in DEFAULT_CALLBACKS.values()]
+    return usable_callbacks(defaults, configured, trainer_options or {})

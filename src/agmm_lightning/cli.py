@@ -15,26 +15,18 @@ import pickle
 import re
 import signal
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    ProgressBar,
-    RichProgressBar,
-)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from agmm_lightning import __version__
-from agmm_lightning.callbacks import LatestCheckpoint, run_directory
+from agmm_lightning.callbacks import DEFAULT_CALLBACKS, run_directory, usable_callbacks
 from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.errors import InputError
-from agmm_lightning.tasks import AGMMSegmenter
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -44,7 +36,6 @@ __all__ = [
     "check_data",
     "folder_shorthand",
     "model_overrides",
-    "long_run_callbacks",
     "main",
 ]
 
@@ -88,6 +79,11 @@ def concise_error(message: str) -> str:
         text = line.strip().removeprefix("- ").strip()
         if text and not text.startswith(_NOISE) and text not in reasons:
             reasons.append(text)
+    if re.search(r"(?i)unrecognized arguments:.*--(optimizer|lr_scheduler)", message):
+        return (
+            f"{reasons[0]}: the optimizer and its schedule are the model's options "
+            "(--model.init_args.optimizer=sgd|adamw, lr, weight_decay, poly_power)"
+        )
     if not keys:
         return "; ".join(reasons) or message
     key = ".".join(keys + ([unknown.group(1)] if unknown else []))
@@ -164,48 +160,6 @@ class RunConfigSaver(SaveConfigCallback):
         self.parser.save(self.config, str(path), skip_none=False, multifile=self.multifile)
 
 
-def long_run_callbacks(
-    trainer_config: Mapping[str, Any], configured: list[Callback], model: LightningModule
-) -> list[Callback]:
-    """The callbacks every CLI run gets, unless its config switches them off or has its own.
-
-    A rich progress bar (off with ``enable_progress_bar=false``); the latest and best checkpoints
-    (``last.ckpt`` after every epoch, and ``best-epoch=…-val_miou=….ckpt`` by ``val_miou`` for an
-    :class:`AGMMSegmenter`; off with ``enable_checkpointing=false``); and a learning-rate monitor
-    when the run has a logger (``logger=false`` would make it fail).
-
-    Args:
-        trainer_config: The Trainer's arguments.
-        configured: The callbacks the config gives; a callback of the same kind replaces ours.
-        model: The model (it decides what the checkpoints monitor).
-
-    Returns:
-        The callbacks to add.
-    """
-
-    def wanted(kind: type[Callback], enabled: bool) -> bool:
-        return enabled and not any(isinstance(callback, kind) for callback in configured)
-
-    callbacks: list[Callback] = []
-    if wanted(ProgressBar, trainer_config.get("enable_progress_bar") is not False):
-        callbacks.append(RichProgressBar())
-    if wanted(ModelCheckpoint, trainer_config.get("enable_checkpointing") is not False):
-        # Lightning's save_last writes last.ckpt only when a best checkpoint is written too, so
-        # after an epoch that did not improve (or without validation) it would not hold the
-        # latest state: a callback of its own does.
-        callbacks.append(LatestCheckpoint())
-        if isinstance(model, AGMMSegmenter):
-            callbacks.append(
-                ModelCheckpoint(
-                    filename="best-{epoch}-{val_miou:.4f}", monitor="val_miou", mode="max"
-                )
-            )
-    # Trainer(logger=None) means the default logger; only False or [] mean none.
-    if wanted(LearningRateMonitor, trainer_config.get("logger") not in (False, [])):
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    return callbacks
-
-
 class AGMMLightningCLI(LightningCLI):
     """LightningCLI that takes the class count from the data and checks what it is given.
 
@@ -213,7 +167,8 @@ class AGMMLightningCLI(LightningCLI):
     number). A ``--ckpt_path`` must be a readable checkpoint of the configured kind of model (the
     keys of :data:`CHECKPOINT_KEYS` agree); the configured model options are kept rather than
     replaced by the checkpoint's, so ``--model.test_flip=true`` at validate/test/predict works.
-    Every run gets :func:`long_run_callbacks`, and ``predict`` keeps no predictions in memory
+    Every run gets the :data:`~agmm_lightning.callbacks.DEFAULT_CALLBACKS`, listed by
+    ``--print_config``, and ``predict`` keeps no predictions in memory
     (the prediction writer has written them).
     """
 
@@ -229,10 +184,13 @@ class AGMMLightningCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the model's class count to the data's."""
+        """Link the model's class count to the data's; add the default callbacks' options."""
         parser.link_arguments(
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
+        for key, (cls, _, arguments) in DEFAULT_CALLBACKS.items():
+            parser.add_lightning_class_args(cls, key)
+            parser.set_defaults({f"{key}.{name}": value for name, value in arguments.items()})
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check that a ``--ckpt_path`` file is a checkpoint this library reads.
@@ -346,7 +304,9 @@ class AGMMLightningCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the Trainer with :func:`long_run_callbacks` after the configured callbacks.
+        """Build the Trainer with the configured callbacks and the defaults the run keeps.
+
+        Which defaults it keeps: :func:`~agmm_lightning.callbacks.usable_callbacks`.
 
         Args:
             kwargs: Trainer arguments that override the config's.
@@ -358,8 +318,9 @@ class AGMMLightningCLI(LightningCLI):
         trainer_config = {**(config.get("trainer") or {}), **kwargs}
         configured = trainer_config.get("callbacks") or []
         configured = [configured] if isinstance(configured, Callback) else list(configured)
-        callbacks = configured + long_run_callbacks(trainer_config, configured, self.model)
-        return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
+        defaults = [config[key] for key in DEFAULT_CALLBACKS]
+        trainer_config["callbacks"] = usable_callbacks(defaults, configured, trainer_config)
+        return self._instantiate_trainer(trainer_config, [])
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -567,6 +528,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             args=given,
             parser_kwargs={"prog": _program(), "version": __version__},
+            # One optimizer path: the task's own (its backbone group and poly schedule).
+            auto_configure_optimizers=False,
         )
     except InputError as error:
         sys.stderr.write(f"error: {_user_message(error)}\n")

@@ -57,6 +57,9 @@ class BaseTask(LightningModule):
     prediction_subfolder = "predictions"
     """Folder of the run directory that ``predict`` writes to (see :meth:`prediction_folder`)."""
 
+    selection_metric: str | None = None
+    """The validation metric (higher is better) that picks the best checkpoint, if any."""
+
     def __init__(self) -> None:
         super().__init__()
         self.skipped_steps = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -25,7 +25,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from agmm_lightning.callbacks import PredictionWriter, print_line
+from agmm_lightning.callbacks import print_line
 from agmm_lightning.cam import CAMModel, check_cam_options
 from agmm_lightning.encoders import build_encoder
 from agmm_lightning.errors import InputError
@@ -263,10 +263,6 @@ class CAMClassifier(BaseTask):
         return labels
 
     # ---------------------------------------------------------------------- prediction
-    def configure_callbacks(self) -> list[Callback]:
-        """The writer of the pseudo-label PNGs."""
-        return [PredictionWriter()]
-
     def prediction_folder(self, trainer: Trainer) -> Path:
         """``output_dir``, or ``cam_labels`` in the run directory."""
         output_dir = self.hparams["output_dir"]

@@ -15,7 +15,6 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -23,7 +22,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, OEMOptions
 from agmm_lightning.agmm.model import build_network
-from agmm_lightning.callbacks import PredictionWriter, SegmentationPanels, print_line
+from agmm_lightning.callbacks import print_line
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import ImageInput, image_batch, infer_logits
 from agmm_lightning.targets import VOID, upsample_posterior
@@ -178,6 +177,7 @@ class AGMMSegmenter(BaseTask):
     """
 
     skipped_refits: Tensor
+    selection_metric = "val_miou"
 
     def __init__(
         self,
@@ -299,10 +299,6 @@ class AGMMSegmenter(BaseTask):
         return MetricCollection(
             {"miou": jaccard("macro"), "iou": per_class}, prefix=prefix, compute_groups=False
         ).to(self.device)
-
-    def configure_callbacks(self) -> list[Callback]:
-        """Image panels and the prediction writer."""
-        return [SegmentationPanels(), PredictionWriter()]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The encoder at ``lr × backbone_lr_multiplier``, the rest at ``lr``."""
