@@ -25,8 +25,8 @@ from agmm_lightning.agmm.losses import (
     partial_cross_entropy,
     pseudo_label_loss,
 )
-from agmm_lightning.agmm.mixtures import ClassMixtures, MixtureStatistics
-from agmm_lightning.agmm.sampling import labelled_pixels, sample_at
+from agmm_lightning.agmm.mixtures import ClassMixtures, Expectation, MixtureStatistics
+from agmm_lightning.agmm.sampling import LabelledPixels, labelled_pixels, sample_at
 from agmm_lightning.targets import allowed_classes
 
 __all__ = ["KERNEL_TERMS", "OEMOptions", "StepLosses", "fitting_weights", "oem_losses"]
@@ -135,23 +135,123 @@ def oem_losses(
     Returns:
         The terms, the GMM posterior at feature resolution and the refit's statistics.
     """
-    target = batch["target"]
-    num_classes = logits.shape[1]
-    batch_size, channels, height, width = features.shape
-    temperature = options.effective_temperature
-    image_classes, boxes = batch["image_classes"], batch.get("allowed")
+    target, image_classes, boxes = batch["target"], batch["image_classes"], batch.get("allowed")
+    labelled = _labelled_embeddings(features, target, logits.shape[1], embed, options)
+    maximization = _maximization_term(labelled, image_classes, mixtures, options)
+    cells = _feature_cells(features, logits, target, image_classes, boxes, options)
+    gmm = _gmm_posterior(
+        features,
+        labelled,
+        cells,
+        image_classes,
+        boxes,
+        embed=embed,
+        mixtures=mixtures,
+        options=options,
+    )
+    pseudo, pseudo_cells = _pseudo_term(features, cells, gmm, classify, options, step)
+    terms = _loss_terms(
+        logits, target, image_classes, boxes, cells, maximization, pseudo, options, hard_fraction
+    )
+    stats = _refit_statistics(labelled, cells, gmm, mixtures, options, step)
+    return StepLosses(terms, gmm.posterior, stats, pseudo_cells)
 
-    # Labelled features, read by bilinear sampling at the labels' own coordinates. The
-    # maximization loss compares each with the classes of its image that have a mixture.
+
+class _LabelledEmbeddings(NamedTuple):
+    """The labelled pixels of a step and their embeddings.
+
+    Attributes:
+        pixels: Where the labels are, and their classes.
+        embeddings: ``[n, D]`` embeddings at those pixels, with gradients.
+    """
+
+    pixels: LabelledPixels
+    embeddings: Tensor
+
+
+class _FeatureCells(NamedTuple):
+    """What the GMM posterior and the pseudo loss read at feature resolution ``(h, w)``.
+
+    Attributes:
+        kernel: CVPR mode's terms (METHOD §2), empty without ``lambda_kernel``.
+        logits: ``[B, C, h, w]`` float32 logits averaged over each feature cell.
+        unlabelled: ``[B, h, w]`` each cell's share of unlabelled pixels.
+    """
+
+    kernel: dict[str, Tensor]
+    logits: Tensor
+    unlabelled: Tensor
+
+
+class _GMMPosterior(NamedTuple):
+    """One detached E-step over every feature cell of the batch.
+
+    Attributes:
+        embeddings: ``[B*h*w, D]`` embeddings of every cell, without gradients.
+        expectation: The densities, shared with the refit's statistics.
+        rows: ``[B*h*w, C]`` the GMM posterior, one row per cell.
+        posterior: ``[B, C, h, w]`` the same as a map (a view of ``rows``).
+        agrees: ``[B, h, w]`` bool, where the posterior's argmax equals the cell logits' (only
+            with ``pseudo_mode="agree"``), else None.
+    """
+
+    embeddings: Tensor
+    expectation: Expectation
+    rows: Tensor
+    posterior: Tensor
+    agrees: Tensor | None
+
+
+def _labelled_embeddings(
+    features: Tensor,
+    target: Tensor,
+    num_classes: int,
+    embed: Callable[[Tensor], Tensor],
+    options: OEMOptions,
+) -> _LabelledEmbeddings:
+    """The embeddings of the labelled pixels, the only ones that carry gradients.
+
+    The decoder features are read by bilinear sampling at the labels' own coordinates (so a label
+    is not moved to the coarser feature grid), at most ``max_labelled_samples`` of them.
+    """
     pixels = labelled_pixels(target, num_classes, options.max_labelled_samples)
-    labelled = sample_at(features, pixels, target.shape[-2:], embed)
-    valid = mixtures.initialized[None] & (image_classes[pixels.image] > 0)
-    log_likelihood = mixtures.log_likelihood(labelled)
-    maximization = maximization_loss(log_likelihood, pixels.labels, temperature, valid)
+    return _LabelledEmbeddings(pixels, sample_at(features, pixels, target.shape[-2:], embed))
 
-    # The GMM posterior lives at feature resolution, and so do its prior and the pseudo loss: the
-    # logits averaged over each feature cell (by the kernel block, which reads the logits anyway),
-    # and each cell's share of unlabelled pixels.
+
+def _maximization_term(
+    labelled: _LabelledEmbeddings,
+    image_classes: Tensor,
+    mixtures: ClassMixtures,
+    options: OEMOptions,
+) -> Tensor:
+    """The weighted maximization loss, which pulls each labelled embedding to its class's mixture.
+
+    Each embedding is compared only with the classes of its own image that have a mixture: a
+    class without one has no density yet, and the classes absent from the image are no rivals.
+    """
+    pixels = labelled.pixels
+    valid = mixtures.initialized[None] & (image_classes[pixels.image] > 0)
+    log_likelihood = mixtures.log_likelihood(labelled.embeddings)
+    loss = maximization_loss(log_likelihood, pixels.labels, options.effective_temperature, valid)
+    return options.lambda_max * loss
+
+
+def _feature_cells(
+    features: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    image_classes: Tensor,
+    boxes: Tensor | None,
+    options: OEMOptions,
+) -> _FeatureCells:
+    """The kernel terms, and the logits and unlabelled share of each feature cell.
+
+    The GMM posterior lives at feature resolution, and so do its prior and the pseudo loss. The
+    kernel block reads the logits anyway, so with ``lambda_kernel`` it also returns their average
+    over each cell; without it they are pooled here.
+    """
+    num_classes = logits.shape[1]
+    size = (features.shape[-2], features.shape[-1])
     kernel = {}
     if options.lambda_kernel:
         kernel = cvpr_agmm_losses(
@@ -159,57 +259,122 @@ def oem_losses(
         )
         cell_logits = kernel["cell_logits"]
     else:
-        cell_logits = F.adaptive_avg_pool2d(logits, (height, width)).float()
+        cell_logits = F.adaptive_avg_pool2d(logits, size).float()
     unlabelled = (target == num_classes).float()[:, None]
-    unlabelled = F.adaptive_avg_pool2d(unlabelled, (height, width))[:, 0]
+    unlabelled = F.adaptive_avg_pool2d(unlabelled, size)[:, 0]
+    return _FeatureCells(kernel, cell_logits, unlabelled)
 
-    # One E-step over every pixel at feature resolution serves both the GMM posterior and the
-    # statistics of the refit (the labelled features have their own).
-    allowed_low = allowed_classes(image_classes, boxes, (height, width))
+
+def _gmm_posterior(
+    features: Tensor,
+    labelled: _LabelledEmbeddings,
+    cells: _FeatureCells,
+    image_classes: Tensor,
+    boxes: Tensor | None,
+    *,
+    embed: Callable[[Tensor], Tensor],
+    mixtures: ClassMixtures,
+    options: OEMOptions,
+) -> _GMMPosterior:
+    """One E-step over every feature cell, which serves the pseudo loss and the refit alike.
+
+    Without gradients: only the labelled embeddings train the embedding, and every cell's is built
+    directly in the ``[N, D]`` rows the mixtures read. With ``adaptation``, each image's class
+    means move toward its own labelled embeddings first; the posterior is restricted to the
+    classes each cell may take (its image's, or its boxes').
+    """
+    batch_size, channels, height, width = features.shape
+    num_classes = cells.logits.shape[1]
+    allowed = allowed_classes(image_classes, boxes, (height, width))
     with torch.no_grad():
-        # Only the labelled features carry gradients: every pixel's embedding is built without
-        # autograd, directly in the [N, D] rows the mixtures read.
         flat = embed(features.permute(0, 2, 3, 1).reshape(-1, channels))
         rows, means = flat, None
         if options.adaptation is not None:
+            pixels = labelled.pixels
             means = mixtures.adapted_means(
-                labelled.detach(), pixels.labels, pixels.image, batch_size, options.adaptation
+                labelled.embeddings.detach(),
+                pixels.labels,
+                pixels.image,
+                batch_size,
+                options.adaptation,
             )
             rows = flat.view(batch_size, height * width, -1)
         expectation = mixtures.expectation(rows, means)
         prior = None
         if options.prior == "prediction":
-            prior = cell_logits.detach().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
-        flat_allowed = allowed_low.permute(0, 2, 3, 1).reshape(-1, num_classes)
-        posterior_low = mixtures.posterior_from_log_likelihood(
-            expectation.log_likelihood, prior, flat_allowed, temperature
+            prior = cells.logits.detach().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+        flat_allowed = allowed.permute(0, 2, 3, 1).reshape(-1, num_classes)
+        posterior_rows = mixtures.posterior_from_log_likelihood(
+            expectation.log_likelihood, prior, flat_allowed, options.effective_temperature
         )
-        posterior = posterior_low.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
-        agree = options.pseudo_mode == "agree"
-        agrees = posterior.argmax(1) == cell_logits.detach().argmax(1) if agree else None
+        posterior = posterior_rows.view(batch_size, height, width, num_classes).permute(0, 3, 1, 2)
+        agrees = None
+        if options.pseudo_mode == "agree":
+            agrees = posterior.argmax(1) == cells.logits.detach().argmax(1)
+    return _GMMPosterior(flat, expectation, posterior_rows, posterior, agrees)
 
+
+def _pseudo_term(
+    features: Tensor,
+    cells: _FeatureCells,
+    gmm: _GMMPosterior,
+    classify: Callable[[Tensor], Tensor],
+    options: OEMOptions,
+    step: int,
+) -> tuple[Tensor, Tensor]:
+    """The weighted GMM pseudo supervision of the unlabelled cells, and the cells it supervises.
+
+    Its weight ramps up over ``warmup_steps``; with ``pseudo_mode="agree"`` only after as many
+    steps again, since the agreement gate waits for a network worth agreeing with. With
+    ``pseudo_gradient="head"`` the teacher's signal reaches the head alone: detached, the decoder
+    features the GMM reads are not pulled toward the GMM's own mistakes.
+
+    Returns:
+        The weighted term and the ``[B, h, w]`` bool map of the cells it supervised (all False
+        while its weight is 0).
+    """
     warmup = options.warmup_steps
-    start = warmup if agree else 0  # the agreement gate waits for a network worth agreeing with
+    start = warmup if options.pseudo_mode == "agree" else 0
     ramp = min(1.0, max(0.0, (step + 1 - start) / warmup)) if warmup else 1.0
-    pseudo_logits = cell_logits
+    weight = ramp * options.lambda_gmm
+    pseudo_logits = cells.logits
     if options.pseudo_gradient == "head":
-        # The head alone learns from the GMM: detached, the decoder features the GMM reads are
-        # not pulled toward the GMM's own mistakes.
         pseudo_logits = classify(features.detach())
     pseudo, pseudo_cells = pseudo_label_loss(
-        pseudo_logits, posterior, unlabelled, options.pseudo_mode, options.confidence, agrees
+        pseudo_logits,
+        gmm.posterior,
+        cells.unlabelled,
+        options.pseudo_mode,
+        options.confidence,
+        gmm.agrees,
     )
-    # The kernel block's seg term is the partial cross-entropy without OHEM, and its absent term
-    # is absent_class_loss: taking them from it spares their own logit gradients.
+    active = pseudo_cells if weight > 0 else torch.zeros_like(pseudo_cells)
+    return weight * pseudo, active
+
+
+def _loss_terms(
+    logits: Tensor,
+    target: Tensor,
+    image_classes: Tensor,
+    boxes: Tensor | None,
+    cells: _FeatureCells,
+    maximization: Tensor,
+    pseudo: Tensor,
+    options: OEMOptions,
+    hard_fraction: float,
+) -> dict[str, Tensor]:
+    """The weighted terms of the training loss: seg, maximization, pseudo, kernel, absent.
+
+    Their order is that of the sum that makes the loss. The kernel block's ``seg`` term is the
+    partial cross-entropy without OHEM, and its ``absent`` term is :func:`absent_class_loss`:
+    taking them from it spares their own logit gradients.
+    """
+    kernel = cells.kernel
     if "seg" in kernel and hard_fraction == 1:
         seg = kernel["seg"]
     else:
         seg = partial_cross_entropy(logits, target, hard_fraction=hard_fraction)
-    terms = {
-        "seg": seg,
-        "maximization": options.lambda_max * maximization,
-        "pseudo": ramp * options.lambda_gmm * pseudo,
-    }
+    terms = {"seg": seg, "maximization": maximization, "pseudo": pseudo}
     if kernel:
         terms |= {name: options.lambda_kernel * kernel[name] for name in KERNEL_TERMS}
         terms["absent"] = kernel["absent"]
@@ -217,18 +382,33 @@ def oem_losses(
         terms["absent"] = absent_class_loss(
             logits, image_classes if boxes is None else boxes, target
         )
+    return terms
 
-    labels = F.one_hot(pixels.labels, num_classes).to(posterior_low.dtype)
-    trusted = unlabelled.flatten() > 0.5
-    if agrees is not None:
-        trusted &= agrees.flatten()
-    fitting = fitting_weights(posterior_low, trusted, labels.sum(0), options)
-    if step < warmup:
+
+def _refit_statistics(
+    labelled: _LabelledEmbeddings,
+    cells: _FeatureCells,
+    gmm: _GMMPosterior,
+    mixtures: ClassMixtures,
+    options: OEMOptions,
+    step: int,
+) -> MixtureStatistics:
+    """The detached statistics of the refit: every labelled embedding, and trusted cells.
+
+    The labelled embeddings count fully for their class. Unlabelled cells join with their
+    posterior by :func:`fitting_weights`, and only after ``warmup_steps``: before that the
+    mixtures would fit their own guesses about an untrained network.
+    """
+    labels = F.one_hot(labelled.pixels.labels, gmm.rows.shape[1]).to(gmm.rows.dtype)
+    trusted = cells.unlabelled.flatten() > 0.5
+    if gmm.agrees is not None:
+        trusted &= gmm.agrees.flatten()
+    fitting = fitting_weights(gmm.rows, trusted, labels.sum(0), options)
+    if step < options.warmup_steps:
         fitting = torch.zeros_like(fitting)
-    labelled_stats = mixtures.sufficient_statistics(labelled.detach(), labels)
-    pixel_stats = mixtures.sufficient_statistics(flat, fitting, expectation)
-    active = pseudo_cells if ramp * options.lambda_gmm > 0 else torch.zeros_like(pseudo_cells)
-    return StepLosses(terms, posterior, labelled_stats + pixel_stats, active)
+    labelled_stats = mixtures.sufficient_statistics(labelled.embeddings.detach(), labels)
+    pixel_stats = mixtures.sufficient_statistics(gmm.embeddings, fitting, gmm.expectation)
+    return labelled_stats + pixel_stats
 
 
 def fitting_weights(
