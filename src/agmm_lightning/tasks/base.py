@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from agmm_lightning.callbacks import shared_run_directory
 from agmm_lightning.errors import InputError
 
-__all__ = ["BaseTask", "check_choice", "check_optimizer_options"]
+__all__ = ["BaseTask", "OptimizerOptions", "check_choice", "check_non_negative"]
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -28,25 +29,41 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_optimizer_options(optimizer: str, **values: float) -> None:
-    """Raise an InputError naming the first optimizer option out of range.
-
-    Args:
-        optimizer: ``"sgd"`` or ``"adamw"``.
-        **values: Learning rates, multipliers, ``weight_decay`` and ``poly_power``, by their
-            option names: each must be ``>= 0`` (a learning rate of 0 freezes the weights).
-    """
-    check_choice("optimizer", optimizer, ("sgd", "adamw"))
+def check_non_negative(**values: float) -> None:
+    """Raise an InputError naming the first of ``values`` (by option name) below 0."""
     for name, value in values.items():
         if value < 0:
             raise InputError(f"{name} must be >= 0, got {value}")
 
 
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The optimizer and its schedule; each task documents them among its init arguments.
+
+    Attributes:
+        optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
+        lr: The base learning rate (a task scales it for one of its parameter groups).
+        weight_decay: Weight decay.
+        poly_power: Exponent of the per-step poly schedule; 0 keeps the rate constant.
+
+    Raises:
+        InputError: For an unknown optimizer or a value below 0 (a rate of 0 freezes weights).
+    """
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    poly_power: float
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
+        check_non_negative(lr=self.lr, weight_decay=self.weight_decay, poly_power=self.poly_power)
+
+
 class BaseTask(LightningModule):
     """Base of the tasks: SGD or AdamW over two parameter groups, a per-step poly schedule.
 
-    Subclasses save ``optimizer``, ``lr``, ``weight_decay`` and ``poly_power`` among their
-    hyper-parameters and implement :meth:`parameter_groups`.
+    Subclasses pass their :class:`OptimizerOptions` and implement :meth:`parameter_groups`.
 
     A step whose loss or gradients are NaN or inf would write NaN into every weight: its
     gradients are dropped instead (the same on every rank, since DDP has already summed them),
@@ -60,8 +77,9 @@ class BaseTask(LightningModule):
     selection_metric: str | None = None
     """The validation metric (higher is better) that picks the best checkpoint, if any."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimization: OptimizerOptions) -> None:
         super().__init__()
+        self.optimization = optimization
         self.skipped_steps = 0
 
     @abstractmethod
@@ -70,18 +88,18 @@ class BaseTask(LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD (momentum 0.9) or AdamW, and a poly schedule stepped after every optimizer step."""
-        hp = self.hparams
+        options = self.optimization
         groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer
-        if hp["optimizer"] == "sgd":
+        if options.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                groups, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"]
+                groups, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay
             )
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+            optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.PolynomialLR(
-            optimizer, total_iters=total, power=hp["poly_power"]
+            optimizer, total_iters=total, power=options.poly_power
         )
         return {
             "optimizer": optimizer,

@@ -30,7 +30,7 @@ from agmm_lightning.cam import CAMModel, check_cam_options
 from agmm_lightning.encoders import build_encoder
 from agmm_lightning.errors import InputError
 from agmm_lightning.targets import VOID, present_classes
-from agmm_lightning.tasks.base import BaseTask, check_optimizer_options
+from agmm_lightning.tasks.base import BaseTask, OptimizerOptions, check_non_negative
 
 __all__ = ["CAMClassifier"]
 
@@ -122,18 +122,12 @@ class CAMClassifier(BaseTask):
         background_threshold: float = 0.25,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__()
         # Every option is checked before the encoder is built (and its weights downloaded).
+        super().__init__(OptimizerOptions(optimizer, lr, weight_decay, poly_power))
         check_cam_options(
             num_classes, background_index, cam_scales, foreground_threshold, background_threshold
         )
-        check_optimizer_options(
-            optimizer,
-            lr=lr,
-            head_lr_multiplier=head_lr_multiplier,
-            weight_decay=weight_decay,
-            poly_power=poly_power,
-        )
+        check_non_negative(head_lr_multiplier=head_lr_multiplier)
         self.save_hyperparameters()
         self.model = CAMModel(
             build_encoder(encoder, encoder_weights, output_stride),
@@ -214,12 +208,12 @@ class CAMClassifier(BaseTask):
     # ------------------------------------------------------------------------ training
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The encoder at ``lr``, the new classifier ``head_lr_multiplier`` times faster."""
-        hp = self.hparams
+        lr = self.optimization.lr
         return [
-            {"params": list(self.model.encoder.parameters()), "lr": hp["lr"]},
+            {"params": list(self.model.encoder.parameters()), "lr": lr},
             {
                 "params": list(self.model.classifier.parameters()),
-                "lr": hp["lr"] * hp["head_lr_multiplier"],
+                "lr": lr * self.hparams["head_lr_multiplier"],
             },
         ]
 

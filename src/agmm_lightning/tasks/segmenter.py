@@ -26,7 +26,12 @@ from agmm_lightning.callbacks import print_line
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import ImageInput, image_batch, infer_logits
 from agmm_lightning.targets import VOID, upsample_posterior
-from agmm_lightning.tasks.base import BaseTask, check_choice, check_optimizer_options
+from agmm_lightning.tasks.base import (
+    BaseTask,
+    OptimizerOptions,
+    check_choice,
+    check_non_negative,
+)
 
 __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
 
@@ -216,20 +221,14 @@ class AGMMSegmenter(BaseTask):
         test_flip: bool = False,
         class_names: list[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(OptimizerOptions(optimizer, lr, weight_decay, poly_power))
         if num_classes < 2:
             raise InputError(f"num_classes must be >= 2, got {num_classes}")
         check_choice("method", method, METHODS)
         check_choice("prior", prior, ("prediction", "uniform"))
         check_choice("pseudo_mode", pseudo_mode, ("agree", "soft", "hard", "surer"))
         check_choice("pseudo_gradient", pseudo_gradient, ("network", "head"))
-        check_optimizer_options(
-            optimizer,
-            lr=lr,
-            backbone_lr_multiplier=backbone_lr_multiplier,
-            weight_decay=weight_decay,
-            poly_power=poly_power,
-        )
+        check_non_negative(backbone_lr_multiplier=backbone_lr_multiplier)
         if not 0 <= oem_momentum < 1:
             raise InputError(f"oem_momentum must be in [0, 1), got {oem_momentum}")
         if warmup_steps < 0 or not 0 <= confidence <= 1 or not 0 <= fit_confidence <= 1:
@@ -307,8 +306,8 @@ class AGMMSegmenter(BaseTask):
         encoder_ids = {id(p) for p in encoder}
         heads = [p for p in self.parameters() if id(p) not in encoder_ids]
         return [
-            {"params": encoder, "lr": hp["lr"] * hp["backbone_lr_multiplier"]},
-            {"params": heads, "lr": hp["lr"]},
+            {"params": encoder, "lr": self.optimization.lr * hp["backbone_lr_multiplier"]},
+            {"params": heads, "lr": self.optimization.lr},
         ]
 
     # ------------------------------------------------------------------------- forward
