@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import copy_fixture, tiny_network
 
-from agmm_lightning.agmm import AGMMModel, OEMOptions, build_network
+from agmm_lightning.agmm import AGMMModel, OEMOptions
 from agmm_lightning.agmm.losses import absent_class_loss
 from agmm_lightning.data import FolderDataModule, VOCDataModule
 from agmm_lightning.data.transforms import build_train_sample, train_transform
@@ -33,11 +33,10 @@ def voc_box_batch(root: Path = DATA / "voc", **kwargs: Any) -> dict[str, Any]:
 
 def initialised_model(arch: str = "Unet") -> AGMMModel:
     """A tiny model whose mixtures already hold every class (as after some training)."""
-    network = build_network(arch, "tu-test_resnet", None, VOC_CLASSES)
     options = OEMOptions(
         embed_dim=8, warmup_steps=0, confidence=0.0, fit_confidence=0.0, unlabelled_mass=None
     )
-    model = AGMMModel(network, VOC_CLASSES, "agmm", options).eval()
+    model = AGMMModel(tiny_network(arch, VOC_CLASSES), VOC_CLASSES, "agmm", options).eval()
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(4 * VOC_CLASSES, 8, generator=generator), dim=1)
     weights = F.one_hot(torch.arange(4 * VOC_CLASSES) % VOC_CLASSES, VOC_CLASSES).float()
@@ -179,14 +178,8 @@ def test_overlapping_boxes_of_one_class_keep_its_core() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def voc_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "voc"
-    shutil.copytree(DATA / "voc", root)
-    return root
-
-
 def test_boxes_outside_the_image_are_clipped_with_a_warning(tmp_path: Path) -> None:
-    root = voc_copy(tmp_path)
+    root = copy_fixture("voc", tmp_path)
     annotation = root / "Annotations" / "2007_000032.xml"
     text = annotation.read_text()
     # The aeroplane reaches past the right edge (width 56); the person lies beyond it.
@@ -209,7 +202,7 @@ def test_boxes_outside_the_image_are_clipped_with_a_warning(tmp_path: Path) -> N
 
 
 def test_a_box_of_an_unknown_class_names_the_file(tmp_path: Path) -> None:
-    root = voc_copy(tmp_path)
+    root = copy_fixture("voc", tmp_path)
     annotation = root / "Annotations" / "2007_000032.xml"
     annotation.write_text(annotation.read_text().replace("aeroplane", "unicorn"))
     dataset = VOCDataModule(str(root), weak_label="box").build_dataset("train")
@@ -218,8 +211,7 @@ def test_a_box_of_an_unknown_class_names_the_file(tmp_path: Path) -> None:
 
 
 def test_a_box_label_out_of_range_names_the_file(tmp_path: Path) -> None:
-    root = tmp_path / "folder"
-    shutil.copytree(DATA / "folder", root)
+    root = copy_fixture("folder", tmp_path)
     (root / "weak" / "box" / "a.json").write_text(json.dumps([{"label": 9, "box": [0, 0, 4, 4]}]))
     dataset = FolderDataModule(str(root), weak_label="box").build_dataset("train")
     with pytest.warns(UserWarning, match=r"a\.json: box label 9 is out of range"):

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import helpers
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ENCODER, copy_fixture, tiny_classifier, tiny_trainer
 from PIL import Image
 
 from agmm_lightning import CAMClassifier
 from agmm_lightning.callbacks import PredictionWriter
 from agmm_lightning.cam import CAMModel, cam_pseudo_labels, normalize_cams
 from agmm_lightning.cli import main
-from agmm_lightning.data import SyntheticDataModule, VOCDataModule
+from agmm_lightning.data import VOCDataModule
 from agmm_lightning.encoders import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,33 +28,7 @@ VOC_CLASSES = 21
 pytestmark = pytest.mark.filterwarnings("ignore:No positive samples found in target")
 
 
-def tiny_classifier(**kwargs: Any) -> CAMClassifier:
-    args: dict[str, Any] = {"num_classes": 6, "encoder": "tu-test_resnet", "cam_scales": (1.0,)}
-    return CAMClassifier(**(args | kwargs))
-
-
-def tiny_data(**kwargs: Any) -> SyntheticDataModule:
-    args: dict[str, Any] = {
-        "num_train": 4,
-        "num_val": 2,
-        "image_size": 32,
-        "crop_size": 32,
-        "batch_size": 2,
-        "weak_label": "image",
-    }
-    return SyntheticDataModule(**(args | kwargs))
-
-
-def tiny_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
-    args: dict[str, Any] = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(**(args | kwargs))
+tiny_data = partial(helpers.tiny_data, num_train=4, num_val=2, batch_size=2, weak_label="image")
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +38,7 @@ def tiny_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
 
 def test_the_cam_model_runs_without_lightning() -> None:
     torch.manual_seed(0)
-    model = CAMModel(build_encoder("tu-test_resnet", None, output_stride=16), 6, cam_scales=(1.0,))
+    model = CAMModel(build_encoder(TINY_ENCODER, None, output_stride=16), 6, cam_scales=(1.0,))
     assert not any(isinstance(module, pl.LightningModule) for module in model.modules())
     images = torch.randn(2, 3, 32, 48)
     tags = model.foreground_tags(torch.tensor([[1.0, 0, 1, 0, 0, 1], [1.0, 0, 0, 0, 0, 0]]))
@@ -139,24 +115,16 @@ def test_normalisation_is_min_max_per_class_and_image() -> None:
 def test_thresholds_give_foreground_background_and_unlabelled_bands() -> None:
     # Two maps (classes 1 and 3) over five pixels; the strongest decides.
     cams = torch.tensor([[[0.9, 0.7, 0.5, 0.25, 0.1], [0.2, 0.1, 0.6, 0.0, 0.05]]])[..., None]
-    labels = cam_pseudo_labels(
+    labels = partial(
+        cam_pseudo_labels,
         cams,
         torch.tensor([1, 3]),
         background_index=0,
         unlabeled=6,
-        foreground_threshold=0.7,
         background_threshold=0.25,
     )
-    assert labels.flatten().tolist() == [1, 6, 6, 0, 0]
-    dense = cam_pseudo_labels(
-        cams,
-        torch.tensor([1, 3]),
-        background_index=0,
-        unlabeled=6,
-        foreground_threshold=0.25,
-        background_threshold=0.25,
-    )
-    assert dense.flatten().tolist() == [1, 1, 3, 0, 0]
+    assert labels(foreground_threshold=0.7).flatten().tolist() == [1, 6, 6, 0, 0]
+    assert labels(foreground_threshold=0.25).flatten().tolist() == [1, 1, 3, 0, 0]
 
 
 def test_background_index_other_than_zero() -> None:
@@ -276,14 +244,8 @@ def test_two_stage_cli_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def voc_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "voc"
-    shutil.copytree(DATA / "voc", root)
-    return root
-
-
 def test_tag_vectors_of_the_wrong_length_name_the_file(tmp_path: Path) -> None:
-    root = voc_copy(tmp_path)
+    root = copy_fixture("voc", tmp_path)
     table = np.load(root / "cls_labels_onehot.npy", allow_pickle=True).item()
     table["2007_000032"] = np.zeros(19, np.float32)
     np.save(root / "cls_labels_onehot.npy", table)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import copy_fixture
 from PIL import Image
 
 from agmm_lightning.data import (
@@ -65,12 +66,6 @@ def as_raster(dataset: FileDataset, index: int) -> tuple[str, np.ndarray, np.nda
         return name, rasterize_boxes(label.boxes, shape, classes)[0], mask
     assert label.target is not None
     return name, label.target, mask
-
-
-def copy_of(dataset: str, tmp_path: Path) -> Path:
-    root = tmp_path / dataset
-    shutil.copytree(DATA / dataset, root)
-    return root
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def test_simulation_replaces_the_files() -> None:
 
 
 def test_folder_simulates_forms_without_a_weak_folder(tmp_path: Path) -> None:
-    root = copy_of("folder", tmp_path)
+    root = copy_fixture("folder", tmp_path)
     shutil.rmtree(root / "weak" / "scribble")
     dataset = train_set("folder", root, weak_label="scribble")
     assert dataset.weak_labels is None
@@ -255,7 +250,7 @@ class RunsCode:
 
 
 def test_a_tags_table_that_would_run_code_is_refused(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     table = np.load(root / "cls_labels_onehot.npy", allow_pickle=True).item()
     table["2007_000032"] = RunsCode()
     np.save(root / "cls_labels_onehot.npy", table)  # type: ignore[arg-type]
@@ -281,7 +276,7 @@ def test_coco_test_list_without_test_split_is_rejected() -> None:
 
 
 def test_image_form_reads_cam_pseudo_labels(tmp_path: Path) -> None:
-    root = copy_of("coco", tmp_path)
+    root = copy_fixture("coco", tmp_path)
     cams = root / "cams"
     cams.mkdir()
     for path in (root / "SegmentationClass" / "train2014").glob("*.png"):
@@ -428,7 +423,7 @@ def test_a_crop_without_labelled_pixels_is_normal() -> None:
 
 
 def test_cityscapes_maps_label_ids_when_train_ids_are_missing(tmp_path: Path) -> None:
-    root = copy_of("cityscapes", tmp_path)
+    root = copy_fixture("cityscapes", tmp_path)
     reference = train_set("cityscapes", weak_label="full")
     for path in root.rglob("*_gtFine_labelTrainIds.png"):
         if "gtFine" in path.parts:
@@ -440,7 +435,7 @@ def test_cityscapes_maps_label_ids_when_train_ids_are_missing(tmp_path: Path) ->
 
 def test_training_images_without_a_mask_get_a_void_one(tmp_path: Path) -> None:
     # VOC's own SegmentationClass covers only part of train_aug.
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     (root / "SegmentationClassAug" / "2007_000039.png").unlink()
     dm = module("voc", root, weak_label="point", batch_size=3, crop_size=64)
     batch = next(iter(dm.train_dataloader()))
@@ -452,7 +447,7 @@ def test_training_images_without_a_mask_get_a_void_one(tmp_path: Path) -> None:
 
 
 def test_voc_reads_a_segmentationclass_folder(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     (root / "SegmentationClassAug").rename(root / "SegmentationClass")
     dataset = module("voc", root, weak_label="full").build_dataset("val")
     assert dataset.records[0].mask == root / "SegmentationClass" / "2007_000033.png"
@@ -468,7 +463,7 @@ def test_both_list_formats_and_test_fallbacks(tmp_path: Path) -> None:
         "2008_000008",
     ]
     assert [r.name for r in module("voc").build_dataset("test").records] == ["2007_000033"]
-    root = copy_of("folder", tmp_path)
+    root = copy_fixture("folder", tmp_path)
     (root / "splits" / "test.txt").unlink()
     test = module("folder", root, weak_label="full").build_dataset("test")
     assert [r.name for r in test.records] == ["d"]
@@ -526,7 +521,7 @@ def test_missing_root(tmp_path: Path) -> None:
     ],
 )
 def test_missing_sub_folder(tmp_path: Path, dataset_name: str, folder: str, option: str) -> None:
-    root = copy_of(dataset_name, tmp_path)
+    root = copy_fixture(dataset_name, tmp_path)
     shutil.rmtree(root / folder)
     with pytest.raises(FileNotFoundError, match=option) as error:
         module(dataset_name, root, weak_label="full").setup("fit")
@@ -534,7 +529,7 @@ def test_missing_sub_folder(tmp_path: Path, dataset_name: str, folder: str, opti
 
 
 def test_missing_mask_folder(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     shutil.rmtree(root / "SegmentationClassAug")
     with pytest.raises(FileNotFoundError, match="mask_dir") as error:
         module("voc", root, weak_label="point").build_dataset("val")
@@ -542,7 +537,7 @@ def test_missing_mask_folder(tmp_path: Path) -> None:
 
 
 def test_listed_id_without_image(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     val = root / "ImageSets" / "Segmentation" / "val.txt"
     val.write_text(val.read_text() + "2099_000001\n")
     with pytest.raises(FileNotFoundError, match="val_list") as error:
@@ -551,7 +546,7 @@ def test_listed_id_without_image(tmp_path: Path) -> None:
 
 
 def test_empty_split(tmp_path: Path) -> None:
-    root = copy_of("folder", tmp_path)
+    root = copy_fixture("folder", tmp_path)
     (root / "splits" / "val.txt").write_text("\n")
     with pytest.raises(ValueError, match="val_split") as error:
         module("folder", root).build_dataset("val")
@@ -559,7 +554,7 @@ def test_empty_split(tmp_path: Path) -> None:
 
 
 def test_mask_of_another_size(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     path = root / "SegmentationClassAug" / "2007_000033.png"
     Image.open(path).resize((28, 20)).save(path)
     with pytest.raises(ValueError, match="differs from its image") as error:
@@ -576,7 +571,7 @@ def test_mask_of_another_size(tmp_path: Path) -> None:
     ],
 )
 def test_mask_values_out_of_range(tmp_path: Path, dataset_name: str, mask: str) -> None:
-    root = copy_of(dataset_name, tmp_path)
+    root = copy_fixture(dataset_name, tmp_path)
     path = root / mask
     raw = png(path)
     raw[0, 0] = 200
@@ -589,7 +584,7 @@ def test_mask_values_out_of_range(tmp_path: Path, dataset_name: str, mask: str) 
 
 
 def test_weak_label_file_for_unknown_id(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     shutil.copy(root / "point" / "2007_000032.png", root / "point" / "2099_000001.png")
     with pytest.raises(ValueError, match="weak_dir") as error:
         train_set("voc", root, weak_label="point", weak_dir="point")
@@ -604,7 +599,7 @@ def test_weak_label_file_for_unknown_id(tmp_path: Path) -> None:
 
 
 def test_training_image_without_weak_label(tmp_path: Path) -> None:
-    root = copy_of("cityscapes", tmp_path)
+    root = copy_fixture("cityscapes", tmp_path)
     clicks = next((root / "20clicks").glob("*.png"))
     clicks.unlink()
     with pytest.raises(FileNotFoundError, match="clicks_dir") as error:
@@ -613,7 +608,7 @@ def test_training_image_without_weak_label(tmp_path: Path) -> None:
 
 
 def test_weak_label_of_another_size(tmp_path: Path) -> None:
-    root = copy_of("ade20k", tmp_path)
+    root = copy_fixture("ade20k", tmp_path)
     path = root / "train" / "sparse_label" / "block10" / "ADE_train_00000001.png"
     Image.open(path).resize((10, 10)).save(path)
     with pytest.raises(ValueError, match="differs from its image") as error:
@@ -622,7 +617,7 @@ def test_weak_label_of_another_size(tmp_path: Path) -> None:
 
 
 def test_corrupt_image(tmp_path: Path) -> None:
-    root = copy_of("voc", tmp_path)
+    root = copy_fixture("voc", tmp_path)
     path = root / "JPEGImages" / "2007_000033.jpg"
     path.write_bytes(path.read_bytes()[:200])
     dataset = module("voc", root).build_dataset("val")
@@ -632,7 +627,7 @@ def test_corrupt_image(tmp_path: Path) -> None:
 
 
 def test_colour_masks_are_rejected(tmp_path: Path) -> None:
-    root = copy_of("folder", tmp_path)
+    root = copy_fixture("folder", tmp_path)
     path = root / "masks" / "d.png"
     Image.open(path).convert("RGB").save(path)
     with pytest.raises(ValueError, match="class-index PNG") as error:

@@ -26,15 +26,17 @@ from __future__ import annotations
 import shlex
 import string
 import subprocess
+from functools import partial
 from pathlib import Path
 
+import helpers
 import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import tiny_segmenter, tiny_trainer
 from torch import nn
 
-from agmm_lightning import AGMMSegmenter
 from agmm_lightning.cli import main
 from agmm_lightning.data import SyntheticDataModule
 from agmm_lightning.data.base import EpochShuffleSampler
@@ -97,33 +99,21 @@ def fit(
     """Train the tiny model (fixed weights: lr=0), each rank recording what it saw."""
     folder.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
-    model = AGMMSegmenter(
-        num_classes=6,
-        arch="Unet",
-        encoder="tu-test_resnet",
-        warmup_steps=1,
-        lr=0.0,
-        mixture_count=mixture_count,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    model = tiny_segmenter(warmup_steps=1, lr=0.0, mixture_count=mixture_count)
+    trainer = tiny_trainer(
+        folder,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=epochs,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=folder,
+        enable_checkpointing=True,
         callbacks=[FrozenBatchNorm(), RecordRun(folder), *callbacks],
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
 
 
-def tiny_data(batch_size: int = RANK_BATCH, data_class: type = SyntheticDataModule, **kwargs):
-    args = dict(num_train=NUM_TRAIN, num_val=4, image_size=32, crop_size=32, augment=False)
-    return data_class(batch_size=batch_size, **(args | kwargs))
+tiny_data = partial(helpers.tiny_data, num_train=NUM_TRAIN, batch_size=RANK_BATCH, augment=False)
 
 
 def load_ranks(folder: Path, world_size: int = WORLD_SIZE) -> list[dict]:
@@ -160,7 +150,7 @@ def test_ddp_sample_order_is_deterministic(ddp_run: Path) -> None:
 
 
 def test_ddp_mixtures_equal_one_process_on_the_global_batch(ddp_run: Path, tmp_path: Path) -> None:
-    fit(tmp_path, tiny_data(GLOBAL_BATCH))
+    fit(tmp_path, tiny_data(batch_size=GLOBAL_BATCH))
     (single,) = load_ranks(tmp_path, 1)
     ranks = load_ranks(ddp_run)
     for step, names in enumerate(single["names"]):
@@ -220,18 +210,11 @@ def test_validation_under_ddp_counts_every_image_once(tmp_path: Path) -> None:
     """5 val images on 2 ranks: no image is repeated to even out the ranks."""
     data = tiny_data(num_val=5)
     pl.seed_everything(0)
-    model = AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet")
+    model = tiny_segmenter()
     results = {}
     for devices in (1, 2):
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=devices,
-            strategy="ddp_spawn" if devices > 1 else "auto",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
+        strategy = "ddp_spawn" if devices > 1 else "auto"
+        trainer = tiny_trainer(tmp_path, devices=devices, strategy=strategy)
         (results[devices],) = trainer.validate(model, data, verbose=False)
     assert results[2]["val_miou"] == pytest.approx(results[1]["val_miou"], abs=1e-6)
     for name, value in results[1].items():

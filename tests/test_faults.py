@@ -1,37 +1,18 @@
 """Faults a long run must survive, and options that cannot work refused before it starts."""
 
 import warnings
+from functools import partial
 
+import helpers
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import tiny_segmenter
 
-from agmm_lightning import AGMMSegmenter
 from agmm_lightning.agmm.losses import partial_cross_entropy
-from agmm_lightning.data import SyntheticDataModule
 
-
-def tiny_model(**kwargs):
-    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet")
-    return AGMMSegmenter(**(args | kwargs))
-
-
-def tiny_data(**kwargs):
-    args = dict(num_train=8, num_val=4, image_size=32, crop_size=32, batch_size=2, augment=False)
-    return SyntheticDataModule(**(args | kwargs))
-
-
-def quiet_trainer(tmp_path, **kwargs):
-    args = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**(args | kwargs))
+tiny_data = partial(helpers.tiny_data, batch_size=2, augment=False)
+quiet_trainer = partial(helpers.tiny_trainer, limit_val_batches=0)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +27,7 @@ def quiet_trainer(tmp_path, **kwargs):
 )
 def test_inference_options_that_cannot_cover_an_image_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        tiny_model(**kwargs)
+        tiny_segmenter(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +40,7 @@ def test_inference_options_that_cannot_cover_an_image_are_refused(kwargs, messag
 )
 def test_options_a_method_does_not_use_are_warned(method, kwargs, message):
     with pytest.warns(UserWarning, match=rf"method='{method}' does not use {message}"):
-        tiny_model(method=method, **kwargs)
+        tiny_segmenter(method=method, **kwargs)
 
 
 def test_the_baseline_uses_hard_example_mining():
@@ -67,7 +48,7 @@ def test_the_baseline_uses_hard_example_mining():
     losses = {}
     for fraction in (1.0, 0.25):
         torch.manual_seed(0)
-        model = tiny_model(method="baseline", hard_fraction=fraction).model
+        model = tiny_segmenter(method="baseline", hard_fraction=fraction).model
         step, logits = model.losses(batch)
         losses[fraction] = step.terms["seg"]
         expected = partial_cross_entropy(logits, batch["target"], hard_fraction=fraction)
@@ -80,9 +61,9 @@ def test_one_refit_per_optimizer_step_under_gradient_accumulation(tmp_path):
     data = tiny_data()
     first, second = list(data.train_dataloader())[:2]
     torch.manual_seed(0)
-    model = tiny_model(lr=0.0, warmup_steps=100, mixture_count=2)
+    model = tiny_segmenter(lr=0.0, warmup_steps=100, mixture_count=2)
     torch.manual_seed(0)
-    reference = tiny_model(lr=0.0, warmup_steps=100, mixture_count=2).train()
+    reference = tiny_segmenter(lr=0.0, warmup_steps=100, mixture_count=2).train()
     quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2).fit(model, data)
     with torch.no_grad():
         stats = [reference.model.losses(batch)[0].stats for batch in (first, second)]
@@ -106,7 +87,7 @@ class PoisonBatch(pl.Callback):
 
 @pytest.mark.parametrize("method", ["agmm", "baseline"])
 def test_a_nan_batch_is_skipped_and_training_goes_on(tmp_path, method):
-    model = tiny_model(method=method, **({"warmup_steps": 1} if method == "agmm" else {}))
+    model = tiny_segmenter(method=method, **({"warmup_steps": 1} if method == "agmm" else {}))
     trainer = quiet_trainer(tmp_path, max_steps=4, callbacks=[PoisonBatch(step=2)])
     with pytest.warns(UserWarning, match="step 2: the loss or its gradients were NaN or inf"):
         trainer.fit(model, tiny_data())
@@ -125,7 +106,7 @@ def test_a_nan_batch_is_skipped_and_training_goes_on(tmp_path, method):
 
 
 def test_skipped_refits_are_warned_at_the_end_of_the_epoch(tmp_path):
-    model = tiny_model(warmup_steps=1)
+    model = tiny_segmenter(warmup_steps=1)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[PoisonBatch(step=1)])
     with pytest.warns(UserWarning, match=r"1 mixture refit\(s\) in epoch 0 were skipped"):
         trainer.fit(model, tiny_data())
@@ -133,13 +114,13 @@ def test_skipped_refits_are_warned_at_the_end_of_the_epoch(tmp_path):
 
 def test_training_crops_that_would_be_padded_are_warned_before_training(tmp_path):
     """A crop that is not a multiple of the output stride gets a padding band in every step."""
-    stride = tiny_model().model.network.encoder.output_stride
+    stride = tiny_segmenter().model.network.encoder.output_stride
     with pytest.warns(UserWarning, match=rf"crop_size={stride + 8} is not a multiple .* {stride}"):
         quiet_trainer(tmp_path, max_steps=1).fit(
-            tiny_model(), tiny_data(image_size=2 * stride, crop_size=stride + 8)
+            tiny_segmenter(), tiny_data(image_size=2 * stride, crop_size=stride + 8)
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not a multiple of the encoder's output stride")
         quiet_trainer(tmp_path, max_steps=1).fit(
-            tiny_model(), tiny_data(image_size=2 * stride, crop_size=stride)
+            tiny_segmenter(), tiny_data(image_size=2 * stride, crop_size=stride)
         )

@@ -5,16 +5,14 @@ precision; the mixtures, the CVPR distance block, pixel counts, bilinear taps an
 give their float32 results (tight tolerance) whatever the autocast state or the inputs' dtype.
 """
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_data, tiny_segmenter, tiny_trainer
 
-from agmm_lightning import AGMMSegmenter
 from agmm_lightning.agmm import ClassMixtures, cvpr_agmm_losses
 from agmm_lightning.agmm.losses import absent_class_loss, partial_cross_entropy, pseudo_label_loss
 from agmm_lightning.agmm.sampling import bilinear_taps
-from agmm_lightning.data import SyntheticDataModule
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -159,20 +157,13 @@ def test_bilinear_taps_of_a_2048_pixel_label_map_in_half_precision():
 
 def tiny_model(method, **kwargs):
     oem = {"warmup_steps": 0} if method == "agmm" else {}
-    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet")
-    return AGMMSegmenter(method=method, **args, **oem, **kwargs)
-
-
-def tiny_data():
-    return SyntheticDataModule(
-        num_train=8, num_val=4, image_size=32, crop_size=32, batch_size=4, augment=False
-    )
+    return tiny_segmenter(method=method, **oem, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["baseline", "cvpr", "agmm"])
 def test_each_method_under_bf16_autocast_is_close_to_float32(method):
     """The network runs in bfloat16, so only loose agreement: the losses themselves are float32."""
-    batch = next(iter(tiny_data().train_dataloader()))
+    batch = next(iter(tiny_data(augment=False).train_dataloader()))
     torch.manual_seed(0)
     model = tiny_model(method).model
     if method == "agmm":  # fitted mixtures, so that every OEM term is at work
@@ -198,18 +189,8 @@ def test_each_method_under_bf16_autocast_is_close_to_float32(method):
 @pytest.mark.parametrize("method", ["baseline", "cvpr", "agmm"])
 def test_bf16_mixed_training_fits_each_method(tmp_path, method):
     model = tiny_model(method)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, tiny_data())
+    trainer = tiny_trainer(tmp_path, precision="bf16-mixed", max_steps=3, limit_val_batches=1)
+    trainer.fit(model, tiny_data(augment=False))
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train_loss"]) and torch.isfinite(metrics["val_miou"])
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -5,20 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_data, tiny_network
 
-from agmm_lightning.agmm import AGMMModel, OEMOptions, build_network
+from agmm_lightning.agmm import AGMMModel, OEMOptions
 from agmm_lightning.agmm.sampling import labelled_pixels, sample_at
-from agmm_lightning.data import SyntheticDataModule
 
 
 def tiny_model(method="agmm", arch="Unet", hard_fraction=1.0, **oem):
-    network = build_network(arch, "tu-test_resnet", None, 6)
-    return AGMMModel(network, 6, method, OEMOptions(**({"warmup_steps": 1} | oem)), hard_fraction)
-
-
-def tiny_data(**kwargs):
-    args = dict(num_train=8, num_val=4, num_test=4, image_size=32, crop_size=32, batch_size=4)
-    return SyntheticDataModule(**(args | kwargs))
+    options = OEMOptions(**({"warmup_steps": 1} | oem))
+    return AGMMModel(tiny_network(arch), 6, method, options, hard_fraction)
 
 
 def embedding_map(model, features):
@@ -175,7 +170,7 @@ def test_oem_mode_adds_the_cvpr_kernel_terms_with_their_weight():
 
 def test_the_model_is_built_from_its_options():
     options = OEMOptions(mixture_count=2, embed_dim=16)
-    model = AGMMModel(build_network("Unet", "tu-test_resnet", None, 6), 6, "agmm", options)
+    model = AGMMModel(tiny_network(), 6, "agmm", options)
     assert model.mixtures.means.shape == (6, 2, 16) and model.embedding_head.out_channels == 16
     assert options.effective_temperature == 16.0
     assert replace(options, temperature=2.0).effective_temperature == 2.0

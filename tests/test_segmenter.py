@@ -1,34 +1,16 @@
 """AGMMSegmenter, the Lightning task: training steps, the refit, resuming, metrics, schedule."""
 
+from functools import partial
+
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import tiny_data, tiny_segmenter, tiny_trainer
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
-from agmm_lightning import AGMMSegmenter
-from agmm_lightning.data import SyntheticDataModule
-
-
-def tiny_data(**kwargs):
-    args = dict(num_train=8, num_val=4, num_test=4, image_size=32, crop_size=32, batch_size=4)
-    return SyntheticDataModule(**(args | kwargs))
-
-
-def tiny_model(**kwargs):
-    args = dict(num_classes=6, arch="Unet", encoder="tu-test_resnet", warmup_steps=1)
-    return AGMMSegmenter(**(args | kwargs))
-
-
-def trainer(tmp_path, **kwargs):
-    args = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**(args | kwargs))
+# The GMM terms start after one step, so that a few steps exercise all of them.
+tiny_model = partial(tiny_segmenter, warmup_steps=1)
+trainer = partial(tiny_trainer, limit_val_batches=0)
 
 
 def test_mixtures_change_after_training_steps_and_stay_finite(tmp_path):

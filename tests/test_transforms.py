@@ -6,13 +6,12 @@ from functools import partial
 from typing import Any
 
 import albumentations as A
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_data, tiny_trainer
 from torch.utils.data import DataLoader, Dataset
 
-from agmm_lightning.data import SyntheticDataModule
 from agmm_lightning.data.transforms import (
     build_eval_sample,
     build_train_sample,
@@ -223,8 +222,8 @@ def test_ranks_get_their_own_augmentations_under_the_spawn_start_method() -> Non
 
 
 def test_the_datamodule_seeds_its_workers_with_the_trainers_rank(tmp_path) -> None:
-    data = SyntheticDataModule(num_train=4, num_val=2, image_size=32, crop_size=32, batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    data = tiny_data(num_train=4, num_val=2, batch_size=2)
+    trainer = tiny_trainer(tmp_path)
     data.trainer = trainer
     for loader in (data.train_dataloader(), data.val_dataloader()):
         assert loader.worker_init_fn.func is seed_worker

@@ -9,16 +9,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import TINY_ENCODER, tiny_classifier, tiny_segmenter
 from safetensors.torch import save_file
 from torch import Tensor
 
-from agmm_lightning import AGMMSegmenter, CAMClassifier
+from agmm_lightning import AGMMSegmenter
 from agmm_lightning.encoders import build_encoder
 from agmm_lightning.weights import load_encoder_weights
-
-
-def tiny_model(**kwargs) -> AGMMSegmenter:
-    return AGMMSegmenter(num_classes=6, arch="Unet", encoder="tu-test_resnet", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +66,25 @@ WRITERS = {
 @pytest.mark.parametrize("writer", WRITERS.values(), ids=WRITERS.keys())
 def test_encoder_weights_load_by_name(writer, timm_weights, tmp_path) -> None:
     path = writer(timm_weights, tmp_path / "weights")
-    assert_encoder_holds(tiny_model(encoder_weights=str(path)), timm_weights)
+    assert_encoder_holds(tiny_segmenter(encoder_weights=str(path)), timm_weights)
 
 
 def test_the_encoder_of_a_segmenter_checkpoint_loads(timm_weights, tmp_path) -> None:
-    trained = tiny_model(encoder_weights=str(WRITERS["timm"](timm_weights, tmp_path / "w")))
+    trained = tiny_segmenter(encoder_weights=str(WRITERS["timm"](timm_weights, tmp_path / "w")))
     checkpoint = tmp_path / "segmenter.ckpt"
     torch.save({"state_dict": trained.state_dict(), "hyper_parameters": {}}, checkpoint)
-    assert_encoder_holds(tiny_model(encoder_weights=str(checkpoint)), timm_weights)
+    assert_encoder_holds(tiny_segmenter(encoder_weights=str(checkpoint)), timm_weights)
 
 
 def test_renamed_keys_load_by_position_with_a_note(timm_weights, tmp_path, caplog) -> None:
-    encoder_keys = list(tiny_model().model.network.encoder.state_dict())
+    encoder_keys = list(tiny_segmenter().model.network.encoder.state_dict())
     renamed = {
         f"layer_{i}": timm_weights[k.removeprefix("model.")] for i, k in enumerate(encoder_keys)
     }
     path = tmp_path / "renamed.pth"
     torch.save(renamed, path)
     with caplog.at_level(logging.INFO, logger="agmm_lightning.weights"):
-        model = tiny_model(encoder_weights=str(path))
+        model = tiny_segmenter(encoder_weights=str(path))
     assert_encoder_holds(model, timm_weights)
     assert "by position" in caplog.text
 
@@ -96,7 +93,7 @@ def test_weights_of_another_architecture_name_the_first_mismatch(tmp_path) -> No
     other = timm.create_model("test_efficientnet").state_dict()
     path = tmp_path / "efficientnet.pth"
     torch.save(other, path)
-    encoder = tiny_model().model.network.encoder
+    encoder = tiny_segmenter().model.network.encoder
     expected = list(encoder.state_dict().items())
     position = next(
         i
@@ -116,17 +113,17 @@ def test_a_namesake_of_another_shape_is_named(timm_weights, tmp_path) -> None:
     wrong = dict(timm_weights, **{"layer1.0.conv1.weight": torch.zeros(1, 1, 1, 1)})
     path = WRITERS["timm"](wrong, tmp_path / "wrong")
     with pytest.raises(ValueError, match=r"'layer1.0.conv1.weight' has shape \[1, 1, 1, 1\]"):
-        tiny_model(encoder_weights=str(path))
+        tiny_segmenter(encoder_weights=str(path))
 
 
 def test_a_safetensors_file_is_never_matched_by_position(timm_weights, tmp_path) -> None:
-    encoder_keys = list(tiny_model().model.network.encoder.state_dict())
+    encoder_keys = list(tiny_segmenter().model.network.encoder.state_dict())
     renamed = {
         f"t{i:03d}": timm_weights[k.removeprefix("model.")] for i, k in enumerate(encoder_keys)
     }
     path = safetensors_file(renamed, tmp_path / "renamed")
     with pytest.raises(ValueError, match="only matched by name"):
-        tiny_model(encoder_weights=str(path))
+        tiny_segmenter(encoder_weights=str(path))
 
 
 @pytest.mark.parametrize(
@@ -144,16 +141,16 @@ def test_unreadable_files_are_reported(content, message, tmp_path) -> None:
     elif content is not None:
         torch.save(content, path)
     with pytest.raises(ValueError, match=message):
-        tiny_model(encoder_weights=str(path))
+        tiny_segmenter(encoder_weights=str(path))
 
 
 @pytest.mark.parametrize("writer", ["ddp_checkpoint", "safetensors"])
 def test_the_cam_encoder_reads_the_files_the_segmenter_reads(writer, timm_weights, tmp_path):
     path = str(WRITERS[writer](timm_weights, tmp_path / "weights"))
-    segmenter = tiny_model(encoder_weights=path).model.network.encoder.state_dict()
-    classifier = CAMClassifier(num_classes=6, encoder="tu-test_resnet", encoder_weights=path)
+    segmenter = tiny_segmenter(encoder_weights=path).model.network.encoder.state_dict()
+    classifier = tiny_classifier(encoder_weights=path)
     # The same builder: the same tensors whether the encoder stands alone (dilated) or not.
-    for encoder in (classifier.model.encoder, build_encoder("tu-test_resnet", path, 32)):
+    for encoder in (classifier.model.encoder, build_encoder(TINY_ENCODER, path, 32)):
         loaded = encoder.state_dict()
         assert loaded.keys() == segmenter.keys()
         for key, tensor in segmenter.items():
@@ -164,4 +161,4 @@ def test_a_cam_encoder_file_that_does_not_fit_is_named(tmp_path) -> None:
     path = tmp_path / "efficientnet.pth"
     torch.save(timm.create_model("test_efficientnet").state_dict(), path)
     with pytest.raises(ValueError, match=r"efficientnet\.pth does not fit the encoder"):
-        CAMClassifier(num_classes=6, encoder="tu-test_resnet", encoder_weights=str(path))
+        tiny_classifier(encoder_weights=str(path))
