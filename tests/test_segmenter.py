@@ -1,5 +1,7 @@
 """AGMMSegmenter, the Lightning task: training steps, the refit, resuming, metrics, schedule."""
 
+import dataclasses
+import inspect
 from functools import partial
 
 import lightning.pytorch as pl
@@ -7,6 +9,10 @@ import pytest
 import torch
 from helpers import tiny_data, tiny_segmenter, tiny_trainer
 from torchmetrics.functional.classification import multiclass_jaccard_index
+
+from agmm_lightning import AGMMSegmenter
+from agmm_lightning.agmm import OEMOptions
+from agmm_lightning.errors import InputError
 
 # The GMM terms start after one step, so that a few steps exercise all of them.
 tiny_model = partial(tiny_segmenter, warmup_steps=1)
@@ -136,3 +142,18 @@ def test_the_learning_rate_follows_the_poly_schedule_and_is_checkpointed(tmp_pat
         assert heads == pytest.approx(0.1 * factor) and encoder == pytest.approx(0.05 * factor)
     checkpoint = torch.load(run.checkpoint_callback.best_model_path, weights_only=False)
     assert checkpoint["lr_schedulers"][0]["total_iters"] == total
+
+
+def test_oem_options_have_one_home_that_the_segmenter_follows():
+    """OEMOptions holds each OEM option's default and documentation; the segmenter's flat init
+    arguments (the CLI's --model.<name>) must agree with it and reach the model unchanged."""
+    parameters = inspect.signature(AGMMSegmenter.__init__).parameters
+    defaults = OEMOptions()
+    for field in dataclasses.fields(OEMOptions):
+        assert parameters[field.name].default == getattr(defaults, field.name), field.name
+        assert parameters[field.name].annotation == field.type, field.name
+    assert OEMOptions.documentation() in (AGMMSegmenter.__doc__ or "")
+    changed = {"mixture_count": 3, "pseudo_mode": "agree", "unlabelled_mass": 1.0}
+    assert tiny_segmenter(**changed).model.oem == OEMOptions(**changed)
+    with pytest.raises(InputError, match="oem_momentum must be in"):
+        OEMOptions(oem_momentum=1.0)

@@ -27,6 +27,7 @@ from agmm_lightning.agmm.losses import (
 )
 from agmm_lightning.agmm.mixtures import ClassMixtures, Expectation, MixtureStatistics
 from agmm_lightning.agmm.sampling import LabelledPixels, labelled_pixels, sample_at
+from agmm_lightning.errors import InputError, check_choice
 from agmm_lightning.targets import allowed_classes
 
 __all__ = ["KERNEL_TERMS", "OEMOptions", "StepLosses", "fitting_weights", "oem_losses"]
@@ -37,29 +38,47 @@ KERNEL_TERMS = ("gmm_to_pred", "label_to_gmm", "separation")
 
 @dataclass(frozen=True)
 class OEMOptions:
-    """The options of OEM mode; :class:`~agmm_lightning.AGMMSegmenter` documents each.
+    """The options of OEM mode: their one home (defaults, documentation and checks).
+
+    :class:`~agmm_lightning.AGMMSegmenter` takes each as a flat init argument of the same name,
+    default and documentation (``--model.mixture_count=4``).
 
     Attributes:
         mixture_count: Gaussian components per class K.
-        oem_momentum: Online EM momentum m.
-        embed_dim: Dimension D of the embedding.
+        oem_momentum: Online EM momentum m in ``[0, 1)``.
+        embed_dim: Dimension D of the embedding the mixtures live in.
         normalize_embeddings: L2-normalise the embeddings.
-        min_variance: Variance floor.
-        temperature: T of the posterior and the maximization loss; None uses ``embed_dim``.
-        prior: ``"uniform"`` or ``"prediction"`` class prior of the GMM posterior.
-        adaptation: Relevance factor of the per-image means; None uses the global mixtures.
+        min_variance: Variance floor of the mixtures.
+        temperature: T of the GMM posterior and the maximization loss; None uses ``embed_dim``.
+        prior: Class prior of the GMM posterior: ``"uniform"`` (the GMM alone) or
+            ``"prediction"`` (the detached segmentation output).
+        adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
+            posterior (:meth:`~agmm_lightning.agmm.ClassMixtures.adapted_means`), in labelled
+            features; None uses the global mixtures alone (METHOD §3.3 as written).
         lambda_max: Weight of the maximization loss.
-        lambda_gmm: Weight of the GMM pseudo supervision (ramped over ``warmup_steps``).
-        lambda_kernel: Weight of the CVPR kernel terms.
-        pseudo_mode: ``"agree"``, ``"soft"``, ``"hard"`` or ``"surer"`` pseudo supervision.
-        pseudo_gradient: What the pseudo loss trains: ``"network"`` or only the ``"head"``.
-        confidence: Posterior threshold of the pseudo labels (``"agree"``, ``"hard"``).
-        fit_confidence: Posterior threshold of unlabelled features in the fitting set.
-        unlabelled_mass: Cap on each class's unlabelled fitting mass, relative to its labelled
-            mass in the same step; None leaves it unbounded.
-        warmup_steps: Steps of the pseudo loss's ramp (``"agree"``: steps before it starts, then
-            ramps up over as many); unlabelled pixels join the fitting set after them.
-        max_labelled_samples: Cap on the labelled features per step, shared evenly by classes.
+        lambda_gmm: Weight of the GMM pseudo supervision (ramped up over ``warmup_steps``).
+        lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
+            ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
+            0 leaves METHOD §3.5 as written.
+        pseudo_mode: ``"soft"`` (CE against G), ``"agree"`` (argmax G above ``confidence`` where
+            the prediction agrees: the GMM never argues against the network; it starts after
+            ``warmup_steps`` and only agreeing cells join the fitting set), ``"hard"`` (argmax G
+            above ``confidence``) or ``"surer"`` (CE against G where G is more confident than the
+            prediction).
+        pseudo_gradient: What the pseudo loss trains: ``"network"`` (every layer) or ``"head"``
+            (the segmentation head alone, on detached decoder features).
+        confidence: Posterior threshold of the pseudo labels (``agree`` and ``hard`` modes).
+        fit_confidence: Posterior threshold of the unlabelled features that join the mixtures'
+            fitting set.
+        unlabelled_mass: Cap on each class's unlabelled fitting mass per step, relative to its
+            labelled mass in the step; None leaves it unbounded.
+        warmup_steps: Steps over which the pseudo loss is ramped up (``agree``: before it
+            starts, then ramps up over as many); unlabelled pixels join the fitting set after.
+        max_labelled_samples: Cap on the labelled features used per step (dense labels),
+            shared evenly by the classes.
+
+    Raises:
+        InputError: For a value out of its range or an unknown choice, naming the option.
     """
 
     mixture_count: int = 1
@@ -80,6 +99,32 @@ class OEMOptions:
     unlabelled_mass: float | None = None
     warmup_steps: int = 100
     max_labelled_samples: int = 16384
+
+    def __post_init__(self) -> None:
+        check_choice("prior", self.prior, ("prediction", "uniform"))
+        check_choice("pseudo_mode", self.pseudo_mode, ("agree", "soft", "hard", "surer"))
+        check_choice("pseudo_gradient", self.pseudo_gradient, ("network", "head"))
+        if not 0 <= self.oem_momentum < 1:
+            raise InputError(f"oem_momentum must be in [0, 1), got {self.oem_momentum}")
+        if (
+            self.warmup_steps < 0
+            or not 0 <= self.confidence <= 1
+            or not 0 <= self.fit_confidence <= 1
+        ):
+            raise InputError(
+                "warmup_steps must be >= 0, and confidence and fit_confidence in [0, 1]; got "
+                f"{self.warmup_steps}, {self.confidence}, {self.fit_confidence}"
+            )
+        if self.unlabelled_mass is not None and self.unlabelled_mass < 0:
+            raise InputError(f"unlabelled_mass must be None or >= 0, got {self.unlabelled_mass}")
+        if self.adaptation is not None and self.adaptation <= 0:
+            raise InputError(f"adaptation must be None or > 0, got {self.adaptation}")
+
+    @classmethod
+    def documentation(cls) -> str:
+        """The ``Attributes`` entries of this docstring, as they are indented there."""
+        doc = cls.__doc__ or ""
+        return doc[doc.index("Attributes:\n") + len("Attributes:\n") : doc.index("\n\n    Raises:")]
 
     @property
     def effective_temperature(self) -> float:

@@ -18,22 +18,9 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from agmm_lightning.callbacks import shared_run_directory
-from agmm_lightning.errors import InputError
+from agmm_lightning.errors import check_choice, check_non_negative
 
-__all__ = ["BaseTask", "OptimizerOptions", "check_choice", "check_non_negative"]
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise an InputError naming the argument, its allowed values and the value given."""
-    if value not in choices:
-        raise InputError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_non_negative(**values: float) -> None:
-    """Raise an InputError naming the first of ``values`` (by option name) below 0."""
-    for name, value in values.items():
-        if value < 0:
-            raise InputError(f"{name} must be >= 0, got {value}")
+__all__ = ["BaseTask", "OptimizerOptions"]
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from agmm_lightning.tasks.base import (
 
 __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
 
+_OEM = OEMOptions()
+"""The defaults of OEM mode's options, which AGMMSegmenter's signature takes."""
 _OEM_OPTIONS = tuple(field.name for field in dataclasses.fields(OEMOptions))
 # Options a method does not read: OEM mode's for the others; CVPR mode keeps the paper's CE.
 _IGNORED_OPTIONS = {"baseline": _OEM_OPTIONS, "cvpr": (*_OEM_OPTIONS, "hard_fraction"), "agmm": ()}
@@ -130,39 +132,7 @@ class AGMMSegmenter(BaseTask):
             :func:`agmm_lightning.weights.load_encoder_weights`).
         method: ``"agmm"`` (OEM mode, METHOD §3), ``"cvpr"`` (METHOD §2) or ``"baseline"``
             (partial cross-entropy).
-        mixture_count: Gaussian components per class K (OEM mode; the benchmarks justify the
-            defaults, see the README).
-        oem_momentum: Online EM momentum m in ``[0, 1)``.
-        embed_dim: Dimension D of the embedding the mixtures live in.
-        normalize_embeddings: L2-normalise the embeddings.
-        min_variance: Variance floor of the mixtures.
-        temperature: T of the GMM posterior and the maximization loss; None uses ``embed_dim``.
-        prior: Class prior of the GMM posterior: ``"uniform"`` (the GMM alone) or
-            ``"prediction"`` (the detached segmentation output).
-        adaptation: Relevance factor of the per-image adaptation of the class means in the GMM
-            posterior (:meth:`~agmm_lightning.agmm.ClassMixtures.adapted_means`), in labelled
-            features; None uses the global mixtures alone (METHOD §3.3 as written).
-        lambda_max: Weight of the maximization loss.
-        lambda_gmm: Weight of the GMM pseudo supervision (ramped up over ``warmup_steps``).
-        lambda_kernel: Weight of CVPR mode's per-image Gaussian-kernel terms (``gmm_to_pred``,
-            ``label_to_gmm``, ``separation``; METHOD §2) in OEM mode, on the decoder features;
-            0 leaves METHOD §3.5 as written.
-        pseudo_mode: ``"soft"`` (CE against G), ``"agree"`` (argmax G above ``confidence`` where
-            the prediction agrees: the GMM never argues against the network; it starts after
-            ``warmup_steps`` and only agreeing cells join the fitting set), ``"hard"`` (argmax G
-            above ``confidence``) or ``"surer"`` (CE against G where G is more confident than the
-            prediction).
-        pseudo_gradient: What the pseudo loss trains: ``"network"`` (every layer) or ``"head"``
-            (the segmentation head alone, on detached decoder features).
-        confidence: Posterior threshold of the pseudo labels (``agree`` and ``hard`` modes).
-        fit_confidence: Posterior threshold of the unlabelled features that join the mixtures'
-            fitting set.
-        unlabelled_mass: Cap on each class's unlabelled fitting mass per step, relative to its
-            labelled mass in the step; None leaves it unbounded.
-        warmup_steps: Steps over which the pseudo loss is ramped up (``agree``: before it
-            starts, then ramps up over as many); unlabelled pixels join the fitting set after.
-        max_labelled_samples: Cap on the labelled features used per step (dense labels),
-            shared evenly by the classes.
+        <OEMOptions>
         hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
             disables it; CVPR mode keeps the paper's loss).
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
@@ -191,24 +161,24 @@ class AGMMSegmenter(BaseTask):
         encoder: str = "resnet50",
         encoder_weights: str | None = None,
         method: Method = "agmm",
-        mixture_count: int = 1,
-        oem_momentum: float = 0.9,
-        embed_dim: int = 64,
-        normalize_embeddings: bool = True,
-        min_variance: float = 1e-4,
-        temperature: float | None = None,
-        prior: Literal["prediction", "uniform"] = "uniform",
-        adaptation: float | None = 4.0,
-        lambda_max: float = 0.1,
-        lambda_gmm: float = 1.0,
-        lambda_kernel: float = 1.0,
-        pseudo_mode: Literal["agree", "soft", "hard", "surer"] = "soft",
-        pseudo_gradient: Literal["network", "head"] = "network",
-        confidence: float = 0.9,
-        fit_confidence: float = 0.9,
-        unlabelled_mass: float | None = None,
-        warmup_steps: int = 100,
-        max_labelled_samples: int = 16384,
+        mixture_count: int = _OEM.mixture_count,
+        oem_momentum: float = _OEM.oem_momentum,
+        embed_dim: int = _OEM.embed_dim,
+        normalize_embeddings: bool = _OEM.normalize_embeddings,
+        min_variance: float = _OEM.min_variance,
+        temperature: float | None = _OEM.temperature,
+        prior: Literal["prediction", "uniform"] = _OEM.prior,
+        adaptation: float | None = _OEM.adaptation,
+        lambda_max: float = _OEM.lambda_max,
+        lambda_gmm: float = _OEM.lambda_gmm,
+        lambda_kernel: float = _OEM.lambda_kernel,
+        pseudo_mode: Literal["agree", "soft", "hard", "surer"] = _OEM.pseudo_mode,
+        pseudo_gradient: Literal["network", "head"] = _OEM.pseudo_gradient,
+        confidence: float = _OEM.confidence,
+        fit_confidence: float = _OEM.fit_confidence,
+        unlabelled_mass: float | None = _OEM.unlabelled_mass,
+        warmup_steps: int = _OEM.warmup_steps,
+        max_labelled_samples: int = _OEM.max_labelled_samples,
         hard_fraction: float = 1.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
@@ -225,32 +195,19 @@ class AGMMSegmenter(BaseTask):
         if num_classes < 2:
             raise InputError(f"num_classes must be >= 2, got {num_classes}")
         check_choice("method", method, METHODS)
-        check_choice("prior", prior, ("prediction", "uniform"))
-        check_choice("pseudo_mode", pseudo_mode, ("agree", "soft", "hard", "surer"))
-        check_choice("pseudo_gradient", pseudo_gradient, ("network", "head"))
         check_non_negative(backbone_lr_multiplier=backbone_lr_multiplier)
-        if not 0 <= oem_momentum < 1:
-            raise InputError(f"oem_momentum must be in [0, 1), got {oem_momentum}")
-        if warmup_steps < 0 or not 0 <= confidence <= 1 or not 0 <= fit_confidence <= 1:
-            raise InputError(
-                "warmup_steps must be >= 0, and confidence and fit_confidence in [0, 1]; got "
-                f"{warmup_steps}, {confidence}, {fit_confidence}"
-            )
-        if unlabelled_mass is not None and unlabelled_mass < 0:
-            raise InputError(f"unlabelled_mass must be None or >= 0, got {unlabelled_mass}")
         if not 0 < hard_fraction <= 1:
             raise InputError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
-        if adaptation is not None and adaptation <= 0:
-            raise InputError(f"adaptation must be None or > 0, got {adaptation}")
         check_inference_options(tile_size, tile_stride, test_scales)
+        arguments = locals()
+        oem = OEMOptions(**{name: arguments[name] for name in _OEM_OPTIONS})
         self.save_hyperparameters()
-        hp = dict(self.hparams)
-        _warn_ignored_options(method, hp)
+        _warn_ignored_options(method, dict(self.hparams))
         self.model = AGMMModel(
             build_network(arch, encoder, encoder_weights, num_classes),
             num_classes,
             method,
-            OEMOptions(**{name: hp[name] for name in _OEM_OPTIONS}),
+            oem,
             hard_fraction,
         )
         self.class_names = list(class_names or [])
@@ -543,3 +500,9 @@ class AGMMSegmenter(BaseTask):
         """uint8 class-index predictions with the images' names."""
         prediction = self.predict_logits(batch["image"]).argmax(1).to(torch.uint8)
         return {"name": batch["name"], "prediction": prediction}
+
+
+# OEM mode's options are documented once, in OEMOptions: the CLI's help reads them from here.
+AGMMSegmenter.__doc__ = (AGMMSegmenter.__doc__ or "").replace(
+    "        <OEMOptions>\n", OEMOptions.documentation() + "\n"
+)
