@@ -145,11 +145,6 @@ class CAMClassifier(BaseTask):
         self.pseudo_label_quality: dict[str, float] = {}
 
     # ------------------------------------------------------------ the model's interface
-    @property
-    def foreground_classes(self) -> Tensor:
-        """``[C - 1]`` long, the class of each classifier output (the model's)."""
-        return self.model.foreground_classes
-
     def forward(self, images: Tensor) -> Tensor:
         """Classification logits of the foreground classes (:meth:`CAMModel.forward`).
 
@@ -160,44 +155,6 @@ class CAMClassifier(BaseTask):
             ``[B, C - 1]`` logits.
         """
         return self.model(images)
-
-    def class_activation_maps(self, images: Tensor, tags: Tensor) -> Tensor:
-        """Normalised CAMs masked by the tags (:meth:`CAMModel.class_activation_maps`).
-
-        Args:
-            images: ``[B, 3, H, W]`` normalised images.
-            tags: ``[B, C - 1]`` multi-hot foreground tags.
-
-        Returns:
-            ``[B, C - 1, H, W]`` maps in [0, 1], zero for untagged classes.
-        """
-        return self.model.class_activation_maps(images, tags)
-
-    def pseudo_labels(self, cams: Tensor, *, dense: bool = False) -> Tensor:
-        """Target map of normalised CAMs (:meth:`CAMModel.pseudo_labels`).
-
-        Args:
-            cams: ``[B, C - 1, H, W]`` maps from :meth:`class_activation_maps`.
-            dense: Use ``background_threshold`` for the foreground too (no uncertain band).
-
-        Returns:
-            ``[B, H, W]`` long labels, unlabelled = C unless dense.
-        """
-        return self.model.pseudo_labels(cams, dense=dense)
-
-    def foreground_tags(self, image_classes: Tensor) -> Tensor:
-        """The foreground part of ``[B, C]`` image classes (:meth:`CAMModel.foreground_tags`).
-
-        Args:
-            image_classes: ``[B, C]`` multi-hot tags, background included.
-
-        Returns:
-            ``[B, C - 1]`` float tags in the classifier's class order.
-
-        Raises:
-            ValueError: If the tags do not have C entries.
-        """
-        return self.model.foreground_tags(image_classes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read checkpoints saved before the model moved out of the task, under its old keys."""
