@@ -37,6 +37,15 @@ def legend_outside(axes: Any, **kwargs: Any) -> None:
     )
 
 
+def save_plot(figure: Any, axes: Any, path: Path) -> None:
+    """Finish a plot of scores (axis from 0, no top and right spines, the legend outside the axes)
+    and write it to ``path``."""
+    axes.set_ylim(0, None)
+    axes.spines[["top", "right"]].set_visible(False)
+    legend_outside(axes)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def parse_value(text: str) -> Any:
     """``"0.1"`` -> 0.1, ``"adamw"`` -> "adamw", for ``key=value`` overrides."""
     for kind in (int, float):

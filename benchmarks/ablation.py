@@ -44,10 +44,10 @@ from _runs import (
     METHOD_COLOURS,
     add_run_arguments,
     form_settings,
-    legend_outside,
     publish,
     quiet_trainer,
     run_options,
+    save_plot,
 )
 from lightning.pytorch.loggers import CSVLogger
 
@@ -309,10 +309,7 @@ def bar_chart(
     axes.set_xticks(range(len(forms)), forms)
     axes.set_xlabel("weak labels")
     axes.set_ylabel("val mIoU (%), mean ± std")
-    axes.set_ylim(0, None)
-    axes.spines[["top", "right"]].set_visible(False)
-    legend_outside(axes)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    save_plot(figure, axes, path)
     plt.close(figure)
 
 

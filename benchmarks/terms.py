@@ -35,9 +35,9 @@ from _runs import (
     METHOD_COLOURS,
     OTHER_COLOURS,
     add_run_arguments,
-    legend_outside,
     publish,
     run_options,
+    save_plot,
 )
 from ablation import DEMO, cell, pseudo_table, train
 
@@ -138,10 +138,7 @@ def teacher_and_student(runs: dict[tuple[str, str], list[dict]], path: Path) -> 
                 axes.plot(epochs, curve, style, marker=".", color=colours[name], label=label)
     axes.set_xlabel("epoch")
     axes.set_ylabel("train-crop mIoU (%)")
-    axes.set_ylim(0, None)
-    axes.spines[["top", "right"]].set_visible(False)
-    legend_outside(axes)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    save_plot(figure, axes, path)
     plt.close(figure)
 
 
