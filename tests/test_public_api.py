@@ -11,7 +11,16 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "agmm_lightning"
 # The algorithm in pure torch (and NumPy): testable and benchmarkable without Lightning.
-PURE = ["agmm", "cam", "weak_labels", "targets.py", "encoders.py", "weights.py", "errors.py"]
+PURE = [
+    "agmm",
+    "cam",
+    "weak_labels",
+    "targets.py",
+    "encoders.py",
+    "weights.py",
+    "errors.py",
+    "inference.py",
+]
 LIGHTNING_MODULES = ("lightning", "pytorch_lightning")
 WIRING = ("agmm_lightning.tasks", "agmm_lightning.callbacks", "agmm_lightning.cli")
 
@@ -92,14 +101,8 @@ def test_pure_modules_never_import_lightning(path):
 
 TRANSITIVE = [
     "agmm_lightning.agmm",
-    pytest.param(
-        "agmm_lightning.cam",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="inference.py imports agmm_lightning.data.io, whose package imports the "
-            "DataModules (Lightning); CAMModel reads infer_logits from there",
-        ),
-    ),
+    "agmm_lightning.cam",
+    "agmm_lightning.inference",
     "agmm_lightning.weak_labels",
     "agmm_lightning.encoders",
     "agmm_lightning.targets",

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
 from PIL import Image
 
-from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmm_lightning.data.pixels import IMAGENET_MEAN, IMAGENET_STD, Normalization
 from agmm_lightning.errors import InputError
 from agmm_lightning.panels import draw_panel, render
 from agmm_lightning.targets import posterior_labels, upsample_posterior
@@ -166,10 +166,13 @@ def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return palette_of(num_classes)[labels]
 
 
-def _denormalize(image: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
-    rgb = (image * std + mean).clamp(0, 1) * 255
+def _denormalize(image: torch.Tensor, normalization: Normalization | None) -> np.ndarray:
+    """uint8 RGB [H,W,3] of a normalised image: the first three channels, or the first as grey."""
+    mean_values, std_values = normalization or (IMAGENET_MEAN, IMAGENET_STD)
+    mean = torch.tensor(mean_values, device=image.device)[:, None, None]
+    std = torch.tensor(std_values, device=image.device)[:, None, None]
+    pixels = (image * std + mean).clamp(0, 1) * 255
+    rgb = pixels[:3] if pixels.shape[0] >= 3 else pixels[:1].expand(3, -1, -1)
     return rgb.permute(1, 2, 0).byte().cpu().numpy()
 
 
@@ -243,10 +246,11 @@ class SegmentationPanels(Callback):
         names = list(getattr(pl_module, "class_names", None) or [])
         if len(names) != num_classes:
             names = [f"class_{i}" for i in range(num_classes)]
+        normalization = getattr(pl_module, "normalization", None)
         miou = trainer.callback_metrics.get("val_miou")
         score = "not validated yet" if miou is None else f"{100 * float(miou):.1f}%"
         return draw_panel(
-            [_denormalize(image) for image in batch["image"][:count]],
+            [_denormalize(image, normalization) for image in batch["image"][:count]],
             maps,
             palette_of(num_classes),
             names,

@@ -70,13 +70,17 @@ def build_with_encoder_weights(
     return built
 
 
-def build_encoder(name: str, weights: str | None, output_stride: int = 32) -> nn.Module:
+def build_encoder(
+    name: str, weights: str | None, output_stride: int = 32, in_channels: int = 3
+) -> nn.Module:
     """Build an smp encoder alone (for a classifier), with its weights.
 
     Args:
         name: An smp encoder name or ``tu-<timm model>``.
         weights: None, ``"imagenet"`` or a local weights file (see the module docstring).
         output_stride: 8, 16 or 32 (the last stages are dilated below 32).
+        in_channels: Channels of the input images (smp adapts the first convolution of
+            ``"imagenet"`` weights to other counts).
 
     Returns:
         The encoder: ``encoder(images)`` is its list of feature maps, the last of
@@ -89,13 +93,13 @@ def build_encoder(name: str, weights: str | None, output_stride: int = 32) -> nn
         name,
         weights,
         lambda downloaded: smp.encoders.get_encoder(
-            name, weights=downloaded, output_stride=output_stride
+            name, in_channels=in_channels, weights=downloaded, output_stride=output_stride
         ),
     )
 
 
 def build_network(
-    arch: str, encoder: str, encoder_weights: str | None, num_classes: int
+    arch: str, encoder: str, encoder_weights: str | None, num_classes: int, in_channels: int = 3
 ) -> smp.base.SegmentationModel:
     """Build an smp encoder-decoder by name, its encoder with the requested weights.
 
@@ -105,6 +109,8 @@ def build_network(
         encoder_weights: None, ``"imagenet"`` or a local weights file (see the module
             docstring).
         num_classes: Output classes of the segmentation head.
+        in_channels: Channels of the input images (smp adapts the first convolution of
+            ``"imagenet"`` weights to other counts).
 
     Returns:
         The model.
@@ -123,7 +129,11 @@ def build_network(
         lambda downloaded: cast(
             smp.base.SegmentationModel,
             smp.create_model(
-                arch, encoder_name=encoder, encoder_weights=downloaded, classes=num_classes
+                arch,
+                encoder_name=encoder,
+                encoder_weights=downloaded,
+                in_channels=in_channels,
+                classes=num_classes,
             ),
         ),
     )

@@ -1,84 +1,20 @@
-"""Whole-image, sliding-window and multi-scale + flip inference (METHOD §6), and its input."""
+"""Whole-image, sliding-window and multi-scale + flip inference (METHOD §6), in pure torch.
+
+How an image becomes the network's input (files, arrays, tensors; scaling and normalisation) is
+the data side's: :mod:`agmm_lightning.data.pixels`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from agmm_lightning.data.io import read_rgb_image
-from agmm_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from agmm_lightning.errors import InputError
-
 LogitsFn = Callable[[Tensor], Tensor]
-ImageInput = str | Path | Image.Image | np.ndarray | Tensor
-"""An image to segment: a file, a PIL image, an [H,W,3] (or [H,W]) array, or a [3,H,W] or
-[B,3,H,W] tensor. Arrays and tensors of any dtype are read by one rule (:func:`pixel_scale`):
-integers are 0..255; floats are 0..1 when none exceeds 1, else 0..255."""
 
-__all__ = ["ImageInput", "image_batch", "infer_logits", "pixel_scale", "sliding_window_logits"]
-
-
-def pixel_scale(pixels: Tensor) -> float:
-    """The value of full intensity in an image tensor: 255 or 1.
-
-    Integers (uint8, int64, uint16, ...) are 0..255; floats are 0..1 when no value exceeds 1
-    and 0..255 otherwise (a float image whose brightest pixel is at most 1 reads as 0..1).
-
-    Raises:
-        InputError: For a bool tensor, or values outside 0..255 (a 16-bit or signed image:
-            scale it to 0..255 or 0..1 first).
-    """
-    if pixels.dtype == torch.bool:
-        raise InputError("Expected image pixels, got a bool array; give 0..255 or 0..1 values.")
-    if pixels.numel() == 0:
-        return 255.0
-    low, high = float(pixels.min()), float(pixels.max())
-    if low < 0 or high > 255:
-        raise InputError(
-            f"Expected pixels in 0..255 (integers, or floats) or 0..1 (floats); got values in "
-            f"{low:g}..{high:g}. Scale the image to one of those ranges first."
-        )
-    return 1.0 if pixels.is_floating_point() and high <= 1 else 255.0
-
-
-def image_batch(image: ImageInput) -> Tensor:
-    """The network's input for one image or a batch: float [B,3,H,W], ImageNet-normalised.
-
-    Args:
-        image: See :data:`ImageInput`.
-
-    Returns:
-        The normalised batch (B = 1 unless a batch tensor is given).
-
-    Raises:
-        InputError: If the array or tensor is not an RGB image of a shape listed above.
-    """
-    if isinstance(image, (str, Path)):
-        image = read_rgb_image(Path(image))
-    if isinstance(image, Image.Image):
-        image = np.array(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.dtype == np.uint16:  # torch has no unsigned 16-bit arithmetic on every build
-            image = image.astype(np.int32)
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    batch = image[None] if image.ndim == 3 else image
-    if batch.ndim != 4 or batch.shape[1] != 3:
-        raise InputError(
-            f"Expected an RGB image: [H,W,3] array, [3,H,W] or [B,3,H,W] tensor; got shape "
-            f"{tuple(image.shape)}."
-        )
-    batch = batch.float() / pixel_scale(batch)
-    mean = batch.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = batch.new_tensor(IMAGENET_STD)[:, None, None]
-    return (batch - mean) / std
+__all__ = ["LogitsFn", "infer_logits", "sliding_window_logits"]
 
 
 # Windows per forward pass: memory stays bounded on large images (Cityscapes: 18 windows of 512).
@@ -99,8 +35,8 @@ def sliding_window_logits(logits_fn: LogitsFn, images: Tensor, tile: int, stride
     Hand-written rather than taken from MONAI: forty lines against a heavy dependency.
 
     Args:
-        logits_fn: Maps ``[B, 3, h, w]`` images to ``[B, C, h, w]`` logits.
-        images: ``[B, 3, H, W]`` images; smaller than a tile means one window.
+        logits_fn: Maps ``[B, in_channels, h, w]`` images to ``[B, C, h, w]`` logits.
+        images: ``[B, in_channels, H, W]`` images; smaller than a tile means one window.
         tile: Window size.
         stride: Step between windows (at most ``tile``, so that every pixel is covered).
 
@@ -143,8 +79,8 @@ def infer_logits(
     The softmax-free logits of every scale (resized back) and flip are averaged.
 
     Args:
-        logits_fn: Maps ``[B, 3, h, w]`` images to ``[B, C, h, w]`` logits.
-        images: ``[B, 3, H, W]`` images.
+        logits_fn: Maps ``[B, in_channels, h, w]`` images to ``[B, C, h, w]`` logits.
+        images: ``[B, in_channels, H, W]`` images.
         tile: Sliding-window size; None runs on the whole image.
         stride: Sliding-window step (default: two thirds of the tile).
         scales: Image scales to average over.

@@ -28,7 +28,9 @@ from agmm_lightning.cli.messages import AGMMArgumentParser
 __all__ = ["CHECKPOINT_KEYS", "AGMMLightningCLI", "RunConfigSaver"]
 
 # Hyper-parameters that fix the shapes of a checkpoint's weights and mixtures.
-CHECKPOINT_KEYS = ("num_classes", "mixture_count", "embed_dim", "arch", "encoder")
+CHECKPOINT_KEYS = ("num_classes", "in_channels", "mixture_count", "embed_dim", "arch", "encoder")
+# What the model takes from the data: linked at instantiation, checked against a checkpoint's.
+DATA_LINKS = ("num_classes", "in_channels", "mean", "std")
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -61,14 +63,19 @@ class RunConfigSaver(SaveConfigCallback):
 class AGMMLightningCLI(LightningCLI):
     """LightningCLI that takes the class count from the data and checks what it is given.
 
-    The model's ``num_classes`` is linked to the datamodule's (give it nowhere, or give the same
-    number). A ``--ckpt_path`` must be a readable checkpoint of the configured kind of model (the
-    keys of :data:`CHECKPOINT_KEYS` agree); the configured model options are kept rather than
+    The model's ``num_classes``, ``in_channels``, ``mean`` and ``std`` are linked to the
+    datamodule's (give them nowhere, or give the same values). A ``--ckpt_path`` must be a
+    readable checkpoint of the configured kind of model (the keys of :data:`CHECKPOINT_KEYS`
+    agree, and its normalisation), whose normalisation the data takes where it would compute or
+    default its own; the configured model options are kept rather than
     replaced by the checkpoint's, so ``--model.test_flip=true`` at validate/test/predict works.
     Every run gets the :data:`~agmm_lightning.callbacks.DEFAULT_CALLBACKS`, listed by
     ``--print_config``, and ``predict`` keeps no predictions in memory
     (the prediction writer has written them).
     """
+
+    data_links: tuple[str, ...] = DATA_LINKS
+    """What the model takes from the data (:data:`DATA_LINKS`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", AGMMArgumentParser)
@@ -82,10 +89,9 @@ class AGMMLightningCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link the model's class count to the data's; add the default callbacks' options."""
-        parser.link_arguments(
-            "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-        )
+        """Link the model's class count and input to the data's; add the callbacks' options."""
+        for key in self.data_links:
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         for key, (cls, _, arguments) in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(cls, key)
             parser.set_defaults({f"{key}.{name}": value for name, value in arguments.items()})
@@ -144,7 +150,8 @@ class AGMMLightningCLI(LightningCLI):
 
         Without a configured model (``predict --ckpt_path=… --data=…`` alone) the checkpoint's is
         built, and a plain folder of images (which has no class count of its own) gets the
-        checkpoint's.
+        checkpoint's. Data whose ``in_channels``, ``mean`` or ``std`` is left to it (None or
+        ``"auto"``) takes the checkpoint's: the images are read and normalised as in training.
         """
         if not self.subcommand:
             self.config = self._configured
@@ -157,6 +164,14 @@ class AGMMLightningCLI(LightningCLI):
         data = configured.get("data") or {}
         if data.get("class_path") == IMAGE_FOLDER and data["init_args"]["num_classes"] is None:
             data["init_args"]["num_classes"] = self._saved_hparams.get("num_classes")
+        options, saved = data.get("init_args") or {}, self._saved_hparams
+        if options.get("in_channels", 0) is None and "in_channels" in saved:
+            options["in_channels"] = saved["in_channels"]
+        # Another channel count than the checkpoint's is refused by _check_checkpoint.
+        if options.get("in_channels", 3) == saved.get("in_channels", 3):
+            for key in ("mean", "std"):
+                if options.get(key, 0) in (None, "auto") and saved.get(key) is not None:
+                    options[key] = tuple(saved[key])
         self.config = self._configured
 
     def instantiate_classes(self) -> None:
@@ -188,6 +203,10 @@ class AGMMLightningCLI(LightningCLI):
             for key in CHECKPOINT_KEYS
             if key in saved and key in built and saved[key] != built[key]
         }
+        for key in ("mean", "std"):  # lists or tuples, as the checkpoint and the link give them
+            old, new = saved.get(key), built.get(key)
+            if old is not None and new is not None and list(old) != list(new):
+                differences[key] = (list(old), list(new))
         model_class = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
         saved_class = saved.get("_class_path")
         if saved_class and _class_name(saved_class) != _class_name(model_class):

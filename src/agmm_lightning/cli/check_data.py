@@ -19,6 +19,9 @@ __all__ = ["check_data"]
 class _DataOnlyCLI(AGMMLightningCLI):
     """Parses a full run configuration but builds only its datamodule (for ``check-data``)."""
 
+    # Without a model, a normalisation "auto" need not be computed (it reads every image).
+    data_links = ("num_classes", "in_channels")
+
     def instantiate_classes(self) -> None:
         """Instantiate the data alone: the model is not needed to check files."""
         config = self.config.clone()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from functools import partial
 from typing import Any, Literal, cast, get_args
 
@@ -21,9 +21,16 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from agmm_lightning.data.pixels import (
+    Normalization,
+    check_normalization,
+    default_normalization,
+    image_statistics,
+)
 from agmm_lightning.data.transforms import (
     build_eval_sample,
     build_train_sample,
@@ -40,6 +47,8 @@ from agmm_lightning.weak_labels.forms import simulate_weak_label, weak_label_rng
 Split = Literal["train", "val", "test", "predict"]
 Mode = Literal["train", "eval", "predict", "tagged"]
 PredictSplit = Literal["test", "train"]
+ChannelStatistics = tuple[float, ...] | Literal["auto"] | None
+"""A ``mean`` or ``std`` option: one value per channel, ``"auto"`` or None (the default)."""
 
 STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "val"),
@@ -52,6 +61,7 @@ STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 __all__ = [
     "STAGE_SPLITS",
     "AGMMDataModule",
+    "ChannelStatistics",
     "Mode",
     "PredictSplit",
     "SampleIndex",
@@ -107,8 +117,9 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             index: Position in the split.
 
         Returns:
-            The image's name, its uint8 RGB array [H,W,3] and its dense class-index mask [H,W]
-            (255 void) or None when the split has no dense ground truth.
+            The image's name, its pixels [H,W,C] (uint8 for 8-bit images, float32 in 0..1 for
+            deeper ones, see :mod:`agmm_lightning.data.pixels`) and its dense class-index mask
+            [H,W] (255 void) or None when the split has no dense ground truth.
         """
 
     def weak_label(self, name: str, mask: np.ndarray | None) -> WeakLabel:
@@ -255,6 +266,14 @@ class AGMMDataModule(LightningDataModule, ABC):
         points_per_segment: Clicks per connected segment of simulated points.
         block_fraction: Fraction of the image covered by simulated blocks.
         box_core_fraction: Central fraction of each box labelled with its class.
+        in_channels: Channels of the images the network takes (the model takes it from the
+            data). 3 converts every image to RGB; other counts need images of exactly as many
+            channels (grey 1, grey + alpha 2, RGBA 4).
+        mean: Per-channel mean of the pixels scaled to 0..1 (8-bit /255, 16-bit /65535),
+            subtracted at normalisation; ``"auto"`` computes it over the training split's
+            images; None is ImageNet's for three channels and ``"auto"`` for other counts. The
+            model takes it from the data, so its checkpoints normalise as training did.
+        std: Per-channel standard deviation, likewise.
 
     Raises:
         ValueError: If a size or count is out of range, ``weak_label`` is unknown, or
@@ -273,8 +292,19 @@ class AGMMDataModule(LightningDataModule, ABC):
         points_per_segment: int = 1,
         block_fraction: float = 0.1,
         box_core_fraction: float = 0.0,
+        in_channels: int = 3,
+        mean: ChannelStatistics = None,
+        std: ChannelStatistics = None,
     ) -> None:
         super().__init__()
+        for name, option in (("mean", mean), ("std", std)):
+            if isinstance(option, str) and option != "auto":
+                raise InputError(f"{name} must be numbers (one per channel), 'auto' or None.")
+        check_normalization(
+            None if mean in (None, "auto") else cast(tuple[float, ...], mean),
+            None if std in (None, "auto") else cast(tuple[float, ...], std),
+            in_channels,
+        )
         if batch_size < 1 or crop_size < 1 or num_workers < 0:
             raise InputError(
                 "Expected batch_size >= 1, crop_size >= 1 and num_workers >= 0, got "
@@ -290,9 +320,10 @@ class AGMMDataModule(LightningDataModule, ABC):
                 "predict_split='train' predicts with the training images' tags, which "
                 f"weak_label='image' reads; got weak_label={weak_label!r}."
             )
-        # The class count is the model's hyper-parameter: a data option that leaves it to the
-        # data (None) would clash with the model's when the Trainer merges both modules'.
-        self.save_hyperparameters(ignore=["num_classes"])
+        # The class count, channels and normalisation are the model's hyper-parameters: a data
+        # option that leaves them to the data (None, "auto") would clash with the model's when
+        # the Trainer merges both modules'.
+        self.save_hyperparameters(ignore=["num_classes", "in_channels", "mean", "std"])
         self.batch_size = batch_size
         self.crop_size = crop_size
         self.num_workers = num_workers
@@ -300,6 +331,9 @@ class AGMMDataModule(LightningDataModule, ABC):
         self.weak_label = weak_label
         self.augment = augment
         self.predict_split = predict_split
+        self._in_channels = in_channels
+        self._statistics_options = (mean, std)
+        self._normalization: Normalization | None = None
         self.datasets: dict[Split, Dataset[dict[str, Any]]] = {}
         self._resume_position: tuple[int, int] | None = None
 
@@ -320,6 +354,63 @@ class AGMMDataModule(LightningDataModule, ABC):
     def eval_batch_size(self) -> int:
         """Validation/test/predict batch size: 1, since image sizes may differ."""
         return 1
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the images the network takes, linked to the model."""
+        return self._in_channels
+
+    @property
+    def normalization(self) -> Normalization:
+        """Per-channel ``(mean, std)`` of the 0..1 pixels, computed once when ``"auto"``.
+
+        Raises:
+            InputError: If the statistics are ``"auto"`` and the training images cannot be read.
+        """
+        if self._normalization is None:
+            mean, std = self._statistics_options
+            default = default_normalization(self._in_channels)
+            if default is None:  # no default for this channel count: compute what is not given
+                mean, std = ("auto" if mean is None else mean), ("auto" if std is None else std)
+            computed: Normalization | None = None
+            if "auto" in (mean, std):
+                computed = image_statistics(self.training_images(), self._in_channels)
+                rank_zero_info(
+                    f"Per-channel mean {_rounded(computed[0])} and std {_rounded(computed[1])} of "
+                    f"the training images of {type(self).__name__} (give them as `mean` and "
+                    "`std` to skip this pass)."
+                )
+
+            def resolved(option: ChannelStatistics, index: int) -> tuple[float, ...]:
+                if option == "auto":
+                    return cast(Normalization, computed)[index]
+                if option is None:
+                    return cast(Normalization, default)[index]
+                return tuple(float(value) for value in option)
+
+            self._normalization = (resolved(mean, 0), resolved(std, 1))
+        return self._normalization
+
+    @property
+    def mean(self) -> tuple[float, ...] | None:
+        """Per-channel mean of the normalisation (:attr:`normalization`), linked to the model."""
+        return self.normalization[0]
+
+    @property
+    def std(self) -> tuple[float, ...] | None:
+        """Per-channel standard deviation of the normalisation, linked to the model."""
+        return self.normalization[1]
+
+    def training_images(self) -> Iterable[np.ndarray]:
+        """The training split's images as read ([H,W,C]), for ``mean``/``std`` ``"auto"``.
+
+        Raises:
+            InputError: If the DataModule has no training images (the default).
+        """
+        raise InputError(
+            f"{type(self).__name__} has no training images to compute mean and std from: give "
+            "`mean` and `std` as numbers (one per channel)."
+        )
 
     @abstractmethod
     def build_dataset(self, split: Split) -> Dataset[dict[str, Any]]:
@@ -360,13 +451,20 @@ class AGMMDataModule(LightningDataModule, ABC):
         Returns:
             The seeded training pipeline for "train", normalisation only otherwise.
         """
+        mean, std = self.normalization
         if split == "train" and not self.augment:
             return train_transform(
-                self.crop_size, (1.0, 1.0), flip_probability=0, color_jitter=0, seed=self.seed
+                self.crop_size,
+                (1.0, 1.0),
+                flip_probability=0,
+                color_jitter=0,
+                seed=self.seed,
+                mean=mean,
+                std=std,
             )
         if split == "train":
-            return train_transform(self.crop_size, seed=self.seed)
-        return eval_transform()
+            return train_transform(self.crop_size, seed=self.seed, mean=mean, std=std)
+        return eval_transform(mean, std)
 
     def setup(self, stage: str) -> None:
         """Build the datasets the stage needs.
@@ -475,3 +573,7 @@ class AGMMDataModule(LightningDataModule, ABC):
             # The rank is read here: a worker started by spawn or forkserver cannot know it.
             worker_init_fn=partial(seed_worker, rank=rank),
         )
+
+
+def _rounded(values: tuple[float, ...]) -> list[float]:
+    return [round(value, 4) for value in values]

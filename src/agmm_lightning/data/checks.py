@@ -1,10 +1,11 @@
 """Checks of a dataset's files: header reads before training, a full decode on demand.
 
 A bad file found by the DataLoader hours into a run costs the run. :func:`read_headers` reads
-only the headers of every image and label file of a split (sizes, single-channel labels), fast
-enough to run at every ``setup``; :func:`decode_all` decodes every file with the checks of
-training (images, mask values, weak-label files), which ``agmm check-data`` runs. Both return
-every problem they find, not only the first.
+only the headers of every image and label file of a split (sizes, image channels against
+``in_channels``, single-channel labels), fast enough to run at every ``setup``;
+:func:`decode_all` decodes every file with the checks of training (images, mask values,
+weak-label files), which ``agmm check-data`` runs. Both return every problem they find, not only
+the first.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from rich.progress import track
 
-from agmm_lightning.data.io import check_same_size, image_size, label_size
+from agmm_lightning.data.io import check_channels, check_same_size, image_header, label_size
 from agmm_lightning.data.readers import ImageLevelWeakLabels, RasterWeakLabels, WeakLabelReader
 from agmm_lightning.errors import InputError
 
 if TYPE_CHECKING:  # files.py imports this module: the dataset type only annotates
     from agmm_lightning.data.files import FileDataset
 
-__all__ = ["decode_all", "read_headers", "summarize"]
+__all__ = ["decode_all", "read_headers", "summarize", "track_progress"]
 
 Item = TypeVar("Item")
 
@@ -37,7 +38,8 @@ def _weak_label_rasters(reader: WeakLabelReader | None, name: str) -> list[Path]
     return [reader.files.path(name)] if isinstance(reader, RasterWeakLabels) else []
 
 
-def _progress(items: Sequence[Item], description: str, show: bool) -> Iterator[Item]:
+def track_progress(items: Sequence[Item], description: str, show: bool) -> Iterator[Item]:
+    """Iterate over ``items`` behind a transient progress bar (none unless ``show``)."""
     yield from track(items, description=description, disable=not show, transient=True)
 
 
@@ -50,17 +52,20 @@ def read_headers(dataset: FileDataset, split: str, *, progress: bool = True) -> 
         progress: Allow a progress bar (shown for :data:`PROGRESS_FROM` images or more).
 
     Returns:
-        One message per unreadable file or size mismatch (empty when all is well).
+        One message per unreadable file, image whose channels do not fit ``in_channels``, or
+        size mismatch (empty when all is well).
     """
     problems = []
     show = progress and len(dataset.records) >= PROGRESS_FROM
     labels_needed = dataset.mode != "predict"
-    for record in _progress(dataset.records, f"Checking the {split} files", show):
+    for record in track_progress(dataset.records, f"Checking the {split} files", show):
         try:
-            shape = image_size(record.image)
+            header = image_header(record.image)
+            check_channels(header.channels, dataset.in_channels, record.image)
         except InputError as error:
             problems.append(str(error))
             continue
+        shape = (header.height, header.width)
         labels = [record.mask] if labels_needed and record.mask is not None else []
         if labels_needed:
             labels += _weak_label_rasters(dataset.weak_labels, record.name)
@@ -84,7 +89,7 @@ def decode_all(dataset: FileDataset, split: str) -> list[str]:
     """
     problems = []
     reads_weak_labels = dataset.weak_labels is not None and dataset.mode in ("train", "tagged")
-    for index in _progress(range(len(dataset)), f"Decoding the {split} files", True):
+    for index in track_progress(range(len(dataset)), f"Decoding the {split} files", True):
         try:
             name, _, mask = dataset.load(index)
             if reads_weak_labels:

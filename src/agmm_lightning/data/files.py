@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from itertools import compress
@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from agmm_lightning.data.base import STAGE_SPLITS, AGMMDataModule, Split, WeakLabelDataset
-from agmm_lightning.data.checks import read_headers, summarize
+from agmm_lightning.data.checks import PROGRESS_FROM, read_headers, summarize, track_progress
 from agmm_lightning.data.io import (
     LabelDecoder,
     check_label_values,
@@ -30,8 +30,8 @@ from agmm_lightning.data.io import (
     image_size,
     index_files,
     read_class_index_png,
+    read_image,
     read_onehot_tags,
-    read_rgb_image,
     require_directory,
     unlabeled_to_target,
 )
@@ -124,6 +124,9 @@ class FileDataset(WeakLabelDataset):
         decode_mask: Raw mask values -> class indices (255 void).
         mask_fix: What to do about out-of-range mask values, for the message.
         weak_labels: Reader of the training weak labels; None simulates them from the masks.
+        in_channels: Channels of the images (see :func:`~agmm_lightning.data.io.read_image`).
+        ignore_index: The value the mask files mark void with; it becomes 255 (VOID), and a
+            stored 255 is then a class value like any other.
         **kwargs: ``mode``, ``transform``, ``weak_label``, ``seed`` and ``simulation``: see
             :class:`~agmm_lightning.data.base.WeakLabelDataset`.
     """
@@ -136,9 +139,13 @@ class FileDataset(WeakLabelDataset):
         decode_mask: LabelDecoder,
         mask_fix: str,
         weak_labels: WeakLabelReader | None,
+        in_channels: int = 3,
+        ignore_index: int = VOID,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes, **kwargs)
+        self.in_channels = in_channels
+        self.ignore_index = ignore_index
         self.records = list(records)
         self.records_by_name = {record.name: record for record in self.records}
         self.decode_mask = decode_mask
@@ -185,7 +192,7 @@ class FileDataset(WeakLabelDataset):
         record = self.records[index]
         height, width = image_size(record.image)
         warnings.warn(f"{error} The image is left out of the metrics.", stacklevel=2)
-        image = np.zeros((height, width, 3), np.uint8)
+        image = np.zeros((height, width, self.in_channels), np.uint8)
         void = np.full((height, width), VOID, np.uint8)
         sample = build_eval_sample(self.transform, image, name=record.name, mask=void)
         return sample | {"left_out": str(error)}
@@ -197,8 +204,9 @@ class FileDataset(WeakLabelDataset):
             index: Position in the split.
 
         Returns:
-            The image id, uint8 RGB [H,W,3] and the mask [H,W] (255 void; all void for an image
-            without one in a split where others have one) or None.
+            The image id, its pixels [H,W,C] (uint8, or float32 in 0..1 for 16-bit files) and
+            the mask [H,W] (255 void; all void for an image without one in a split where others
+            have one) or None.
 
         Raises:
             FileNotFoundError: If a file is missing.
@@ -206,7 +214,7 @@ class FileDataset(WeakLabelDataset):
                 holds values out of range.
         """
         record = self.records[index]
-        image = read_rgb_image(record.image)
+        image = read_image(record.image, self.in_channels)
         if self.mode == "predict" or (record.mask is None and not self.void_missing_masks):
             return record.name, image, None
         if record.mask is None:
@@ -214,14 +222,22 @@ class FileDataset(WeakLabelDataset):
         raw = read_class_index_png(record.mask)
         check_same_size(raw.shape, image.shape[:2], record.mask, record.image)
         mask = check_label_values(
-            self.decode_mask(raw, record.mask),
+            self._decode_void(raw, self.decode_mask(raw, record.mask)),
             raw,
             self.num_classes,
             record.mask,
             unlabeled=False,
             fix=self.mask_fix,
+            stored_void=self.ignore_index,
         )
         return record.name, image, mask
+
+    def _decode_void(self, raw: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+        """Map the stored ``ignore_index`` to VOID; a stored 255 is then out of range, not void."""
+        if self.ignore_index == VOID:
+            return decoded
+        values = np.where((raw == VOID) & (decoded == VOID), -1, decoded.astype(np.int64))
+        return np.where(raw == self.ignore_index, VOID, values)
 
     def weak_label(self, name: str, mask: np.ndarray | None) -> WeakLabel:
         """Return the training weak label of an image: read by the reader, else simulated.
@@ -271,9 +287,13 @@ class FileDataModule(AGMMDataModule):
             None detects it per file (C if the file holds C, else 255).
         cam_dir: Folder of CAM pseudo-label PNGs for ``weak_label="image"`` (relative to
             ``root`` unless absolute); None trains on tags alone.
+        ignore_index: The value that marks void pixels in the dense mask files (255 by
+            default); it is read as the library's void (255), before the dataset's own decoding
+            (ADE20K's shift, Cityscapes' label ids). Weak-label PNGs keep 255 as void.
         **kwargs: ``batch_size``, ``crop_size``, ``num_workers``, ``seed``, ``augment``,
-            ``predict_split``, ``points_per_segment``, ``block_fraction`` and
-            ``box_core_fraction``: see :class:`~agmm_lightning.data.base.AGMMDataModule`.
+            ``predict_split``, ``points_per_segment``, ``block_fraction``,
+            ``box_core_fraction``, ``in_channels``, ``mean`` and ``std``: see
+            :class:`~agmm_lightning.data.base.AGMMDataModule`.
 
     Raises:
         ValueError: If an option is out of range.
@@ -294,11 +314,17 @@ class FileDataModule(AGMMDataModule):
         simulate: bool = False,
         unlabeled_value: int | None = None,
         cam_dir: str | None = None,
+        ignore_index: int = VOID,
         **kwargs: Any,
     ) -> None:
         super().__init__(weak_label=weak_label, **kwargs)
         if unlabeled_value is not None and not 0 <= unlabeled_value <= VOID:
             raise InputError(f"unlabeled_value must be None or in 0..255, got {unlabeled_value}.")
+        if not 0 <= ignore_index <= 65535:
+            raise InputError(
+                f"ignore_index must be a stored mask value in 0..65535, got {ignore_index}."
+            )
+        self.ignore_index = ignore_index
         self.root = Path(root)
         self.splits = dict(splits)
         self.simulate = simulate
@@ -526,18 +552,55 @@ class FileDataModule(AGMMDataModule):
         masks_needed = mode == "eval" or (
             labelled and (weak_labels is None or weak_labels.needs_mask)
         )
+        decode_mask = self.mask_decoder()
+        if decode_mask is identity_mask and self.ignore_index < self.num_classes:
+            raise InputError(
+                f"ignore_index={self.ignore_index} is a class index (0..{self.num_classes - 1}): "
+                "set it to the value the masks mark void pixels with."
+            )
         return FileDataset(
             self._attach_masks(records, split, required=masks_needed),
             self.num_classes,
-            decode_mask=self.mask_decoder(),
+            decode_mask=decode_mask,
             mask_fix=self.mask_fix,
             weak_labels=weak_labels,
+            in_channels=self.in_channels,
+            ignore_index=self.ignore_index,
             mode=mode,
             transform=self.transform(split),
             weak_label=self.weak_label,
             seed=self.seed,
             simulation=self.simulation,
         )
+
+    def training_images(self) -> Iterator[np.ndarray]:
+        """The training split's images as read, for ``mean``/``std`` ``"auto"``.
+
+        An image that cannot be read is left out with a warning (the header check at ``setup``
+        and training deal with it as with any bad file).
+
+        Raises:
+            InputError: Listing the problems, if no training image can be read.
+        """
+        records = self.split_records("train")
+        problems = []
+        show = len(records) >= PROGRESS_FROM
+        for record in track_progress(records, "Computing the training images' mean and std", show):
+            try:
+                yield read_image(record.image, self.in_channels)
+            except InputError as error:
+                problems.append(str(error))
+        if len(problems) == len(records):
+            raise InputError(
+                f"{summarize(problems, 'the train split')}\nmean/std 'auto' reads the training "
+                "images: fix them, or give `mean` and `std` as numbers."
+            )
+        if problems:
+            warnings.warn(
+                f"mean/std 'auto' left out {len(problems)} training image(s) it could not read, "
+                f"e.g. {problems[0]}",
+                stacklevel=1,
+            )
 
     def _train_weak_labels(self, records: Sequence[ImageRecord]) -> WeakLabelReader | None:
         """The reader of the training weak labels, or None to simulate them from the masks."""

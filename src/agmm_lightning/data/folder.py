@@ -2,7 +2,7 @@
 
 Layout (``root``)::
 
-    images/<stem>.png|.jpg          RGB (grey is converted to RGB)
+    images/<stem>.png|.jpg          RGB (grey is converted to RGB), or in_channels channels
     masks/<stem>.png                dense class-index masks, 255 = void (optional for training)
     splits/train.txt, val.txt, test.txt   one stem per line (test optional: val is used)
     classes.txt                     optional, one class name per line (line i = class i)

@@ -14,8 +14,9 @@ import pickle
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -24,11 +25,15 @@ from agmm_lightning.targets import VOID
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ImageHeader",
     "LabelDecoder",
+    "check_channels",
     "check_label_values",
     "check_same_size",
     "clip_boxes",
     "existing_files",
+    "image_header",
+    "image_pixels",
     "image_size",
     "index_files",
     "label_size",
@@ -37,7 +42,7 @@ __all__ = [
     "read_json",
     "read_onehot_tags",
     "read_pickled_table",
-    "read_rgb_image",
+    "read_image",
     "require_directory",
     "require_file",
     "unlabeled_to_target",
@@ -47,6 +52,18 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 """File endings of images, in order of preference when one stem has several."""
 
 _INDEX_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_SIXTEEN_BIT_MAX = 65535
+_MODE_CHANNELS = {
+    **{mode: 1 for mode in ("1", "L", *_SIXTEEN_BIT_MODES)},
+    **{mode: 2 for mode in ("LA", "La")},
+    **{mode: 3 for mode in ("P", "RGB", "YCbCr", "LAB", "HSV", "CMYK", "RGBX")},
+    **{mode: 4 for mode in ("PA", "RGBA", "RGBa")},
+}
+"""Channels of each PIL mode as read (palettes are colours; CMYK JPEGs become RGB)."""
+_CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_CHANNEL_NAMES = {1: "a grey", 2: "a grey + alpha", 3: "a colour", 4: "an RGBA"}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 LabelDecoder = Callable[[np.ndarray, Path], np.ndarray]
 """Maps the raw values of a label PNG (and its path, for encodings chosen by file name) to
@@ -205,26 +222,120 @@ def _open_image(path: Path) -> Image.Image:
         ) from error
 
 
-def read_rgb_image(path: Path) -> np.ndarray:
-    """Read an image as uint8 RGB [H,W,3] (grey and palette images are converted).
+def read_image(path: Path, in_channels: int = 3) -> np.ndarray:
+    """Read an image at its full bit depth as ``in_channels`` channels (:func:`image_pixels`).
+
+    16-bit colour PNGs, which Pillow would cut to 8 bits, are decoded by OpenCV.
+
+    Args:
+        path: Image file.
+        in_channels: The channels the network takes.
+
+    Returns:
+        [H,W,in_channels] pixels: uint8 for an 8-bit file, float32 in 0..1 for a 16-bit one.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it cannot be decoded, or its channels do not fit ``in_channels`` (the
+            message names the file, what was expected and the fix).
+    """
+    with _open_image(path) as image:
+        try:
+            if _is_deep_colour_png(image, path):
+                return _deep_colour_pixels(path, in_channels)
+            return image_pixels(image, in_channels, path)
+        except InputError:
+            raise
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputError(
+                f"{path}: the image is corrupt ({error}); expected a complete JPEG or PNG file."
+            ) from error
+
+
+def image_pixels(image: Image.Image, in_channels: int = 3, source: object = "image") -> np.ndarray:
+    """The pixels of a decoded image: the one rule for bit depth and channels.
+
+    8-bit images stay uint8 (0..255, divided by 255 at normalisation); 16-bit grey images (PIL
+    modes ``I;16`` and ``I``) become float32 values divided by 65535: every image enters the
+    network as 0..1 of its format's full range, whatever its depth. With ``in_channels=3`` every
+    image is converted to RGB as it always was (grey repeated, palettes expanded, alpha dropped;
+    16-bit grey repeated at full depth); otherwise the image must have exactly ``in_channels``
+    channels: grey 1, grey + alpha 2, RGB or palette 3, RGBA 4.
+
+    Args:
+        image: A PIL image.
+        in_channels: The channels the network takes.
+        source: The file or object, named in messages.
+
+    Returns:
+        [H,W,in_channels] uint8, or float32 in 0..1 for a 16-bit image.
+
+    Raises:
+        InputError: If the mode is not an image's, 16-bit values are out of 0..65535, or the
+            channels do not fit ``in_channels``.
+    """
+    channels = _mode_channels(image.mode, source)
+    check_channels(channels, in_channels, source)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > _SIXTEEN_BIT_MAX):
+            raise InputError(
+                f"{source}: values {values.min()}..{values.max()} do not fit 16 bits; expected "
+                "8-bit or 16-bit images. Save it as a 16-bit PNG."
+            )
+        grey = (values.astype(np.float32) / np.float32(_SIXTEEN_BIT_MAX))[..., None]
+        return np.repeat(grey, 3, axis=2) if in_channels == 3 else grey
+    if in_channels == 3:
+        return np.array(image.convert("RGB"))
+    pixels = np.array(image.convert(_CHANNEL_MODES[channels]))
+    return pixels.reshape(*pixels.shape[:2], channels)
+
+
+def check_channels(channels: int, in_channels: int, source: object) -> None:
+    """Raise unless an image of ``channels`` channels can enter a network of ``in_channels``.
+
+    With ``in_channels=3`` every image can: it is converted to RGB (see :func:`image_pixels`).
+
+    Raises:
+        InputError: Naming the image, the channels it has and those expected, and the fix.
+    """
+    if in_channels == 3 or channels == in_channels:
+        return
+    raise InputError(
+        f"{source}: {_CHANNEL_NAMES.get(channels, 'an')} image of {channels} channel(s), but "
+        f"in_channels={in_channels}: expected {in_channels}-channel images. Set the data's "
+        f"`in_channels: {channels}` (the model takes it from the data), or convert the images to "
+        f"{in_channels} channel(s)."
+    )
+
+
+class ImageHeader(NamedTuple):
+    """What an image file's header says: its size, channels (as read) and bits per channel."""
+
+    height: int
+    width: int
+    channels: int
+    bits: int
+
+
+def image_header(path: Path) -> ImageHeader:
+    """Read an image's size, channels and bit depth from its header, without decoding pixels.
 
     Args:
         path: Image file.
 
     Returns:
-        The pixels.
+        The header (channels as :func:`image_pixels` counts them; 8 or 16 bits).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be decoded (the message names it).
+        ValueError: If it is not an image, or of a mode no reader here takes.
     """
     with _open_image(path) as image:
-        try:
-            return np.array(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as error:
-            raise InputError(
-                f"{path}: the image is corrupt ({error}); expected a complete JPEG or PNG file."
-            ) from error
+        width, height = image.size
+        channels = _mode_channels(image.mode, path)
+        deep = image.mode in _SIXTEEN_BIT_MODES or _is_deep_colour_png(image, path)
+    return ImageHeader(height, width, channels, 16 if deep else 8)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -243,6 +354,56 @@ def image_size(path: Path) -> tuple[int, int]:
     with _open_image(path) as image:
         width, height = image.size
     return height, width
+
+
+def _mode_channels(mode: str, source: object) -> int:
+    """The channels of a PIL mode as :func:`image_pixels` reads it, or raise naming the file."""
+    if mode not in _MODE_CHANNELS:
+        raise InputError(
+            f"{source}: images of PIL mode {mode!r} are not read; expected 8-bit grey, grey + "
+            "alpha, palette, RGB or RGBA, or 16-bit grey or colour. Convert it to such a PNG."
+        )
+    return _MODE_CHANNELS[mode]
+
+
+def _png_depth(path: Path) -> tuple[int, int] | None:
+    """A PNG's bit depth and colour type from its IHDR chunk; None if it is not a PNG."""
+    with path.open("rb") as file:
+        head = file.read(26)
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _is_deep_colour_png(image: Image.Image, path: Path) -> bool:
+    """Whether a file is a PNG of 16-bit colour channels, which Pillow reads cut to 8 bits.
+
+    Raises:
+        InputError: For 16-bit grey + alpha, which neither Pillow nor OpenCV reads whole.
+    """
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    depth = _png_depth(path)
+    if depth is None or depth[0] != 16:
+        return False
+    if image.mode == "LA":
+        raise InputError(
+            f"{path}: 16-bit grey + alpha PNGs are not read at full depth; save it without the "
+            "alpha channel (16-bit grey) or as 16-bit RGBA."
+        )
+    return True
+
+
+def _deep_colour_pixels(path: Path, in_channels: int) -> np.ndarray:
+    """A 16-bit RGB(A) PNG as float32 0..1 (OpenCV reads it whole, in BGR(A) order)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if bgr is None or bgr.ndim != 3 or bgr.dtype != np.uint16:
+        raise InputError(f"{path}: the 16-bit colour PNG is corrupt; expected a complete PNG.")
+    channels = bgr.shape[2]
+    check_channels(channels, in_channels, path)
+    kept = 3 if in_channels == 3 else channels
+    rgb = bgr[..., [2, 1, 0, 3][:kept]]
+    return rgb.astype(np.float32) / np.float32(_SIXTEEN_BIT_MAX)
 
 
 def _open_label(path: Path) -> Image.Image:
@@ -325,6 +486,7 @@ def check_label_values(
     *,
     unlabeled: bool,
     fix: str,
+    stored_void: int = VOID,
 ) -> np.ndarray:
     """Return a decoded label map as uint8, or raise if it holds values out of range.
 
@@ -335,6 +497,8 @@ def check_label_values(
         path: Its file, for the message.
         unlabeled: Whether C (unlabelled) is allowed: True for target maps, False for masks.
         fix: What to do about bad values, for the message.
+        stored_void: The value the file marks void with (the masks' ``ignore_index``), for the
+            message.
 
     Returns:
         The map as uint8.
@@ -346,9 +510,10 @@ def check_label_values(
     bad = ((values < 0) | (values >= limit)) & (values != VOID)
     if bad.any():
         shown = np.unique(raw[bad])[:8].tolist()
+        void = f"{VOID}" if stored_void == VOID else f"{stored_void} (void, `ignore_index`)"
         raise InputError(
             f"{path}: stored values {shown} are out of range (after decoding, expected "
-            f"0..{limit - 1} or {VOID}). {fix}"
+            f"0..{limit - 1} or {void}). {fix}"
         )
     return values.astype(np.uint8)
 

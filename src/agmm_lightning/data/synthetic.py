@@ -13,13 +13,14 @@ losses are there to close.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
 import numpy as np
 
 from agmm_lightning.data.base import AGMMDataModule, Split, WeakLabelDataset
+from agmm_lightning.data.transforms import eval_transform
 from agmm_lightning.errors import InputError
 from agmm_lightning.weak_labels import WeakLabelForm
 
@@ -291,11 +292,14 @@ class SyntheticDataModule(AGMMDataModule):
         batch_size: Training (and evaluation) images per batch.
         crop_size: Side of the square training crop, in pixels.
         **kwargs: ``num_workers``, ``seed`` (of the scenes too), ``augment``, ``predict_split``,
-            ``points_per_segment``, ``block_fraction`` and ``box_core_fraction``: see
-            :class:`~agmm_lightning.data.base.AGMMDataModule`.
+            ``points_per_segment``, ``block_fraction``, ``box_core_fraction``, ``mean`` and
+            ``std`` (``"auto"`` renders the training scenes once): see
+            :class:`~agmm_lightning.data.base.AGMMDataModule`. The scenes are RGB:
+            ``in_channels`` is 3.
 
     Raises:
-        ValueError: If a count is negative or the scene arguments are unsupported.
+        ValueError: If a count is negative, the scene arguments are unsupported or
+            ``in_channels`` is not 3.
     """
 
     def __init__(
@@ -313,6 +317,11 @@ class SyntheticDataModule(AGMMDataModule):
         super().__init__(
             batch_size=batch_size, crop_size=crop_size, weak_label=weak_label, **kwargs
         )
+        if self.in_channels != 3:
+            raise InputError(
+                f"SyntheticDataModule renders RGB scenes: in_channels must be 3, got "
+                f"{self.in_channels}."
+            )
         if min(num_train, num_val, num_test) < 0:
             raise InputError(
                 "Scene counts must be >= 0, got "
@@ -337,6 +346,20 @@ class SyntheticDataModule(AGMMDataModule):
     def eval_batch_size(self) -> int:
         """All scenes share one size, so evaluation batches like training."""
         return self.batch_size
+
+    def training_images(self) -> Iterator[np.ndarray]:
+        """The training scenes' images, rendered, for ``mean``/``std`` ``"auto"``."""
+        scenes = SyntheticDataset(
+            "train",
+            self.lengths["train"],
+            self.image_size,
+            self._num_classes,
+            mode="predict",
+            transform=eval_transform(),
+            seed=self.seed,
+        )
+        for index in range(len(scenes)):
+            yield scenes.load(index)[1]
 
     def build_dataset(self, split: Split) -> SyntheticDataset:
         """Build the synthetic dataset of one split.

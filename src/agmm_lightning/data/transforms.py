@@ -1,5 +1,10 @@
 """Augmentation pipelines, worker seeding and sample assembly (albumentations 2.0.8).
 
+Images enter as [H,W,C] uint8 (8-bit files) or float32 in 0..1 (16-bit files; see
+:mod:`agmm_lightning.data.pixels`) and leave normalised per channel. Three-channel images get
+colour jitter; other channel counts brightness and contrast jitter only (saturation and hue need
+colours).
+
 Weak labels are carried through geometry in the form they were given: rasters (full, scribble,
 block, image) as masks with nearest interpolation, clicks as keypoints and boxes as bounding
 boxes. Clicks and boxes are rasterised *after* the geometric transform, so a 3-pixel click
@@ -10,8 +15,8 @@ transform fills masks with 255, so crop padding is void in the target and in the
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import albumentations as A
 import cv2
@@ -19,11 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from agmm_lightning.data.pixels import IMAGENET_MEAN, IMAGENET_STD
 from agmm_lightning.targets import VOID
 from agmm_lightning.weak_labels import WeakLabel, rasterize_boxes, rasterize_points
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _POINT_LABELS = "point_classes"
 _BOX_LABELS = "box_classes"
 _DENSE_MASK = "dense_mask"
@@ -31,6 +35,8 @@ _DENSE_MASK = "dense_mask"
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IntensityJitter",
+    "PixelNormalize",
     "build_eval_sample",
     "build_train_sample",
     "eval_transform",
@@ -48,19 +54,25 @@ def train_transform(
     flip_probability: float = 0.5,
     color_jitter: float = 0.2,
     seed: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> A.Compose:
     """Build the training pipeline: scale jitter, pad, random crop, flip, colour jitter, normalise.
 
-    The pipeline takes ``image`` (uint8 [H,W,3]), ``mask`` (the weak-label raster), optionally
-    ``dense_mask`` (dense ground truth), ``keypoints`` ("xy") with ``point_classes`` and
-    ``bboxes`` ("pascal_voc") with ``box_classes``. Use :func:`build_train_sample` to call it.
+    The pipeline takes ``image`` ([H,W,C] uint8, or float32 in 0..1), ``mask`` (the weak-label
+    raster), optionally ``dense_mask`` (dense ground truth), ``keypoints`` ("xy") with
+    ``point_classes`` and ``bboxes`` ("pascal_voc") with ``box_classes``. Use
+    :func:`build_train_sample` to call it.
 
     Args:
         crop_size: Side of the square training crop, in pixels.
         scale_range: Inclusive range ``(low, high)`` of the uniform random rescale factor.
         flip_probability: Probability of a horizontal flip.
-        color_jitter: Strength of brightness, contrast and saturation jitter (hue gets a tenth).
+        color_jitter: Strength of brightness, contrast and saturation jitter (hue gets a tenth;
+            images of other than three channels get brightness and contrast jitter only).
         seed: Seed of the pipeline's random generators; None draws fresh entropy.
+        mean: Per-channel mean of the 0..1 pixels, subtracted at normalisation (C values).
+        std: Per-channel standard deviation, divided by at normalisation.
 
     Returns:
         The albumentations pipeline, with one shared random generator (see
@@ -91,14 +103,8 @@ def train_transform(
             ),
             A.RandomCrop(height=crop_size, width=crop_size),
             A.HorizontalFlip(p=flip_probability),
-            A.ColorJitter(
-                brightness=color_jitter,
-                contrast=color_jitter,
-                saturation=color_jitter,
-                hue=color_jitter / 10,
-                p=0.8,
-            ),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            _intensity_jitter(color_jitter, len(mean)),
+            PixelNormalize(mean, std),
         ],
         keypoint_params=A.KeypointParams(
             format="xy", label_fields=[_POINT_LABELS], remove_invisible=True
@@ -111,13 +117,101 @@ def train_transform(
     return transform
 
 
-def eval_transform() -> A.Compose:
+def eval_transform(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> A.Compose:
     """Build the evaluation pipeline: normalisation only, at full resolution.
+
+    Args:
+        mean: Per-channel mean of the 0..1 pixels.
+        std: Per-channel standard deviation.
 
     Returns:
         The albumentations pipeline; it takes ``image`` and optionally ``mask``.
     """
-    return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+    return A.Compose([PixelNormalize(mean, std)])
+
+
+def _intensity_jitter(strength: float, channels: int) -> A.ImageOnlyTransform:
+    """Colour jitter for RGB; brightness and contrast jitter for other channel counts."""
+    if channels == 3:
+        return A.ColorJitter(
+            brightness=strength,
+            contrast=strength,
+            saturation=strength,
+            hue=strength / 10,
+            p=0.8,
+        )
+    return IntensityJitter(strength, p=0.8)
+
+
+class IntensityJitter(A.ImageOnlyTransform):
+    """Brightness and contrast jitter of an image of any channel count, uint8 or float 0..1.
+
+    Brightness multiplies every pixel by a factor in ``1 ± strength``; contrast scales the
+    pixels' distance to the image's mean by another, in random order (the rules of
+    ``ColorJitter``, whose saturation and hue need colours): the ratios between intensities,
+    which tell the classes of a greyscale or multi-band image apart, survive.
+
+    Args:
+        strength: Largest relative change of brightness and of contrast.
+        p: Probability of jittering an image.
+    """
+
+    def __init__(self, strength: float, p: float = 0.8) -> None:
+        super().__init__(p=p)
+        self.strength = strength
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw the brightness and contrast factors and their order."""
+        low, high = 1 - self.strength, 1 + self.strength
+        return {
+            "brightness": self.py_random.uniform(low, high),
+            "contrast": self.py_random.uniform(low, high),
+            "contrast_first": self.py_random.random() < 0.5,
+        }
+
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float = 1.0,
+        contrast: float = 1.0,
+        contrast_first: bool = False,
+        **params: Any,
+    ) -> np.ndarray:
+        """Jitter one image, clipped to its range (0..255 for uint8, 0..1 for floats)."""
+        top = 255.0 if img.dtype == np.uint8 else 1.0
+        pixels = img.astype(np.float32)
+        for step in ("contrast", "brightness") if contrast_first else ("brightness", "contrast"):
+            if step == "brightness":
+                pixels = np.clip(pixels * brightness, 0, top)
+            else:
+                mean = pixels.mean()
+                pixels = np.clip(mean + contrast * (pixels - mean), 0, top)
+        return np.round(pixels).astype(np.uint8) if img.dtype == np.uint8 else pixels
+
+
+class PixelNormalize(A.Normalize):
+    """``(pixel - mean) / std`` per channel, for uint8 (0..255) and float (0..1) images alike.
+
+    uint8 images take albumentations' own path (``max_pixel_value=255``), float images are
+    already 0..1 (see :mod:`agmm_lightning.data.pixels`).
+
+    Args:
+        mean: Per-channel mean of the 0..1 pixels.
+        std: Per-channel standard deviation.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
+        self._unit_mean = np.array(mean, dtype=np.float32)
+        self._unit_denominator = np.reciprocal(np.array(std, dtype=np.float32))
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        """Normalise one image (the uint8 path is albumentations' ``Normalize``)."""
+        if img.dtype == np.uint8:
+            return cast(np.ndarray, super().apply(img, **params))
+        return (img.astype(np.float32) - self._unit_mean) * self._unit_denominator
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -198,7 +292,7 @@ def build_train_sample(
 
     Args:
         transform: A pipeline from :func:`train_transform`.
-        image: RGB image, uint8 [H,W,3].
+        image: [H,W,C] image, uint8 or float32 in 0..1.
         num_classes: Number of classes C (the unlabelled value).
         name: Identifier of the image.
         label: Its weak label: a raster (0..C-1 labelled, C unlabelled, 255 void), clicks or boxes.
@@ -207,7 +301,7 @@ def build_train_sample(
         box_core_fraction: Central fraction of each box labelled with its class.
 
     Returns:
-        ``image`` float32 [3,h,w], ``target`` int64 [h,w], ``image_classes`` float32 [C],
+        ``image`` float32 [C,h,w], ``target`` int64 [h,w], ``image_classes`` float32 [C],
         ``name``; ``mask`` int64 [h,w] when ``mask`` is given; ``allowed`` bool [C,h,w] for boxes.
 
     Raises:
@@ -267,13 +361,13 @@ def build_eval_sample(
 
     Args:
         transform: A pipeline from :func:`eval_transform` (no geometry).
-        image: RGB image, uint8 [H,W,3].
+        image: [H,W,C] image, uint8 or float32 in 0..1.
         name: Identifier of the image.
         mask: Dense ground truth [H,W] (255 void); omitted for prediction.
         image_classes: The image's tags, float [C]; given when predicting on tagged images.
 
     Returns:
-        ``image`` float32 [3,H,W] and ``name``; ``mask`` int64 [H,W] when ``mask`` is given;
+        ``image`` float32 [C,H,W] and ``name``; ``mask`` int64 [H,W] when ``mask`` is given;
         ``image_classes`` float32 [C] when ``image_classes`` is given.
 
     Raises:
@@ -296,10 +390,14 @@ def _check_inputs(
     target: np.ndarray | None = None,
     mask: np.ndarray | None = None,
 ) -> None:
-    """Raise a ValueError unless the image is uint8 [H,W,3] and the rasters are [H,W]."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    """Raise a ValueError unless the image is [H,W,C] uint8 or float32 in 0..1, rasters [H,W]."""
+    floats = image.dtype == np.float32
+    out_of_range = floats and image.size > 0 and not 0 <= image.min() <= image.max() <= 1
+    if image.ndim != 3 or not (floats or image.dtype == np.uint8) or out_of_range:
+        values = f" of values {image.min():g}..{image.max():g}" if out_of_range else ""
         raise ValueError(
-            f"Expected a uint8 RGB image of shape [H, W, 3], got {image.dtype} {image.shape}."
+            "Expected an image of shape [H, W, C], uint8 (0..255) or float32 in 0..1, got "
+            f"{image.dtype} {image.shape}{values}."
         )
     if num_classes is not None and not 1 <= num_classes < VOID:
         raise ValueError(f"num_classes must be in 1..{VOID - 1}, got {num_classes}.")
@@ -323,5 +421,5 @@ def _rows(array: np.ndarray | None, width: int, label: str) -> np.ndarray:
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:
-    """Convert a normalised float image [H,W,3] to a float32 tensor [3,H,W]."""
+    """Convert a normalised float image [H,W,C] to a float32 tensor [C,H,W]."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 
 from agmm_lightning.callbacks import shared_run_directory
-from agmm_lightning.errors import check_choice, check_non_negative
+from agmm_lightning.data.pixels import Normalization, default_normalization
+from agmm_lightning.errors import InputError, check_choice, check_non_negative
 
 __all__ = ["BaseTask", "OptimizerOptions"]
 
@@ -50,7 +51,9 @@ class OptimizerOptions:
 class BaseTask(LightningModule):
     """Base of the tasks: SGD or AdamW over two parameter groups, a per-step poly schedule.
 
-    Subclasses pass their :class:`OptimizerOptions` and implement :meth:`parameter_groups`.
+    Subclasses pass their :class:`OptimizerOptions` and implement :meth:`parameter_groups`. Their
+    hyper-parameters ``in_channels``, ``mean`` and ``std`` say what images the network takes
+    (:attr:`normalization`); :meth:`setup` checks them against the datamodule's.
 
     A step whose loss or gradients are NaN or inf would write NaN into every weight: its
     gradients are dropped instead (the same on every rank, since DDP has already summed them),
@@ -72,6 +75,56 @@ class BaseTask(LightningModule):
     @abstractmethod
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups, each with its ``params`` and ``lr``."""
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """Per-channel ``(mean, std)`` of the 0..1 pixels the network was trained on.
+
+        The ``mean`` and ``std`` hyper-parameters (the data's, linked by the CLI or taken at
+        ``fit``); ImageNet's for three channels when not given; None when unknown.
+        """
+        hp = self.hparams
+        default = default_normalization(hp.get("in_channels", 3))
+        mean = hp.get("mean") or (default[0] if default else None)
+        std = hp.get("std") or (default[1] if default else None)
+        if mean is None or std is None:
+            return None
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def setup(self, stage: str) -> None:
+        """Check the network's input against the datamodule's images.
+
+        The channels must agree. So must the normalisation, except that a model trained
+        without one given (``mean``/``std`` None) takes the data's at ``fit``, so that its
+        checkpoints normalise as its training did.
+
+        Raises:
+            InputError: Naming both values and the fix.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        channels = getattr(datamodule, "in_channels", None)
+        if channels is not None and channels != self.hparams.get("in_channels", 3):
+            raise InputError(
+                f"model.in_channels={self.hparams.get('in_channels', 3)} but the data has "
+                f"in_channels={channels}: leave model.in_channels out (the CLI takes the data's), "
+                f"or set it to {channels}"
+            )
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is None or std is None:
+            return
+        data = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        mine = self.normalization
+        if data == mine:
+            return
+        if stage == "fit" and self.hparams.get("mean") is None and self.hparams.get("std") is None:
+            self.hparams["mean"], self.hparams["std"] = data
+            return
+        given = "none" if mine is None else f"mean={list(mine[0])} and std={list(mine[1])}"
+        raise InputError(
+            f"The model normalises its input with {given}, but the data with mean="
+            f"{list(data[0])} and std={list(data[1])}: give the data the model's `mean` and "
+            "`std` (the CLI does, from a checkpoint), or train a new model."
+        )
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """SGD (momentum 0.9) or AdamW, and a poly schedule stepped after every optimizer step."""

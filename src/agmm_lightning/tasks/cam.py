@@ -27,6 +27,7 @@ from torchmetrics.classification import (
 
 from agmm_lightning.callbacks import print_line
 from agmm_lightning.cam import CAMModel, check_cam_options
+from agmm_lightning.data.pixels import check_normalization
 from agmm_lightning.encoders import build_encoder
 from agmm_lightning.errors import InputError
 from agmm_lightning.targets import VOID, present_classes
@@ -92,6 +93,10 @@ class CAMClassifier(BaseTask):
         background_threshold: Score at or below which a pixel is background.
         output_dir: Folder of the pseudo-label PNGs; None uses ``<run directory>/cam_labels``
             (:func:`agmm_lightning.callbacks.run_directory`).
+        in_channels: Channels of the input images (the CLI takes it from the datamodule).
+        mean: Per-channel mean of the 0..1 pixels the encoder takes (the datamodule's; None:
+            ImageNet's for three channels, else the datamodule's at ``fit``).
+        std: Per-channel standard deviation, likewise.
 
     Attributes:
         model: The :class:`agmm_lightning.cam.CAMModel` (encoder and classifier) it trains.
@@ -121,6 +126,9 @@ class CAMClassifier(BaseTask):
         foreground_threshold: float = 0.7,
         background_threshold: float = 0.25,
         output_dir: str | None = None,
+        in_channels: int = 3,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         # Every option is checked before the encoder is built (and its weights downloaded).
         super().__init__(OptimizerOptions(optimizer, lr, weight_decay, poly_power))
@@ -128,9 +136,10 @@ class CAMClassifier(BaseTask):
             num_classes, background_index, cam_scales, foreground_threshold, background_threshold
         )
         check_non_negative(head_lr_multiplier=head_lr_multiplier)
+        check_normalization(mean, std, in_channels)
         self.save_hyperparameters()
         self.model = CAMModel(
-            build_encoder(encoder, encoder_weights, output_stride),
+            build_encoder(encoder, encoder_weights, output_stride, in_channels),
             num_classes,
             background_index=background_index,
             cam_scales=cam_scales,

@@ -23,8 +23,9 @@ from torchmetrics.wrappers import ClasswiseWrapper
 from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, OEMOptions
 from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import print_line
+from agmm_lightning.data.pixels import ImageInput, check_normalization, image_batch
 from agmm_lightning.errors import InputError
-from agmm_lightning.inference import ImageInput, image_batch, infer_logits
+from agmm_lightning.inference import infer_logits
 from agmm_lightning.targets import VOID, upsample_posterior
 from agmm_lightning.tasks.base import (
     BaseTask,
@@ -145,6 +146,10 @@ class AGMMSegmenter(BaseTask):
         test_scales: Scales averaged at validation/test/predict.
         test_flip: Also average horizontal flips.
         class_names: Names used in ``val_iou_<name>``; taken from the datamodule when None.
+        in_channels: Channels of the input images (the CLI takes it from the datamodule).
+        mean: Per-channel mean of the 0..1 pixels the network takes (the datamodule's; None:
+            ImageNet's for three channels, else the datamodule's at ``fit``).
+        std: Per-channel standard deviation, likewise.
 
     Attributes:
         model: The network and the method's losses (and, in OEM mode, the mixtures).
@@ -190,6 +195,9 @@ class AGMMSegmenter(BaseTask):
         test_scales: tuple[float, ...] = (1.0,),
         test_flip: bool = False,
         class_names: list[str] | None = None,
+        in_channels: int = 3,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__(OptimizerOptions(optimizer, lr, weight_decay, poly_power))
         if num_classes < 2:
@@ -199,12 +207,13 @@ class AGMMSegmenter(BaseTask):
         if not 0 < hard_fraction <= 1:
             raise InputError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
         check_inference_options(tile_size, tile_stride, test_scales)
+        check_normalization(mean, std, in_channels)
         arguments = locals()
         oem = OEMOptions(**{name: arguments[name] for name in _OEM_OPTIONS})
         self.save_hyperparameters()
         _warn_ignored_options(method, dict(self.hparams))
         self.model = AGMMModel(
-            build_network(arch, encoder, encoder_weights, num_classes),
+            build_network(arch, encoder, encoder_weights, num_classes, in_channels),
             num_classes,
             method,
             oem,
@@ -222,6 +231,7 @@ class AGMMSegmenter(BaseTask):
     # -------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         """Check the model against the datamodule, take its class names, build the metrics."""
+        super().setup(stage)
         num_classes = self.hparams["num_classes"]
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
@@ -289,9 +299,10 @@ class AGMMSegmenter(BaseTask):
         """The class map of an image, with the configured sliding window, scales and flip.
 
         Args:
-            image: A file path, PIL image, [H,W,3] array, or [3,H,W] / [B,3,H,W] tensor (any
-                dtype: integers 0..255, floats 0..1 or 0..255; see
-                :data:`~agmm_lightning.inference.ImageInput`), or a list of them.
+            image: A file path (read at full bit depth), PIL image, [H,W,C] array, or [C,H,W] /
+                [B,C,H,W] tensor, C = ``in_channels`` (any dtype: integers 0..255, floats 0..1 or
+                0..255; see :data:`~agmm_lightning.data.pixels.ImageInput`), or a list of them.
+                It is normalised with the model's :attr:`normalization`.
 
         Returns:
             int64 class indices on the CPU: [H,W], [B,H,W] for a batch tensor, or a list of
@@ -300,7 +311,8 @@ class AGMMSegmenter(BaseTask):
         if isinstance(image, (list, tuple)):
             return [cast(Tensor, self.segment(one)) for one in image]
         single = cast(ImageInput, image)
-        batch = image_batch(single).to(self.device)
+        batch = image_batch(single, self.hparams["in_channels"], self.normalization)
+        batch = batch.to(self.device)
         training = self.training
         self.eval()
         try:
