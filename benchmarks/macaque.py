@@ -5,8 +5,10 @@ T1 template and its NeuroMaps atlas: ``apt-get download mricron-data``, then ``n
 volumes), then runs ``ablation.py`` with ``experiments/macaque.yaml``: same table, same options.
 
 Classes: background, other brain tissue and the 7 largest NeuroMaps structures (left and right
-hemisphere merged). Images: coronal slices with at least 300 pixels of the 7 structures, as RGB
-PNGs; masks: class-index PNGs; every 4th block of 6 consecutive slices is validation.
+hemisphere merged). Images: coronal slices with at least 300 pixels of the 7 structures, as 8-bit
+greyscale PNGs (builds before the loader took ``in_channels`` wrote each slice as an RGB PNG of
+three equal channels: with ``in_channels: 3``, the config's, both read as the same pixels); masks:
+class-index PNGs; every 4th block of 6 consecutive slices is validation.
 
 Run: ``python benchmarks/macaque.py [--data-root data/macaque] [--build-only] [ablation.py
 options, e.g. --forms point --seeds 0 1 2 --parallel 2 --out results/macaque.md]``.
@@ -59,8 +61,7 @@ def build(templates: Path, out: Path) -> None:
     for position, y in enumerate(kept):
         grey = np.clip((t1[:, y].astype(np.float32) - low) / (high - low), 0, 1).T[::-1]
         name = f"inia19_y{y:03d}"
-        rgb = (np.repeat(grey[..., None], 3, axis=2) * 255).astype(np.uint8)
-        Image.fromarray(rgb).save(out / "images" / f"{name}.png")
+        Image.fromarray((grey * 255).astype(np.uint8)).save(out / "images" / f"{name}.png")
         Image.fromarray(np.ascontiguousarray(labels[:, y].T[::-1])).save(
             out / "masks" / f"{name}.png"
         )
