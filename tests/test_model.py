@@ -199,3 +199,33 @@ def test_classify_is_the_segmentation_head_at_feature_resolution():
     model = tiny_model()
     features = torch.randn(2, model.embedding_head.in_channels, 8, 10)
     torch.testing.assert_close(model.classify(features), model.network.segmentation_head(features))
+
+
+@pytest.mark.parametrize(
+    ("method", "touching"),
+    [("baseline", set()), ("cvpr", {"absent"}), ("agmm", {"absent", "pseudo"})],
+)
+def test_a_tag_only_image_is_taught_by_the_absent_and_gmm_terms_alone(method, touching):
+    """In a mixed batch, an image with tags and no labelled pixel gets gradient only from the
+    absent-class term and, in OEM mode, the GMM pseudo loss, whose posterior stays inside its
+    tags; every term of labelled pixels (seg, kernel, maximization) leaves it alone."""
+    torch.manual_seed(0)
+    model = tiny_model(method, warmup_steps=0).eval()  # BatchNorm would couple the images
+    target = torch.full((2, 32, 32), 6)
+    target[0, 5:8, 5:8], target[0, 20:23, 20:23], target[0, 10, 25] = 1, 0, 3
+    tags = torch.zeros(2, 6)
+    tags[0, [0, 1, 3]] = 1
+    tags[1, [0, 2]] = 1
+    batch = {"image": torch.randn(2, 3, 32, 32), "target": target, "image_classes": tags}
+    if method == "agmm":  # mixtures fitted from the first image's labels
+        model.mixtures.update(model.losses(batch)[0].stats)
+    step, logits = model.losses(batch, step=5)
+    touched = set()
+    for name, term in step.terms.items():
+        (grad,) = torch.autograd.grad(term, logits, retain_graph=True, allow_unused=True)
+        if grad is not None and grad[1].abs().sum() > 0:
+            touched.add(name)
+    assert touched == touching
+    if method == "agmm":
+        untagged = step.posterior[1][tags[1] == 0]
+        assert untagged.abs().sum() == 0 and step.pseudo_cells[1].all()
