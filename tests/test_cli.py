@@ -31,7 +31,7 @@ from agmm_lightning.callbacks import (
     default_callbacks,
 )
 from agmm_lightning.cli import AGMMLightningCLI, main
-from agmm_lightning.data import AGMMDataModule, SyntheticDataModule
+from agmm_lightning.data import SyntheticDataModule
 
 CONFIG = str(Path(__file__).parent / "conf" / "demo.yaml")
 
@@ -210,14 +210,7 @@ def test_the_printed_config_is_the_run(tmp_path, capsys):
     printed.write_text(capsys.readouterr().out)
 
     def built(arguments):
-        cli = AGMMLightningCLI(
-            LightningModule,
-            AGMMDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            args=["fit", *arguments],
-        )
+        cli = AGMMLightningCLI(args=["fit", *arguments])
         callbacks = [(type(c), vars(c).get("every_n_epochs")) for c in cli.trainer.callbacks]
         (optimizer,) = cli.trainer.optimizers
         (schedule,) = cli.trainer.lr_scheduler_configs
@@ -300,10 +293,6 @@ def test_inference_options_given_with_a_checkpoint_are_kept(tmp_path):
     run(tmp_path, "fit", "--trainer.max_steps=1", "--trainer.logger=false")
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     cli = AGMMLightningCLI(
-        LightningModule,
-        AGMMDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
         save_config_callback=None,
         args=[
             "validate",

@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 
-from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from agmm_lightning import __version__
@@ -29,7 +28,6 @@ from agmm_lightning.cli.messages import (
     program,
     user_message,
 )
-from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.errors import InputError
 
 __all__ = [
@@ -59,16 +57,10 @@ def main(args: list[str] | None = None) -> None:
         if given[:1] == ["check-data"]:
             sys.exit(check_data(given[1:]))
         AGMMLightningCLI(
-            LightningModule,
-            AGMMDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False},
             args=given,
             parser_kwargs={"prog": program(), "version": __version__},
-            # One optimizer path: the task's own (its backbone group and poly schedule).
-            auto_configure_optimizers=False,
         )
     except InputError as error:
         sys.stderr.write(f"error: {user_message(error)}\n")

@@ -24,6 +24,7 @@ from agmm_lightning.cli.arguments import (
     model_overrides,
 )
 from agmm_lightning.cli.messages import AGMMArgumentParser
+from agmm_lightning.data import AGMMDataModule
 
 __all__ = ["CHECKPOINT_KEYS", "AGMMLightningCLI", "RunConfigSaver"]
 
@@ -77,11 +78,23 @@ class AGMMLightningCLI(LightningCLI):
     data_links: tuple[str, ...] = DATA_LINKS
     """What the model takes from the data (:data:`DATA_LINKS`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("parser_class", AGMMArgumentParser)
+    def __init__(self, **kwargs: Any) -> None:
+        """Any task and any DataModule of the library, by class path; ``kwargs`` as LightningCLI's.
+
+        The optimizer is the task's own (its backbone group and poly schedule): LightningCLI's
+        ``--optimizer`` and ``--lr_scheduler`` are not offered.
+        """
+        defaults: dict[str, Any] = {
+            "model_class": LightningModule,
+            "datamodule_class": AGMMDataModule,
+            "subclass_mode_model": True,
+            "subclass_mode_data": True,
+            "auto_configure_optimizers": False,
+            "parser_class": AGMMArgumentParser,
+        }
         self._saved_hparams: dict[str, Any] = {}
         self._checkpoint_model: tuple[str, list[str]] | None = None
-        super().__init__(*args, **kwargs)
+        super().__init__(**(defaults | kwargs))
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """The parser, without abbreviated options (``--trainer.max_step`` is not max_steps)."""

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch import LightningModule
-
 from agmm_lightning.cli.app import AGMMLightningCLI
 from agmm_lightning.cli.messages import program
-from agmm_lightning.data import AGMMDataModule
 from agmm_lightning.data.checks import decode_all, read_headers
 from agmm_lightning.data.files import FileDataModule
 from agmm_lightning.errors import InputError
@@ -42,10 +39,6 @@ def check_data(args: list[str]) -> int:
         The exit status: 0 when every file decodes, 1 otherwise.
     """
     cli = _DataOnlyCLI(
-        LightningModule,
-        AGMMDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
         save_config_callback=None,
         seed_everything_default=False,
         run=False,
