@@ -157,3 +157,14 @@ def test_oem_options_have_one_home_that_the_segmenter_follows():
     assert tiny_segmenter(**changed).model.oem == OEMOptions(**changed)
     with pytest.raises(InputError, match="oem_momentum must be in"):
         OEMOptions(oem_momentum=1.0)
+
+
+@pytest.mark.parametrize("method", ["baseline", "cvpr", "agmm"])
+def test_every_method_trains_on_batches_of_mixed_forms(tmp_path, method):
+    mix = {"point": 0.25, "box": 0.25, "image": 0.25, "full": 0.25}
+    data = tiny_data(weak_label=mix, box_core_fraction=0.3)
+    model = tiny_model(method=method)
+    run = trainer(tmp_path, max_steps=3)
+    run.fit(model, data)
+    assert run.global_step == 3
+    assert torch.isfinite(run.callback_metrics["train_loss"])

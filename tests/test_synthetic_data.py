@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -223,3 +224,84 @@ def test_simulated_full_label_keeps_void() -> None:
     label = simulate_weak_label(mask, "full", 3, weak_label_rng(0, "a"))
     assert label.target is not None
     assert label.target.tolist() == [[0, 1], [255, 2]]
+
+
+MIX = {"point": 0.5, "box": 0.25, "image": 0.125, "full": 0.125}
+
+
+def _forms_seen(module: SyntheticDataModule, epochs: int = 2) -> list[dict[str, str]]:
+    """``name -> form`` of the training samples of each epoch, as the batches carry them."""
+    module.setup("fit")
+    loader = module.train_dataloader()
+    seen = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        seen.append(
+            {
+                name: form
+                for batch in loader
+                for name, form in zip(batch["name"], batch["form"], strict=True)
+            }
+        )
+    return seen
+
+
+def test_a_mix_gives_each_image_its_form_by_the_fractions_the_same_every_time() -> None:
+    kwargs: dict[str, Any] = {"weak_label": MIX, "box_core_fraction": 0.3, "crop_size": 32}
+    seen = _forms_seen(_module(**kwargs))
+    assert len(seen[0]) == 8 and seen[0] == seen[1]
+    assert Counter(seen[0].values()) == {"point": 4, "box": 2, "image": 1, "full": 1}
+    assert _forms_seen(_module(**kwargs, num_workers=2), epochs=1)[0] == seen[0]
+    other_seed = _forms_seen(_module(**kwargs, seed=1), epochs=1)[0]
+    assert other_seed != seen[0]
+
+
+def test_each_image_of_a_mix_has_the_label_of_its_form() -> None:
+    module = _module(weak_label=MIX, box_core_fraction=0.3)
+    module.setup("fit")
+    dataset = module.datasets["train"]
+    for index in range(len(dataset)):
+        name, _, mask = dataset.load(index)
+        form = dataset.form(name)
+        alone = _module(weak_label=form, box_core_fraction=0.3)
+        alone.setup("fit")
+        expected = alone.datasets["train"].weak_label(name, mask)
+        label = dataset.weak_label(name, mask)
+        for field in ("target", "points", "boxes", "tags"):
+            mine, theirs = getattr(label, field), getattr(expected, field)
+            assert (mine is None) == (theirs is None), (form, field)
+            assert mine is None or np.array_equal(mine, theirs), (form, field)
+
+
+def test_a_batch_of_mixed_forms_collates_with_form_and_allowed() -> None:
+    batch = _first_batch(_module(weak_label=MIX, box_core_fraction=0.3, batch_size=8))
+    assert set(batch) == {"image", "target", "image_classes", "mask", "name", "form", "allowed"}
+    assert sorted(batch["form"]) == ["box", "box", "full", "image", *["point"] * 4]
+    assert batch["allowed"].shape == (8, 6, 96, 96) and batch["allowed"].dtype == torch.bool
+    for i, form in enumerate(batch["form"]):
+        target, allowed, classes = (
+            batch["target"][i],
+            batch["allowed"][i],
+            batch["image_classes"][i],
+        )
+        if form == "box":  # a box class is allowed in its box only
+            assert not allowed.all(dim=(1, 2))[classes > 0].all()
+        else:  # the image classes, everywhere: what the losses assume without the map
+            assert torch.equal(allowed, (classes > 0)[:, None, None].expand_as(allowed))
+        if form == "image":
+            assert set(target.unique().tolist()) <= {6, 255} and classes.sum() > 0
+        if form == "full":
+            assert torch.equal(target, batch["mask"][i])
+        if form == "point":
+            assert 0 < (target < 6).float().mean() < 0.2
+
+
+def test_a_single_form_keeps_its_samples_and_a_bad_mix_is_refused() -> None:
+    assert "form" not in _first_batch(_module(weak_label="point"))
+    assert "allowed" not in _first_batch(_module(weak_label="full"))
+    with pytest.raises(ValueError, match=r"weak_label: the fractions .* sum to 0.8"):
+        _module(weak_label={"point": 0.5, "box": 0.3})
+    with pytest.raises(ValueError, match=r"weak_label names unknown form\(s\) \['polygon'\]"):
+        _module(weak_label={"point": 0.5, "polygon": 0.5})
+    with pytest.raises(ValueError, match="predict_split='train'"):
+        _module(weak_label={"image": 0.5, "point": 0.5}, predict_split="train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,7 @@ import pytest
 from scipy import ndimage
 
 from agmm_lightning import weak_labels as wl
+from agmm_lightning.errors import InputError
 
 NUM_CLASSES = 5
 VOID = 255
@@ -451,3 +453,40 @@ def test_the_package_imports_neither_torch_nor_lightning():
         ]
         packages = {line.split()[1].split(".")[0] for line in imports}
         assert not packages & {"torch", "lightning"}, module.name
+
+
+def test_a_mix_of_forms_is_checked_naming_the_option() -> None:
+    assert wl.form_mix("point") is None
+    assert wl.form_mix({"point": 0.6, "box": 0.3, "full": 0.1}) == {
+        "point": 0.6,
+        "box": 0.3,
+        "full": 0.1,
+    }
+    for bad, message in (
+        ("polygon", r"weak_label must be one of .*'polygon'"),
+        ({"point": 0.5, "polygon": 0.5}, r"weak_label names unknown form\(s\) \['polygon'\]"),
+        ({"point": 0.6, "box": 0.3}, r"weak_label: the fractions .* sum to 0.9; they must sum"),
+        ({"point": 1.5, "box": -0.5}, r"weak_label: the fraction of 'point' must be in 0..1"),
+        ({"point": "half", "box": 0.5}, r"weak_label: the fraction of 'point' must be a number"),
+        ({}, "weak_label must be one of"),
+    ):
+        with pytest.raises(InputError, match=message):
+            wl.check_form(bad)
+    with pytest.warns(UserWarning, match="box_core_fraction=0"):
+        wl.SimulationOptions().check({"point": 0.5, "box": 0.5})
+
+
+def test_forms_are_dealt_out_by_the_fractions_from_the_seed_and_names_alone() -> None:
+    names = [f"img{i}" for i in range(10)]
+    mix = {"point": 0.6, "box": 0.3, "full": 0.1}
+    forms = wl.assign_forms(names, mix, seed=0)
+    assert sorted(forms) == sorted(names)
+    assert Counter(forms.values()) == {"point": 6, "box": 3, "full": 1}
+    # Neither the order of the names nor that of the mix changes anything; the seed does.
+    assert wl.assign_forms(names[::-1], dict(reversed(mix.items())), seed=0) == forms
+    assert wl.assign_forms(names, mix, seed=2) != forms
+    # Counts that do not divide evenly round to the nearest, and cover every image.
+    odd = wl.assign_forms([f"x{i}" for i in range(7)], {"point": 0.5, "image": 0.5}, seed=3)
+    assert sorted(Counter(odd.values()).values()) == [3, 4]
+    many = wl.assign_forms([f"y{i}" for i in range(1000)], mix, seed=0)
+    assert Counter(many.values()) == {"point": 600, "box": 300, "full": 100}

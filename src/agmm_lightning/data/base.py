@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from functools import partial
 from typing import Any, Literal, cast, get_args
 
@@ -41,7 +41,15 @@ from agmm_lightning.data.transforms import (
     train_transform,
 )
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import SimulationOptions, WeakLabel, WeakLabelForm, check_form
+from agmm_lightning.weak_labels import (
+    SimulationOptions,
+    WeakLabel,
+    WeakLabelForm,
+    WeakLabelOption,
+    assign_forms,
+    check_form,
+    form_mix,
+)
 from agmm_lightning.weak_labels.forms import simulate_weak_label, weak_label_rng
 
 Split = Literal["train", "val", "test", "predict"]
@@ -82,9 +90,13 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             (full image only) or "tagged" (full image, its tags as ``image_classes`` and its dense
             mask when there is one: what the CAM stage labels).
         transform: The albumentations pipeline (see :mod:`agmm_lightning.data.transforms`).
-        weak_label: Form of the training label.
+        weak_label: Form of the training label, or a mix ``form -> fraction``: each image's form
+            is then dealt out by :func:`~agmm_lightning.weak_labels.assign_forms` from the seed
+            and the split's names, and every training sample carries ``form`` and ``allowed``.
         seed: Seed of the weak-label simulation.
         simulation: How weak labels are simulated and boxes read.
+        forms: Each image's form, given (a manifest) instead of dealt out from a mix; makes the
+            dataset mixed like a mix does.
     """
 
     def __init__(
@@ -93,17 +105,44 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         *,
         mode: Mode,
         transform: A.BaseCompose,
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         seed: int = 0,
         simulation: SimulationOptions | None = None,
+        forms: Mapping[str, WeakLabelForm] | None = None,
     ) -> None:
-        check_form(weak_label)
+        self.mix = form_mix(weak_label)
         self.num_classes = num_classes
         self.mode = mode
         self.transform = transform
         self.weak_label_form = weak_label
         self.seed = seed
         self.simulation = simulation or SimulationOptions()
+        self._forms = None if forms is None else dict(forms)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether images of the dataset may differ in form (a mix, or forms given per image)."""
+        return self.mix is not None or self._forms is not None
+
+    def image_names(self) -> list[str]:
+        """The names of the split's images (default: :meth:`load` each; subclasses list them)."""
+        return [self.load(index)[0] for index in range(len(self))]
+
+    def form(self, name: str) -> WeakLabelForm:
+        """The weak-label form of image ``name``.
+
+        Raises:
+            InputError: If the image has no form (not in the manifest's list).
+        """
+        if not self.mixed:
+            return cast(WeakLabelForm, self.weak_label_form)
+        if self._forms is None:
+            self._forms = assign_forms(
+                self.image_names(), cast(Mapping[WeakLabelForm, float], self.mix), self.seed
+            )
+        if name not in self._forms:
+            raise InputError(f"Image {name!r} has no weak-label form in the split's forms.")
+        return self._forms[name]
 
     @abstractmethod
     def __len__(self) -> int:
@@ -135,15 +174,14 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         Raises:
             ValueError: If there is no dense mask to simulate from.
         """
+        form = self.form(name)
         if mask is None:
             raise InputError(
-                f"Image {name!r} has no dense mask to simulate a {self.weak_label_form!r} label "
+                f"Image {name!r} has no dense mask to simulate a {form!r} label "
                 "from; provide ready-made weak labels or dense masks."
             )
         rng = weak_label_rng(self.seed, name)
-        return simulate_weak_label(
-            mask, self.weak_label_form, self.num_classes, rng, self.simulation
-        )
+        return simulate_weak_label(mask, form, self.num_classes, rng, self.simulation)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return the sample dict of image ``index`` for this dataset's mode.
@@ -177,6 +215,7 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
             label=self.weak_label(name, mask),
             mask=mask,
             box_core_fraction=self.simulation.box_core_fraction,
+            form=self.form(name) if self.mixed else None,
         )
 
 
@@ -256,7 +295,11 @@ class AGMMDataModule(LightningDataModule, ABC):
         crop_size: Side of the square training crop, in pixels.
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: Seed of shuffling, augmentation and weak-label simulation.
-        weak_label: Form of the training label (METHOD §4).
+        weak_label: Form of the training label (METHOD §4), or a mix of forms with the fraction
+            of the images each labels, e.g. ``{point: 0.6, box: 0.3, full: 0.1}`` (fractions
+            summing to 1): each image's form is then dealt out from ``seed`` and the split's
+            image names (the same every epoch and worker), and every training sample carries its
+            ``form`` and an ``allowed`` map, so that batches of mixed forms collate.
         augment: Random scale, flip and colour jitter on training crops (False keeps only the
             random crop and normalisation).
         predict_split: Images of ``predict``: "test", or "train" with each image's tags as
@@ -286,7 +329,7 @@ class AGMMDataModule(LightningDataModule, ABC):
         crop_size: int = 320,
         num_workers: int = 0,
         seed: int = 0,
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         augment: bool = True,
         predict_split: PredictSplit = "test",
         points_per_segment: int = 1,

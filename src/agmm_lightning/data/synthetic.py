@@ -22,7 +22,7 @@ import numpy as np
 from agmm_lightning.data.base import AGMMDataModule, Split, WeakLabelDataset
 from agmm_lightning.data.transforms import eval_transform
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import WeakLabelForm
+from agmm_lightning.weak_labels import WeakLabelOption
 
 __all__ = ["SHAPE_NAMES", "SyntheticDataModule", "SyntheticDataset", "render_scene"]
 
@@ -257,6 +257,14 @@ class SyntheticDataset(WeakLabelDataset):
         """Return the number of scenes."""
         return self.length
 
+    def image_names(self) -> list[str]:
+        """The scenes' names, without rendering them."""
+        return [self._name(index) for index in range(self.length)]
+
+    def _name(self, index: int) -> str:
+        prefix = "test" if self.split == "predict" else self.split
+        return f"{prefix}_{index:05d}"
+
     def load(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
         """Render scene ``index``.
 
@@ -274,8 +282,7 @@ class SyntheticDataset(WeakLabelDataset):
         code = _SPLIT_CODES[self.split]
         rng = np.random.default_rng([self.seed, code, index])
         image, mask = render_scene(rng, self.image_size, self.num_classes)
-        prefix = "test" if self.split == "predict" else self.split
-        return f"{prefix}_{index:05d}", image, mask
+        return self._name(index), image, mask
 
 
 class SyntheticDataModule(AGMMDataModule):
@@ -288,7 +295,8 @@ class SyntheticDataModule(AGMMDataModule):
         image_size: Side of each square scene, in pixels.
         num_classes: Number of classes: background + ``num_classes - 1`` shapes, at most
             ``len(SHAPE_NAMES) + 1``.
-        weak_label: Form of the training label.
+        weak_label: Form of the training label, or a mix ``form -> fraction`` (see
+            :class:`~agmm_lightning.data.base.AGMMDataModule`).
         batch_size: Training (and evaluation) images per batch.
         crop_size: Side of the square training crop, in pixels.
         **kwargs: ``num_workers``, ``seed`` (of the scenes too), ``augment``, ``predict_split``,
@@ -309,7 +317,7 @@ class SyntheticDataModule(AGMMDataModule):
         num_test: int = 50,
         image_size: int = 96,
         num_classes: int = 6,
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         batch_size: int = 8,
         crop_size: int = 96,
         **kwargs: Any,

@@ -284,6 +284,7 @@ def build_train_sample(
     mask: np.ndarray | None = None,
     point_radius: int = 1,
     box_core_fraction: float = 0.0,
+    form: str | None = None,
 ) -> dict[str, Any]:
     """Augment one training image with its weak label and assemble the sample dict.
 
@@ -299,10 +300,15 @@ def build_train_sample(
         mask: Dense ground truth [H,W] (255 void), carried for pseudo-label quality only.
         point_radius: Radius of the disc each click is rasterised to.
         box_core_fraction: Central fraction of each box labelled with its class.
+        form: The label's form, given in a dataset of mixed forms: the sample then carries it
+            as ``form`` and always has ``allowed``, so that samples of any forms batch together.
+            For a label other than boxes, ``allowed`` is the image classes at every pixel (what
+            the losses assume without the map, METHOD §1); void pixels carry no loss either way.
 
     Returns:
         ``image`` float32 [C,h,w], ``target`` int64 [h,w], ``image_classes`` float32 [C],
-        ``name``; ``mask`` int64 [h,w] when ``mask`` is given; ``allowed`` bool [C,h,w] for boxes.
+        ``name``; ``mask`` int64 [h,w] when ``mask`` is given; ``allowed`` bool [C,h,w] for boxes
+        (and for every label when ``form`` is given); ``form`` when given.
 
     Raises:
         ValueError: If the shapes do not match.
@@ -324,11 +330,8 @@ def build_train_sample(
     if mask is not None:
         inputs[_DENSE_MASK] = mask.astype(np.uint8)
     out = transform(**inputs)
-    sample = {
-        "image": _image_tensor(out["image"]),
-        "image_classes": torch.as_tensor(label.classes(shape, num_classes), dtype=torch.float32),
-        "name": name,
-    }
+    image_classes = torch.as_tensor(label.classes(shape, num_classes), dtype=torch.float32)
+    sample = {"image": _image_tensor(out["image"]), "image_classes": image_classes, "name": name}
     void = out["mask"] == VOID
     if label.points is not None:
         kept = np.column_stack([out["keypoints"], out[_POINT_LABELS]]).astype(np.float32)
@@ -342,6 +345,11 @@ def build_train_sample(
         sample["allowed"] = torch.from_numpy(np.ascontiguousarray(allowed, dtype=bool))
     else:
         target_out = out["mask"]
+    if form is not None:
+        sample["form"] = form
+        if "allowed" not in sample:
+            classes = image_classes > 0
+            sample["allowed"] = classes[:, None, None].expand(-1, *void.shape).clone()
     target_out = np.where(void, VOID, target_out)
     sample["target"] = torch.from_numpy(target_out.astype(np.int64))
     if mask is not None:

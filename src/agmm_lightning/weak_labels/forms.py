@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import numpy as np
 
@@ -17,7 +19,10 @@ __all__ = [
     "SimulationOptions",
     "WeakLabel",
     "WeakLabelForm",
+    "WeakLabelOption",
+    "assign_forms",
     "check_form",
+    "form_mix",
     "simulate_weak_label",
     "weak_label_rng",
 ]
@@ -25,10 +30,99 @@ __all__ = [
 WeakLabelForm = Literal["full", "point", "scribble", "block", "box", "image"]
 
 
-def check_form(form: str) -> None:
-    """Raise an InputError unless ``form`` is a weak-label form."""
-    if form not in get_args(WeakLabelForm):
-        raise InputError(f"weak_label must be one of {get_args(WeakLabelForm)}, got {form!r}.")
+WeakLabelOption = WeakLabelForm | dict[WeakLabelForm, float]
+"""The ``weak_label`` option: one form for every image, or a mix ``form -> fraction``."""
+
+_FORMS = get_args(WeakLabelForm)
+_MIX_EXAMPLE = "{point: 0.6, box: 0.3, full: 0.1}"
+_FORM_STREAM = zlib.crc32(b"weak_label form")
+"""Tags the generator that deals the forms of a mix out, apart from every image's own."""
+
+
+def check_form(form: object) -> None:
+    """Raise an InputError unless ``form`` is a weak-label form or a mix of them.
+
+    A mix maps forms to fractions of the images, each in 0..1, summing to 1.
+    """
+    form_mix(form)
+
+
+def form_mix(weak_label: object) -> dict[WeakLabelForm, float] | None:
+    """The checked mix of a ``weak_label`` option, or None for a single form.
+
+    Args:
+        weak_label: A form, or a mapping ``form -> fraction`` of the images.
+
+    Returns:
+        The mix (forms in the order given), or None when ``weak_label`` is one form.
+
+    Raises:
+        InputError: Naming ``weak_label``, if a form is unknown, a fraction is not a number in
+            0..1, or the fractions do not sum to 1.
+    """
+    expected = f"one of {_FORMS} or a mix of them with fractions summing to 1, e.g. {_MIX_EXAMPLE}"
+    if isinstance(weak_label, str):
+        if weak_label not in _FORMS:
+            raise InputError(f"weak_label must be {expected}; got {weak_label!r}.")
+        return None
+    if not isinstance(weak_label, Mapping) or not weak_label:
+        raise InputError(f"weak_label must be {expected}; got {weak_label!r}.")
+    unknown = [form for form in weak_label if form not in _FORMS]
+    if unknown:
+        raise InputError(
+            f"weak_label names unknown form(s) {unknown} in {dict(weak_label)}; expected forms "
+            f"from {_FORMS}, e.g. {_MIX_EXAMPLE}."
+        )
+    fractions = {}
+    for form, fraction in weak_label.items():
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise InputError(
+                f"weak_label: the fraction of {form!r} must be a number in 0..1, got {fraction!r}."
+            )
+        if not 0 <= fraction <= 1 or not math.isfinite(fraction):
+            raise InputError(
+                f"weak_label: the fraction of {form!r} must be in 0..1, got {fraction}."
+            )
+        fractions[cast(WeakLabelForm, form)] = float(fraction)
+    total = sum(fractions.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise InputError(
+            f"weak_label: the fractions of {dict(weak_label)} sum to {total:g}; they must sum to "
+            f"1, e.g. {_MIX_EXAMPLE}."
+        )
+    return fractions
+
+
+def assign_forms(
+    names: Iterable[str], mix: Mapping[WeakLabelForm, float], seed: int
+) -> dict[str, WeakLabelForm]:
+    """Deal the forms of a mix out to the images of a split.
+
+    The names are sorted and shuffled by a generator of ``seed`` alone (a stream of its own, apart
+    from :func:`weak_label_rng`'s); the first ``round(fraction * n)`` of the shuffled names take
+    the first form, and so on (largest remainders round, so the counts sum to ``n`` and each is
+    within one image of its fraction). The forms depend only on the seed and the split's set of
+    names: not on their order, the epoch or the DataLoader workers.
+
+    Args:
+        names: The split's image names.
+        mix: ``form -> fraction`` (see :func:`form_mix`).
+        seed: The experiment's data seed.
+
+    Returns:
+        ``name -> form``.
+    """
+    ordered = sorted(set(names))
+    count = len(ordered)
+    forms = sorted(mix)  # the order the option was written in changes nothing
+    exact = [mix[form] * count for form in forms]
+    counts = [math.floor(value) for value in exact]
+    by_remainder = sorted(range(len(forms)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: count - sum(counts)]:
+        counts[i] += 1
+    dealt = [form for form, n in zip(forms, counts, strict=True) for _ in range(n)]
+    order = np.random.default_rng([seed, _FORM_STREAM, 0]).permutation(count)
+    return {ordered[position]: form for position, form in zip(order, dealt, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -94,9 +188,15 @@ class SimulationOptions:
     block_fraction: float = 0.1
     box_core_fraction: float = 0.0
 
-    def check(self, form: WeakLabelForm) -> None:
-        """Raise an InputError unless the options are in range; warn about core-less boxes."""
-        if form == "box" and self.box_core_fraction == 0:
+    def check(self, form: object) -> None:
+        """Raise an InputError unless the options are in range; warn about core-less boxes.
+
+        Args:
+            form: The ``weak_label`` option: a form or a mix (checked too).
+        """
+        mix = form_mix(form)
+        boxes = "box" in mix if mix is not None else form == "box"
+        if boxes and self.box_core_fraction == 0:
             warnings.warn(
                 "weak_label='box' with box_core_fraction=0 labels no pixel of any box class (only "
                 "the background outside the boxes), so nothing can teach a box class: the AGMM "
