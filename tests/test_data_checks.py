@@ -176,3 +176,34 @@ def test_an_id_with_a_space_is_refused_naming_the_line(tmp_path: Path) -> None:
         read_id_list(listing, "train_split")
     listing.write_text("a\nJPEGImages/b.jpg SegmentationClass/b.png\n")
     assert read_id_list(listing, "train_split") == ["a", "b"]
+
+
+def test_a_bad_forms_manifest_is_refused_at_setup_listing_every_line(folder: Path) -> None:
+    manifest = folder / "splits" / "train_forms.txt"
+    manifest.write_text("a polygon\nb point extra\nzz point\na point\n")
+    with pytest.raises(InputError) as caught:
+        FolderDataModule(str(folder)).setup("fit")
+    message = str(caught.value)
+    assert f"{manifest}, line 1: unknown form 'polygon' for image 'a'" in message
+    assert f"{manifest}, line 2: 'b point extra' is not '<image id> <form>'" in message
+    assert f"{manifest}, line 3: image 'zz' is not in the training split" in message
+    assert f"{manifest}: no line for training image 'c'" in message
+    assert "no line for training image 'a'" not in message  # line 4 gives it a form
+    assert "remove" in message and "'<image id> <form>'" in message
+
+
+def test_a_missing_label_file_of_an_images_form_is_found_at_setup(folder: Path) -> None:
+    (folder / "splits" / "train_forms.txt").write_text("a scribble\nb point\nc block\n")
+    FolderDataModule(str(folder)).setup("fit")  # every file is there
+    (folder / "weak" / "point" / "b.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"weak/point/b\.png: weak-label file not found"):
+        FolderDataModule(str(folder)).setup("fit")
+
+
+def test_only_the_images_whose_form_needs_a_mask_need_one(folder: Path) -> None:
+    (folder / "splits" / "train_forms.txt").write_text("a full\nb point\nc point\n")
+    (folder / "masks" / "b.png").unlink()
+    FolderDataModule(str(folder)).setup("fit")  # b's points are read from weak/point/
+    (folder / "masks" / "a.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"masks/a\.png: dense mask not found.*'full'"):
+        FolderDataModule(str(folder)).setup("fit")

@@ -633,3 +633,46 @@ def test_colour_masks_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="class-index PNG") as error:
         module("folder", root).setup("validate")
     assert str(path) in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed forms: a forms manifest, or a mix dealt out over the folder's images
+# --------------------------------------------------------------------------------------------
+
+
+def _same_label(mine: Any, theirs: Any) -> bool:
+    return all(
+        (getattr(mine, field) is None) == (getattr(theirs, field) is None)
+        and (
+            getattr(mine, field) is None
+            or np.array_equal(getattr(mine, field), getattr(theirs, field))
+        )
+        for field in ("target", "points", "boxes", "tags")
+    )
+
+
+@pytest.mark.parametrize("source", ["manifest", "mix"])
+def test_folder_reads_each_image_in_its_own_form(tmp_path: Path, source: str) -> None:
+    root = copy_fixture("folder", tmp_path)
+    options: dict[str, Any] = {"crop_size": 16, "batch_size": 3}
+    if source == "manifest":
+        (root / "splits" / "train_forms.txt").write_text("a point\nb box\n\nc full\n")
+        expected = {"a": "point", "b": "box", "c": "full"}
+    else:
+        options["weak_label"] = {"point": 1 / 3, "scribble": 1 / 3, "image": 1 / 3}
+    data = module("folder", root, **options)
+    data.setup("fit")
+    dataset = data.datasets["train"]
+    assert isinstance(dataset, FileDataset)
+    forms = {name: dataset.form(name) for name in dataset.image_names()}
+    if source == "manifest":
+        assert forms == expected
+    else:
+        assert sorted(forms.values()) == ["image", "point", "scribble"]
+    for index in range(len(dataset)):
+        name, _, mask = dataset.load(index)
+        alone = train_set("folder", root, weak_label=forms[name])
+        assert _same_label(dataset.weak_label(name, mask), alone.weak_label(name, mask)), name
+    batch = next(iter(data.train_dataloader()))
+    assert sorted(batch["form"]) == sorted(forms.values())
+    assert batch["allowed"].shape == (3, 3, 16, 16)

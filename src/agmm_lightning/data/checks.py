@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, TypeVar
 from rich.progress import track
 
 from agmm_lightning.data.io import check_channels, check_same_size, image_header, label_size
-from agmm_lightning.data.readers import ImageLevelWeakLabels, RasterWeakLabels, WeakLabelReader
+from agmm_lightning.data.readers import (
+    ImageLevelWeakLabels,
+    MixedWeakLabels,
+    RasterWeakLabels,
+    WeakLabelReader,
+)
 from agmm_lightning.errors import InputError
 
 if TYPE_CHECKING:  # files.py imports this module: the dataset type only annotates
@@ -31,8 +36,10 @@ PROGRESS_FROM = 1000
 """Header checks of at least this many images show a progress bar."""
 
 
-def _weak_label_rasters(reader: WeakLabelReader | None, name: str) -> list[Path]:
+def _weak_label_rasters(reader: WeakLabelReader | MixedWeakLabels | None, name: str) -> list[Path]:
     """The weak-label PNGs of an image that must have its size (XML and JSON labels have none)."""
+    if isinstance(reader, MixedWeakLabels):
+        reader = reader.reader(name)
     if isinstance(reader, ImageLevelWeakLabels):
         reader = reader.cam
     return [reader.files.path(name)] if isinstance(reader, RasterWeakLabels) else []

@@ -39,6 +39,7 @@ from agmm_lightning.data.readers import (
     ImageLevelWeakLabels,
     ImageRecord,
     MaskTags,
+    MixedWeakLabels,
     RasterWeakLabels,
     TableTags,
     TagReader,
@@ -49,7 +50,13 @@ from agmm_lightning.data.readers import (
 from agmm_lightning.data.transforms import build_eval_sample
 from agmm_lightning.errors import InputError, MissingInputError
 from agmm_lightning.targets import VOID
-from agmm_lightning.weak_labels import WeakLabel, WeakLabelForm
+from agmm_lightning.weak_labels import (
+    WeakLabel,
+    WeakLabelForm,
+    WeakLabelOption,
+    assign_forms,
+    form_mix,
+)
 
 __all__ = ["FileDataModule", "FileDataset", "folder_split", "identity_mask", "match_images"]
 
@@ -123,7 +130,9 @@ class FileDataset(WeakLabelDataset):
         num_classes: C.
         decode_mask: Raw mask values -> class indices (255 void).
         mask_fix: What to do about out-of-range mask values, for the message.
-        weak_labels: Reader of the training weak labels; None simulates them from the masks.
+        weak_labels: Reader of the training weak labels; None simulates them from the masks. A
+            split of mixed forms has one reader per form (:class:`MixedWeakLabels`), and its
+            forms are the dataset's (``forms``).
         in_channels: Channels of the images (see :func:`~agmm_lightning.data.io.read_image`).
         ignore_index: The value the mask files mark void with; it becomes 255 (VOID), and a
             stored 255 is then a class value like any other.
@@ -138,7 +147,7 @@ class FileDataset(WeakLabelDataset):
         *,
         decode_mask: LabelDecoder,
         mask_fix: str,
-        weak_labels: WeakLabelReader | None,
+        weak_labels: WeakLabelReader | MixedWeakLabels | None,
         in_channels: int = 3,
         ignore_index: int = VOID,
         **kwargs: Any,
@@ -158,6 +167,10 @@ class FileDataset(WeakLabelDataset):
     def __len__(self) -> int:
         """Return the number of images."""
         return len(self.records)
+
+    def image_names(self) -> list[str]:
+        """The split's image ids."""
+        return [record.name for record in self.records]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return the sample of image ``index``; a file that fails to decode does not end the run.
@@ -249,11 +262,14 @@ class FileDataset(WeakLabelDataset):
         Returns:
             The weak label.
         """
-        if self.weak_labels is None:
+        reader = self.weak_labels
+        if isinstance(reader, MixedWeakLabels):
+            reader = reader.reader(name)
+        if reader is None:
             return super().weak_label(name, mask)
         record = self.records_by_name[name]
         shape = mask.shape if mask is not None else image_size(record.image)
-        return self.weak_labels(record, (shape[0], shape[1]), mask)
+        return reader(record, (shape[0], shape[1]), mask)
 
 
 def identity_mask(raw: np.ndarray, path: Path) -> np.ndarray:
@@ -281,7 +297,9 @@ class FileDataModule(AGMMDataModule):
         root: The dataset's folder.
         splits: Where each split is listed (``train``, ``val``, ``test``: a folder or a list
             file, as the dataset has them); a ``test`` of None evaluates the validation split.
-        weak_label: Form of the training label (METHOD §4).
+        weak_label: Form of the training label (METHOD §4), or a mix ``form -> fraction`` (see
+            :class:`~agmm_lightning.data.base.AGMMDataModule`): each image's label is then read
+            by the reader of its form (or simulated, as that form would be alone).
         simulate: Derive the weak label from the dense masks (seeded) instead of reading files.
         unlabeled_value: Value marking unlabelled pixels in ready-made weak-label and CAM PNGs;
             None detects it per file (C if the file holds C, else 255).
@@ -310,7 +328,7 @@ class FileDataModule(AGMMDataModule):
         root: str,
         *,
         splits: Mapping[str, str | None],
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         simulate: bool = False,
         unlabeled_value: int | None = None,
         cam_dir: str | None = None,
@@ -383,6 +401,23 @@ class FileDataModule(AGMMDataModule):
             f"{type(self).__name__} has no {form!r} label files to read; set `simulate: true` "
             "to derive them from the dense masks."
         )
+
+    def train_forms(self, records: Sequence[ImageRecord]) -> dict[str, WeakLabelForm] | None:
+        """Each training image's weak-label form, or None when all have ``weak_label``'s one.
+
+        Default: dealt out from the mix of ``weak_label`` by
+        :func:`~agmm_lightning.weak_labels.assign_forms` (``seed`` and the split's ids).
+
+        Args:
+            records: The training split's images.
+
+        Returns:
+            ``image id -> form``, or None for a single form.
+        """
+        mix = form_mix(self.weak_label)
+        if mix is None:
+            return None
+        return assign_forms([record.name for record in records], mix, self.seed)
 
     def image_tags(self, names: Sequence[str]) -> TagReader | None:
         """Return where the tags of ``weak_label="image"`` come from (default: the masks).
@@ -548,10 +583,19 @@ class FileDataModule(AGMMDataModule):
         records = self.split_records(listed)
         mode = self.mode(split)
         labelled = mode in ("train", "tagged")
-        weak_labels = self._train_weak_labels(records) if labelled else None
-        masks_needed = mode == "eval" or (
-            labelled and (weak_labels is None or weak_labels.needs_mask)
-        )
+        forms = self.train_forms(records) if mode == "train" else None
+        weak_labels = self._train_weak_labels(records, forms) if labelled else None
+        masks_needed: bool | dict[str, str]
+        if isinstance(weak_labels, MixedWeakLabels):  # the images whose form needs the mask
+            masks_needed = {
+                record.name: weak_labels.forms[record.name]
+                for record in records
+                if weak_labels.needs_mask(record.name)
+            }
+        else:
+            masks_needed = mode == "eval" or (
+                labelled and (weak_labels is None or weak_labels.needs_mask)
+            )
         decode_mask = self.mask_decoder()
         if decode_mask is identity_mask and self.ignore_index < self.num_classes:
             raise InputError(
@@ -571,6 +615,7 @@ class FileDataModule(AGMMDataModule):
             weak_label=self.weak_label,
             seed=self.seed,
             simulation=self.simulation,
+            forms=forms,
         )
 
     def training_images(self) -> Iterator[np.ndarray]:
@@ -602,24 +647,55 @@ class FileDataModule(AGMMDataModule):
                 stacklevel=1,
             )
 
-    def _train_weak_labels(self, records: Sequence[ImageRecord]) -> WeakLabelReader | None:
-        """The reader of the training weak labels, or None to simulate them from the masks."""
-        if self.weak_label == "full" or self.simulate:
-            return None
+    def _train_weak_labels(
+        self, records: Sequence[ImageRecord], forms: Mapping[str, WeakLabelForm] | None
+    ) -> WeakLabelReader | MixedWeakLabels | None:
+        """The reader of the training weak labels, or None to simulate them from the masks.
+
+        With per-image ``forms``, one reader per form, each checked against its images only.
+        """
         names = [record.name for record in records]
-        if self.weak_label == "image":
+        if forms is None:
+            return self._form_reader(cast(WeakLabelForm, self.weak_label), names)
+        readers: dict[str, WeakLabelReader | None] = {
+            form: self._form_reader(form, [name for name in names if forms[name] == form])
+            for form in sorted(set(forms.values()))
+        }
+        return MixedWeakLabels(forms, readers)
+
+    def _form_reader(self, form: WeakLabelForm, names: Sequence[str]) -> WeakLabelReader | None:
+        """The reader of one form's labels of images ``names``, or None to simulate them."""
+        if form == "full" or self.simulate:
+            return None
+        if form == "image":
             folder = self.cam_folder()
             cam = None if folder is None else self.png_weak_labels(folder, "cam_dir", names)
             return ImageLevelWeakLabels(self.image_tags(names), cam, self.num_classes)
-        return self.native_weak_labels(self.weak_label, names)
+        return self.native_weak_labels(form, names)
 
     def _attach_masks(
-        self, records: Sequence[ImageRecord], split: Split, *, required: bool
+        self, records: Sequence[ImageRecord], split: Split, *, required: bool | Mapping[str, str]
     ) -> list[ImageRecord]:
-        """Drop mask paths that do not exist, or raise if the split needs them."""
+        """Drop mask paths that do not exist, or raise if the split needs them.
+
+        ``required`` is True, False, or the images that need theirs (id -> weak-label form).
+        """
         candidates = [record.mask for record in records if record.mask is not None]
         present = set(compress(candidates, existing_files(candidates)))
         missing = [record for record in records if record.mask not in present]
+        if not isinstance(required, bool):
+            missing_needed = [record for record in missing if record.name in required]
+            if missing_needed:
+                record = missing_needed[0]
+                example = record.mask or f"the dense mask of {record.image}"
+                raise MissingInputError(
+                    f"{example}: dense mask not found ({len(missing_needed)} {split} image(s) "
+                    f"whose weak labels need their masks have none, e.g. "
+                    f"{[r.name for r in missing_needed[:5]]}); the form of {record.name!r} is "
+                    f"{required[record.name]!r}, simulated from (or using) the dense mask. Add "
+                    f"the masks, or that form's label files. {self.mask_fix}"
+                )
+            required = False
         if missing and required:
             mask = missing[0].mask
             example = f"{mask}" if mask is not None else f"the dense mask of {missing[0].image}"

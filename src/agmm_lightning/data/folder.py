@@ -8,17 +8,19 @@ Layout (``root``)::
     classes.txt                     optional, one class name per line (line i = class i)
     weak/<form>/<stem>.png          optional ready-made weak labels (point|scribble|block|box|image)
     weak/box/<stem>.json            optional boxes: [{"label": int, "box": [x0, y0, x1, y1]}, ...]
+    splits/train_forms.txt          optional: "<stem> <form>" per training image (mixed forms)
 
 Without ``weak/<form>/`` the weak label is simulated from ``masks/`` (seeded, the same every
-epoch). Validation and test always use ``masks/``.
+epoch). Validation and test always use ``masks/``. With ``splits/<train_split>_forms.txt``
+each training image has its own form, read from ``weak/<form>/`` (``full``: its mask).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -39,9 +41,77 @@ from agmm_lightning.data.readers import (
     index_label_files,
 )
 from agmm_lightning.errors import InputError, MissingInputError
-from agmm_lightning.weak_labels import WeakLabelForm
+from agmm_lightning.weak_labels import WeakLabelForm, WeakLabelOption
 
-__all__ = ["FolderDataModule", "read_box_file"]
+__all__ = ["FolderDataModule", "read_box_file", "read_forms_manifest"]
+
+_FORMS: tuple[str, ...] = get_args(WeakLabelForm)
+
+
+def read_forms_manifest(
+    path: Path, names: Sequence[str], split_list: Path
+) -> dict[str, WeakLabelForm]:
+    """Read a forms manifest: one ``<image id> <form>`` line per image of the training split.
+
+    Blank lines and lines starting with ``#`` are skipped.
+
+    Args:
+        path: The manifest (``splits/<train_split>_forms.txt``).
+        names: The training split's ids.
+        split_list: The training split's list, for messages.
+
+    Returns:
+        ``image id -> form``.
+
+    Raises:
+        InputError: Listing every bad line (not two words, an unknown form, an id listed twice
+            or not in the split) and every image of the split without a line.
+    """
+    in_split = set(names)
+    forms: dict[str, WeakLabelForm] = {}
+    lines: dict[str, int] = {}
+    mentioned = set()
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        where = f"{path}, line {number}"
+        if len(words) != 2:
+            problems.append(f"{where}: {line.strip()!r} is not '<image id> <form>'.")
+            continue
+        name, form = PurePosixPath(words[0]).stem, words[1]
+        mentioned.add(name)
+        if form not in _FORMS:
+            problems.append(
+                f"{where}: unknown form {form!r} for image {name!r}; expected one of {_FORMS}."
+            )
+        elif name in lines:
+            first = lines[name]
+            problems.append(f"{where}: image {name!r} is listed again (first on line {first}).")
+        elif name not in in_split:
+            problems.append(
+                f"{where}: image {name!r} is not in the training split ({split_list}); remove "
+                "the line, or add the image to the split."
+            )
+        else:
+            forms[name] = cast(WeakLabelForm, form)
+            lines[name] = number
+    problems += [
+        f"{path}: no line for training image {name!r} (expected '{name} <form>'), so it has no "
+        "weak label."
+        for name in names
+        if name not in mentioned
+    ]
+    if problems:
+        shown = "\n".join(f"  {problem}" for problem in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise InputError(
+            f"{len(problems)} problem(s) with the weak-label forms of the training images:\n"
+            f"{shown}{more}\nGive each image of {split_list} one line '<image id> <form>', form "
+            f"one of {_FORMS}, or remove {path} to give every image `weak_label`'s form."
+        )
+    return forms
 
 
 def read_box_file(path: Path, num_classes: int) -> np.ndarray:
@@ -84,7 +154,9 @@ class FolderDataModule(FileDataModule):
 
     Args:
         root: The dataset folder.
-        weak_label: Form of the training label (METHOD §4).
+        weak_label: Form of the training label (METHOD §4), or a mix ``form -> fraction``; a
+            forms manifest ``splits/<train_split>_forms.txt`` gives each training image its own
+            form instead (it wins over ``weak_label``).
         num_classes: Number of classes C; None reads it from ``classes.txt``.
         train_split: Name of the training list in ``splits/``.
         val_split: Name of the validation list in ``splits/``.
@@ -106,7 +178,7 @@ class FolderDataModule(FileDataModule):
     def __init__(
         self,
         root: str,
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         num_classes: int | None = None,
         train_split: str = "train",
         val_split: str = "val",
@@ -168,6 +240,18 @@ class FolderDataModule(FileDataModule):
             expected_image=lambda stem: self.root / "images" / f"{stem}.png",
             mask_path=lambda stem: self.root / "masks" / f"{stem}.png",
         )
+
+    def forms_manifest(self) -> Path:
+        """The training images' forms manifest, ``splits/<train_split>_forms.txt``."""
+        return self.root / "splits" / f"{self.splits['train']}_forms.txt"
+
+    def train_forms(self, records: Sequence[ImageRecord]) -> dict[str, WeakLabelForm] | None:
+        """Each training image's form from the forms manifest, else as ``weak_label`` says."""
+        path = self.forms_manifest()
+        if not path.is_file():
+            return super().train_forms(records)
+        split_list = self.root / "splits" / f"{self.splits['train']}.txt"
+        return read_forms_manifest(path, [record.name for record in records], split_list)
 
     def native_weak_labels(
         self, form: WeakLabelForm, names: Sequence[str]

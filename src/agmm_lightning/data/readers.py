@@ -26,6 +26,7 @@ from agmm_lightning.errors import InputError, MissingInputError
 from agmm_lightning.weak_labels import WeakLabel, points_from_target, tags_from_mask
 
 __all__ = [
+    "MixedWeakLabels",
     "BoxWeakLabels",
     "ImageLevelWeakLabels",
     "ImageRecord",
@@ -348,6 +349,28 @@ class ImageLevelWeakLabels:
             target = self.cam.read_target(record, shape)
         tags = None if self.tags is None else self.tags(record.name, mask)
         return WeakLabel(target=target, tags=tags)
+
+
+@dataclass(frozen=True)
+class MixedWeakLabels:
+    """The weak labels of a split of mixed forms: each image's read by the reader of its form.
+
+    Attributes:
+        forms: ``image id -> form``.
+        readers: ``form -> reader``, or None where the form is simulated from the dense mask.
+    """
+
+    forms: Mapping[str, str]
+    readers: Mapping[str, WeakLabelReader | None]
+
+    def reader(self, name: str) -> WeakLabelReader | None:
+        """The reader of image ``name``'s form (None: simulate it from the dense mask)."""
+        return self.readers[self.forms[name]]
+
+    def needs_mask(self, name: str) -> bool:
+        """Whether the weak label of image ``name`` comes from (or uses) its dense mask."""
+        reader = self.reader(name)
+        return reader is None or reader.needs_mask
 
 
 def require_entries(
