@@ -61,3 +61,13 @@ def test_training_writes_the_same_panel_to_disk_and_tensorboard(tmp_path):
     events.Reload()
     (logged,) = events.Images("panels")
     assert (logged.width, logged.height) == panel.size
+
+
+def test_each_row_of_a_mixed_batch_names_its_form():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(2)]
+    labels = [rng.integers(0, 3, (24, 24)).astype(np.uint8) for _ in range(2)]
+    maps = {"weak label": labels, "prediction": labels}
+    figure = draw_panel(images, maps, palette_of(3), NAMES, "mixed", row_names=["point", "box"])
+    first_column = figure.axes[0::3]
+    assert [axes.get_ylabel() for axes in first_column] == ["point", "box"]

@@ -256,6 +256,7 @@ class SegmentationPanels(Callback):
             names,
             title=f"epoch {trainer.current_epoch}, step {trainer.global_step}: val mIoU {score}",
             missing=missing,
+            row_names=batch["form"][:count] if "form" in batch else None,
         )
 
     def _write(self, trainer: Trainer, panel: np.ndarray) -> None:

@@ -32,6 +32,7 @@ def draw_panel(
     class_names: Sequence[str],
     title: str,
     missing: str = "no pseudo labels yet",
+    row_names: Sequence[str] | None = None,
 ) -> Figure:
     """The panel of a few images as a matplotlib figure.
 
@@ -43,6 +44,7 @@ def draw_panel(
         class_names: Name of each class, index i = class i.
         title: The figure's title (epoch, val mIoU).
         missing: Written in a cell whose map is None.
+        row_names: Written beside each row, e.g. the weak-label form of each image of a mix.
 
     Returns:
         The figure, drawn off-screen (see :func:`render`).
@@ -61,6 +63,8 @@ def draw_panel(
             axes.set_yticks([])
             if row == 0:
                 axes.set_title(column, fontsize=11)
+            if col == 0 and row_names is not None:
+                axes.set_ylabel(row_names[row], fontsize=10)
             labels = image if column == "image" else maps[column][row]
             if labels is None:
                 axes.set_facecolor("0.95")
