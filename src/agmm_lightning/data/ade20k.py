@@ -21,7 +21,7 @@ from agmm_lightning.data.files import FileDataModule, folder_split
 from agmm_lightning.data.io import LabelDecoder, index_files, require_directory
 from agmm_lightning.data.readers import ImageRecord, WeakLabelReader
 from agmm_lightning.targets import VOID
-from agmm_lightning.weak_labels import WeakLabelForm
+from agmm_lightning.weak_labels import WeakLabelForm, WeakLabelOption
 
 __all__ = ["ADE20K_CLASSES", "ADE20KDataModule", "reduce_zero_label"]
 
@@ -220,7 +220,7 @@ class ADE20KDataModule(FileDataModule):
     def __init__(
         self,
         root: str,
-        weak_label: WeakLabelForm = "block",
+        weak_label: WeakLabelOption = "block",
         train_split: str = "training",
         val_split: str = "validation",
         test_split: str | None = None,

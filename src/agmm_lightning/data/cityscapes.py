@@ -26,7 +26,7 @@ from agmm_lightning.data.files import FileDataModule, folder_split
 from agmm_lightning.data.io import LabelDecoder, index_files, require_directory
 from agmm_lightning.data.readers import ImageRecord, WeakLabelReader
 from agmm_lightning.targets import VOID
-from agmm_lightning.weak_labels import WeakLabelForm
+from agmm_lightning.weak_labels import WeakLabelForm, WeakLabelOption
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -164,7 +164,7 @@ class CityscapesDataModule(FileDataModule):
     def __init__(
         self,
         root: str,
-        weak_label: WeakLabelForm = "block",
+        weak_label: WeakLabelOption = "block",
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,

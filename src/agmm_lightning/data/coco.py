@@ -21,7 +21,7 @@ from agmm_lightning.data.files import FileDataModule, folder_split, match_images
 from agmm_lightning.data.io import index_files, read_id_list
 from agmm_lightning.data.readers import ImageRecord, MaskTags, TagReader
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import WeakLabelForm
+from agmm_lightning.weak_labels import WeakLabelOption
 
 __all__ = ["COCO_CLASSES", "COCODataModule"]
 
@@ -141,7 +141,7 @@ class COCODataModule(FileDataModule):
     def __init__(
         self,
         root: str,
-        weak_label: WeakLabelForm = "image",
+        weak_label: WeakLabelOption = "image",
         train_split: str = "train2014",
         val_split: str = "val2014",
         test_split: str | None = None,

@@ -47,7 +47,12 @@ from agmm_lightning.data.readers import (
     require_entries,
 )
 from agmm_lightning.errors import InputError
-from agmm_lightning.weak_labels import WeakLabel, WeakLabelForm, rasterize_polylines
+from agmm_lightning.weak_labels import (
+    WeakLabel,
+    WeakLabelForm,
+    WeakLabelOption,
+    rasterize_polylines,
+)
 
 __all__ = [
     "VOC_CLASSES",
@@ -399,7 +404,7 @@ class VOCDataModule(FileDataModule):
     def __init__(
         self,
         root: str,
-        weak_label: WeakLabelForm = "point",
+        weak_label: WeakLabelOption = "point",
         mask_dir: str | None = None,
         train_list: str = "ImageSets/Segmentation/train_aug.txt",
         val_list: str = "ImageSets/Segmentation/val.txt",
