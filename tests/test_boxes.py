@@ -17,6 +17,7 @@ from agmm_lightning.agmm import AGMMModel, OEMOptions
 from agmm_lightning.agmm.losses import absent_class_loss
 from agmm_lightning.data import FolderDataModule, VOCDataModule
 from agmm_lightning.data.transforms import build_train_sample, train_transform
+from agmm_lightning.losses import cvpr_agmm_losses
 from agmm_lightning.targets import VOID, posterior_labels, upsample_posterior
 from agmm_lightning.weak_labels import WeakLabel
 
@@ -229,3 +230,33 @@ def test_the_agreement_gated_refit_takes_only_cells_the_network_agrees_with() ->
         agree, _ = model.losses(batch)
     soft_mass, agree_mass = soft.stats.weight.sum(), agree.stats.weight.sum()
     assert agree_mass < soft_mass
+
+
+def test_the_allowed_map_of_a_non_box_image_in_a_mixed_batch_changes_no_cvpr_loss() -> None:
+    """Mixed batches give every image ``allowed``: for a non-box image, its image classes at
+    every pixel, void included, which the CVPR terms read exactly as no map at all (an all-True
+    map would drop the tags, a void-False one would make every class a box class)."""
+    torch.manual_seed(0)
+    classes = 4
+    features, logits = torch.randn(2, 8, 8, 8), torch.randn(2, classes, 16, 16)
+    target = torch.full((2, 16, 16), classes)
+    target[:, 2:5, 2:5], target[:, 10:12, 10:12], target[:, :, 14:] = 1, 0, VOID
+    image_classes = torch.tensor([[1.0, 1.0, 0.0, 1.0]] * 2)
+    label = WeakLabel(points=np.array([[3, 3, 1], [10, 10, 0]], np.float32), tags=None)
+    sample = build_train_sample(
+        train_transform(16, (1.0, 1.0), flip_probability=0, color_jitter=0, seed=0),
+        np.zeros((12, 12, 3), np.uint8),  # padded to 16: void at the borders
+        classes,
+        name="a",
+        label=label,
+        form="point",
+    )
+    assert sample["form"] == "point" and (sample["target"] == VOID).any()
+    assert torch.equal(
+        sample["allowed"], (sample["image_classes"] > 0)[:, None, None].expand(-1, 16, 16)
+    )
+    allowed = (image_classes > 0)[:, :, None, None].expand(2, classes, 16, 16)
+    plain = cvpr_agmm_losses(features, logits, target, classes, image_classes)
+    mapped = cvpr_agmm_losses(features, logits, target, classes, image_classes, allowed=allowed)
+    for term in plain:
+        torch.testing.assert_close(mapped[term], plain[term], rtol=0, atol=0)
