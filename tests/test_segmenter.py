@@ -168,3 +168,17 @@ def test_every_method_trains_on_batches_of_mixed_forms(tmp_path, method):
     run.fit(model, data)
     assert run.global_step == 3
     assert torch.isfinite(run.callback_metrics["train_loss"])
+
+
+def test_mixed_forms_log_teacher_and_student_per_form(tmp_path):
+    """A mix of point and box images: the GMM labels' and the network's mIoU on the training
+    crops are logged for each form's images."""
+    model = tiny_model()
+    data = tiny_data(weak_label={"point": 0.5, "box": 0.5}, box_core_fraction=0.3)
+    fit = trainer(tmp_path, max_epochs=2)
+    fit.fit(model, data)
+    logged = fit.callback_metrics
+    for who in ("pseudo", "student"):
+        for form in ("point", "box"):
+            assert 0 <= float(logged[f"train_{who}_miou_{form}"]) <= 1
+    assert float(logged["train_pseudo_miou_point"]) != float(logged["train_pseudo_miou_box"])

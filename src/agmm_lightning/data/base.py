@@ -124,6 +124,12 @@ class WeakLabelDataset(Dataset[dict[str, Any]], ABC):
         """Whether images of the dataset may differ in form (a mix, or forms given per image)."""
         return self.mix is not None or self._forms is not None
 
+    def forms_present(self) -> list[WeakLabelForm]:
+        """The weak-label forms of a mixed dataset's images, sorted; empty for a single form."""
+        if not self.mixed:
+            return []
+        return sorted({self.form(name) for name in self.image_names()})
+
     def image_names(self) -> list[str]:
         """The names of the split's images (default: :meth:`load` each; subclasses list them)."""
         return [self.load(index)[0] for index in range(len(self))]

@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.wrappers import ClasswiseWrapper
@@ -23,6 +23,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, OEMOptions
 from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import print_line
+from agmm_lightning.data.base import WeakLabelDataset
 from agmm_lightning.data.pixels import ImageInput, check_normalization, image_batch
 from agmm_lightning.errors import InputError
 from agmm_lightning.inference import infer_logits
@@ -251,6 +252,16 @@ class AGMMSegmenter(BaseTask):
         self.test_metrics = self._metrics("test_")
         self.train_pseudo_metrics = self._metrics("train_pseudo_")
         self.train_student_metrics = self._metrics("train_student_")
+        # The same two mIoUs per weak-label form, when the data mixes forms.
+        train = getattr(datamodule, "datasets", {}).get("train")
+        forms = train.forms_present() if isinstance(train, WeakLabelDataset) else []
+        self.train_metrics_by_form = nn.ModuleDict(
+            {
+                f"{who}_{form}": MulticlassJaccardIndex(num_classes, ignore_index=VOID)
+                for form in forms
+                for who in ("pseudo", "student")
+            }
+        ).to(self.device)
         # Pixels the pseudo loss supervised in the epoch, and those of them it labelled right.
         self._pseudo_pixels = torch.zeros(2, device=self.device)
 
@@ -401,18 +412,42 @@ class AGMMSegmenter(BaseTask):
         self.log("train_pseudo_coverage", coverage, batch_size=target.shape[0])
         if "mask" in batch:
             mask = batch["mask"].masked_fill(confidence == 0, VOID)
+            prediction = outputs["logits"].argmax(1)
             self.train_pseudo_metrics.update(pseudo, mask)
-            self.train_student_metrics.update(outputs["logits"].argmax(1), mask)
+            self.train_student_metrics.update(prediction, mask)
+            self._update_metrics_by_form(batch.get("form"), pseudo, prediction, mask)
             supervised &= mask != VOID
             right = (supervised & (pseudo == mask)).sum()
             self._pseudo_pixels += torch.stack([supervised.sum(), right]).float()
 
+    def _update_metrics_by_form(
+        self, forms: list[str] | None, pseudo: Tensor, prediction: Tensor, mask: Tensor
+    ) -> None:
+        """Add the batch's images to the teacher and student mIoU of their own weak-label form."""
+        if not forms or not len(self.train_metrics_by_form):
+            return
+        for form in set(forms):
+            rows = [index for index, name in enumerate(forms) if name == form]
+            for who, labels in (("pseudo", pseudo), ("student", prediction)):
+                metric = cast(MulticlassJaccardIndex, self.train_metrics_by_form[f"{who}_{form}"])
+                metric.update(labels[rows], mask[rows])
+
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's teacher and student scores; warn about skipped refits."""
+        """Log the epoch's teacher and student scores; warn about skipped refits.
+
+        With mixed weak-label forms, also ``train_pseudo_miou_<form>`` and
+        ``train_student_miou_<form>``: the same scores over each form's images.
+        """
         for metrics in (self.train_pseudo_metrics, self.train_student_metrics):
             if metrics["miou"].update_count:
                 self.log_dict(metrics.compute())
             metrics.reset()
+        for key, module in self.train_metrics_by_form.items():
+            metric = cast(MulticlassJaccardIndex, module)
+            if metric.update_count:
+                who, form = key.split("_", 1)
+                self.log(f"train_{who}_miou_{form}", metric.compute())
+            metric.reset()
         supervised, right = self._pseudo_pixels
         if supervised > 0:  # one host read per epoch
             self.log("train_pseudo_precision", right / supervised)
