@@ -229,3 +229,38 @@ def test_a_tag_only_image_is_taught_by_the_absent_and_gmm_terms_alone(method, to
     if method == "agmm":
         untagged = step.posterior[1][tags[1] == 0]
         assert untagged.abs().sum() == 0 and step.pseudo_cells[1].all()
+
+
+@pytest.mark.parametrize("method", ["baseline", "cvpr"])
+def test_a_mixed_batch_weighs_each_form_by_its_pixels_and_images(method):
+    """A batch of point and box images: the terms of labelled pixels (seg, label_to_gmm) equal
+    the per-form terms computed apart, weighted by each form's labelled pixels, so no form counts
+    more for being mixed with another. (The absent-class and kernel terms average over the pixels,
+    images and class pairs they apply to, which the crops decide.)"""
+    data = tiny_data(weak_label={"point": 0.5, "box": 0.5}, box_core_fraction=0.3, batch_size=8)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    model = tiny_model(method).eval()
+
+    def terms(rows):
+        part = {
+            k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()
+        }
+        with torch.no_grad():
+            return model.losses(part)[0].terms, int((part["target"] < 6).sum()), len(rows)
+
+    whole, _, _ = terms(list(range(8)))
+    forms = {
+        form: [i for i, f in enumerate(batch["form"]) if f == form] for form in ("point", "box")
+    }
+    assert all(forms.values())
+    parts = [terms(rows) for rows in forms.values()]
+    weighting = {"seg": 1, "label_to_gmm": 1}
+    for name, column in weighting.items():
+        if name not in whole:
+            continue
+        weights = [float(part[column]) for part in parts]
+        expected = sum(float(p[0][name]) * w for p, w in zip(parts, weights, strict=True))
+        torch.testing.assert_close(
+            float(whole[name]), expected / sum(weights), rtol=1e-5, atol=1e-6
+        )
