@@ -91,10 +91,15 @@ def run_options(args: argparse.Namespace, root: str | None = None) -> dict[str, 
 
 
 def quiet_trainer(
-    epochs: int, accelerator: str, root: Path | str, logger: Logger | bool = False
+    epochs: int,
+    accelerator: str,
+    root: Path | str,
+    logger: Logger | bool = False,
+    callbacks: list[pl.Callback] | None = None,
 ) -> pl.Trainer:
     """A trainer that validates after the last epoch; no checkpoints, progress bar or logger."""
     return pl.Trainer(
+        callbacks=callbacks,
         accelerator=accelerator,
         devices=1,
         max_epochs=epochs,

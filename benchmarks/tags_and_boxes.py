@@ -41,6 +41,7 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from agmm_lightning import AGMMSegmenter, CAMClassifier
+from agmm_lightning.callbacks import PredictionWriter
 from agmm_lightning.data import FolderDataModule, SyntheticDataModule
 from agmm_lightning.data.synthetic import SyntheticDataset
 from agmm_lightning.data.transforms import eval_transform
@@ -189,7 +190,8 @@ def run_seed(job: tuple[int, bool, str]) -> dict[str, float]:
         classifier = CAMClassifier(num_classes, **setup["cam"], output_dir=str(cams))
         tag_data = folder_data(root, setup, seed, weak_label="image", predict_split="train")
         cam_val = fit_metrics(classifier, tag_data, quiet_trainer(epochs, accelerator, work))
-        quiet_trainer(epochs, accelerator, work).predict(classifier, tag_data)
+        writer = [PredictionWriter()]  # the CAM pseudo labels, into output_dir
+        quiet_trainer(epochs, accelerator, work, callbacks=writer).predict(classifier, tag_data)
         cam_train = classifier.pseudo_label_quality
 
         pl.seed_everything(seed, verbose=False)
