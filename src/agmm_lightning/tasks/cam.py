@@ -29,9 +29,9 @@ from agmm_lightning.callbacks import print_line
 from agmm_lightning.cam import CAMModel, check_cam_options
 from agmm_lightning.data.pixels import check_normalization
 from agmm_lightning.encoders import build_encoder
-from agmm_lightning.errors import InputError
+from agmm_lightning.errors import InputError, check_non_negative
 from agmm_lightning.targets import VOID, present_classes
-from agmm_lightning.tasks.base import BaseTask, OptimizerOptions, check_non_negative
+from agmm_lightning.tasks.base import BaseTask, OptimizerOptions
 
 __all__ = ["CAMClassifier"]
 

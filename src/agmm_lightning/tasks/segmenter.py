@@ -25,15 +25,10 @@ from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import print_line
 from agmm_lightning.data.base import WeakLabelDataset
 from agmm_lightning.data.pixels import ImageInput, check_normalization, image_batch
-from agmm_lightning.errors import InputError
+from agmm_lightning.errors import InputError, check_choice, check_non_negative
 from agmm_lightning.inference import infer_logits
 from agmm_lightning.targets import VOID, upsample_posterior
-from agmm_lightning.tasks.base import (
-    BaseTask,
-    OptimizerOptions,
-    check_choice,
-    check_non_negative,
-)
+from agmm_lightning.tasks.base import BaseTask, OptimizerOptions
 
 __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
 
