@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.loggers import Logger
+
+from agmm_lightning.weak_labels import WeakLabelOption
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FORM_MODEL_KEYS = ("lambda_gmm", "prior", "pseudo_mode", "confidence", "unlabelled_mass")
@@ -112,13 +115,35 @@ def quiet_trainer(
     )
 
 
-def form_settings(form: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def form_name(form: WeakLabelOption) -> str:
+    """A form's name, or a mix's: its forms in alphabetical order with their percentages
+    (``full10+point90``), so one mix has one name however it was written; fit for file names."""
+    if isinstance(form, str):
+        return form
+    return "+".join(f"{name}{100 * form[name]:g}" for name in sorted(form))
+
+
+def form_settings(form: WeakLabelOption) -> tuple[dict[str, Any], dict[str, Any]]:
     """The method and data settings that ``experiments/voc_<form>.yaml`` gives a weak form.
 
     Only the keys that tune AGMM to a form (:data:`FORM_MODEL_KEYS`, :data:`FORM_DATA_KEYS`):
     boxes take a labelled core, boxes and scribbles the agreement-gated teacher. The
-    benchmarks train each form with the data keys and OEM mode with the model keys too.
+    benchmarks train each form with the data keys and OEM mode with the model keys too. A mix
+    takes the settings of all its forms (a box among them brings its core and teacher).
+
+    Raises:
+        ValueError: If two forms of a mix set a key to different values.
     """
+    if isinstance(form, Mapping):
+        model: dict[str, Any] = {}
+        data: dict[str, Any] = {}
+        for part in sorted(form):
+            for merged, settings in zip((model, data), form_settings(part), strict=True):
+                clash = [key for key in settings if merged.get(key, settings[key]) != settings[key]]
+                if clash:
+                    raise ValueError(f"The forms of {form} set {clash} differently.")
+                merged.update(settings)
+        return model, data
     config_path = EXPERIMENTS / f"voc_{form}.yaml"
     if not config_path.is_file():
         return {}, {}

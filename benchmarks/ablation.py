@@ -43,6 +43,7 @@ import yaml
 from _runs import (
     METHOD_COLOURS,
     add_run_arguments,
+    form_name,
     form_settings,
     publish,
     quiet_trainer,
@@ -52,6 +53,7 @@ from _runs import (
 from lightning.pytorch.loggers import CSVLogger
 
 from agmm_lightning import AGMMSegmenter
+from agmm_lightning.weak_labels import WeakLabelOption
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,8 +87,8 @@ def datamodule(data: dict, seed: int, root: str | None) -> pl.LightningDataModul
     return data_class(**(args | ({"root": root} if root else {})))
 
 
-def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int]:
-    """Model arguments, data config and epochs of one run.
+def run_settings(form: WeakLabelOption, method: str, options: dict) -> tuple[dict, dict, int]:
+    """Model arguments, data config and epochs of one run (``form``: a form or a mix).
 
     The config's settings, then the form's (:func:`form_settings`; its model keys tune OEM mode
     and only ``agmm`` runs take them), then the overrides, then the method and the form.
@@ -101,7 +103,9 @@ def run_settings(form: str, method: str, options: dict) -> tuple[dict, dict, int
     return model_args, data, epochs
 
 
-def run_identity(form: str, seed: int, settings: tuple[dict, dict, int], options: dict) -> dict:
+def run_identity(
+    form: WeakLabelOption, seed: int, settings: tuple[dict, dict, int], options: dict
+) -> dict:
     """What one run trains with (its :func:`run_settings`, seed, accelerator), the dataset by name.
 
     Equal identities train equal models, so a run on another machine or checkout finds the same
@@ -121,10 +125,12 @@ def run_identity(form: str, seed: int, settings: tuple[dict, dict, int], options
 
 
 def record_path(identity: dict) -> Path:
-    """``results/runs/<form>_<method>_seed<seed>_<hash of the identity>.json``."""
+    """``results/runs/<form>_<method>_seed<seed>_<hash of the identity>.json`` (a mix's form
+    named by :func:`form_name`)."""
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     method = identity["model"]["method"]
-    return RUNS / f"{identity['form']}_{method}_seed{identity['seed']}_{digest}.json"
+    name = form_name(identity["form"])
+    return RUNS / f"{name}_{method}_seed{identity['seed']}_{digest}.json"
 
 
 def train(job: tuple) -> dict:
@@ -142,7 +148,7 @@ def train(job: tuple) -> dict:
     datamodule_ = datamodule(data, seed, options["root"])
     pl.seed_everything(seed, verbose=False)
     model = AGMMSegmenter(**model_args, num_classes=datamodule_.num_classes)
-    logger = CSVLogger("logs/benchmarks", name=f"{form}_{method}_seed{seed}")
+    logger = CSVLogger("logs/benchmarks", name=f"{form_name(form)}_{method}_seed{seed}")
     trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks", logger)
     start = time.perf_counter()
     trainer.fit(model, datamodule_)
@@ -164,19 +170,26 @@ def train(job: tuple) -> dict:
 
 def pseudo_history(metrics_csv: Path) -> list[dict[str, float]]:
     """Teacher against student in every epoch, from a run's CSV log: the mIoU and per-class IoU
-    of the GMM's pseudo labels and of the network's prediction on the training crops, and the
-    precision of the pixels the pseudo loss supervised."""
+    of the GMM's pseudo labels and of the network's prediction on the training crops, the
+    precision of the pixels the pseudo loss supervised, and the teacher gate's latest step
+    values (its open classes, teacher and student mIoU on the held-out labels)."""
     history = []
+    gate: dict[str, float] = {}
     with metrics_csv.open() as file:
         for row in csv.DictReader(file):
+            gate |= {k: float(v) for k, v in row.items() if v and k in GATE_KEYS}
             if row.get("train_pseudo_miou"):
                 scores = {
                     k: float(v)
                     for k, v in row.items()
                     if v and k.startswith(("train_pseudo", "train_student"))
                 }
-                history.append({"epoch": int(row["epoch"])} | scores)
+                history.append({"epoch": int(row["epoch"])} | scores | gate)
     return history
+
+
+GATE_KEYS = ("teacher_gate_open", "teacher_holdout_miou", "student_holdout_miou")
+"""The teacher gate's step-level logs (:class:`~agmm_lightning.agmm.TeacherGate`)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
