@@ -100,6 +100,16 @@ def save_tags(path: Path, tags: dict[str, np.ndarray]) -> None:
     np.save(path, np.array(tags, dtype=object), allow_pickle=True)
 
 
+def save_blocks(
+    root: Path, name: str, mask: np.ndarray, blocks: Sequence[tuple[slice, slice]]
+) -> None:
+    """Write train/sparse_label/block10/<name>: ``mask`` inside ``blocks``, 0 (none) elsewhere."""
+    labels = np.zeros_like(mask)
+    for block in blocks:
+        labels[block] = mask[block]
+    save_png(root / "train" / "sparse_label" / "block10" / name, labels)
+
+
 def void_boundaries(mask: np.ndarray) -> np.ndarray:
     """VOC-style masks: a 1-px void ring where classes meet."""
     kernel = np.ones((3, 3), np.uint8)
@@ -318,11 +328,8 @@ def make_cityscapes(root: Path) -> None:
             if CITYSCAPES_LABELID_TO_TRAINID[label_id] != VOID:
                 clicks[(y0 + y1) // 2, (x0 + x1) // 2] = CITYSCAPES_LABELID_TO_TRAINID[label_id]
         save_png(root / "20clicks" / f"{stem}_gtFine_labelTrainIds.png", clicks)
-        blocks = np.zeros(CITYSCAPES_SHAPE, np.uint8)
-        blocks[2:6, 4:12] = label_ids[2:6, 4:12]
-        blocks[20:28, 40:48] = label_ids[20:28, 40:48]
-        blocks[29:32, 0:6] = label_ids[29:32, 0:6]
-        save_png(root / "train" / "sparse_label" / "block10" / f"{stem}_leftImg8bit.png", blocks)
+        blocks = [np.s_[2:6, 4:12], np.s_[20:28, 40:48], np.s_[29:32, 0:6]]
+        save_blocks(root, f"{stem}_leftImg8bit.png", label_ids, blocks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,10 +364,7 @@ def make_ade20k(root: Path) -> None:
         save_png(root / "annotations" / split / f"{stem}.png", raw)
         if split != "training":
             continue
-        blocks = np.zeros(ADE_SHAPE, np.uint8)
-        blocks[1:5, 1:9] = raw[1:5, 1:9]
-        blocks[30:36, 20:28] = raw[30:36, 20:28]
-        save_png(root / "train" / "sparse_label" / "block10" / f"{stem}.png", blocks)
+        save_blocks(root, f"{stem}.png", raw, [np.s_[1:5, 1:9], np.s_[30:36, 20:28]])
 
 
 # --------------------------------------------------------------------------------------------
