@@ -38,6 +38,7 @@ from agmm_lightning.data.io import (
 from agmm_lightning.data.readers import (
     ImageLevelWeakLabels,
     ImageRecord,
+    LabelFiles,
     MaskTags,
     MixedWeakLabels,
     RasterWeakLabels,
@@ -492,6 +493,29 @@ class FileDataModule(AGMMDataModule):
         )
         return TableTags(table)
 
+    def label_files(
+        self,
+        directory: Path,
+        option: str,
+        names: Sequence[str],
+        *,
+        suffixes: Sequence[str] = (".png",),
+    ) -> LabelFiles:
+        """Index a folder of per-image label files, checked against the images.
+
+        Args:
+            directory: The folder.
+            option: The option that names it.
+            names: The training ids, each of which needs a file.
+            suffixes: Accepted file endings after the image id.
+
+        Returns:
+            The indexed files (see :func:`~agmm_lightning.data.readers.index_label_files`).
+        """
+        return index_label_files(
+            directory, suffixes, option=option, known=self.image_index(), needed=names
+        )
+
     def png_weak_labels(
         self,
         directory: Path,
@@ -517,9 +541,7 @@ class FileDataModule(AGMMDataModule):
         Returns:
             The reader.
         """
-        files = index_label_files(
-            directory, suffixes, option=option, known=self.image_index(), needed=names
-        )
+        files = self.label_files(directory, option, names, suffixes=suffixes)
         if decode is None:
             if self.unlabeled_value is not None and self.unlabeled_value < self.num_classes:
                 raise InputError(

@@ -38,7 +38,6 @@ from agmm_lightning.data.readers import (
     MaskTags,
     TagReader,
     WeakLabelReader,
-    index_label_files,
 )
 from agmm_lightning.errors import InputError, MissingInputError
 from agmm_lightning.weak_labels import WeakLabelForm, WeakLabelOption
@@ -262,9 +261,7 @@ class FolderDataModule(FileDataModule):
             return None
         option = f"weak/{form}"
         if form == "box" and any(folder.glob("*.json")):
-            files = index_label_files(
-                folder, (".json",), option=option, known=self.image_index(), needed=names
-            )
+            files = self.label_files(folder, option, names, suffixes=(".json",))
             return BoxWeakLabels(files, partial(read_box_file, num_classes=self.num_classes))
         return self.png_weak_labels(folder, option, names, as_points=form == "point")
 

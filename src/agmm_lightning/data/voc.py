@@ -43,7 +43,6 @@ from agmm_lightning.data.readers import (
     PointWeakLabels,
     TagReader,
     WeakLabelReader,
-    index_label_files,
     require_entries,
 )
 from agmm_lightning.errors import InputError
@@ -494,6 +493,4 @@ class VOCDataModule(FileDataModule):
 
     def _label_files(self, folder: str, option: str, names: Sequence[str]) -> LabelFiles:
         """Index a folder of ``<id>.xml`` files against the images."""
-        return index_label_files(
-            self.path(folder), (".xml",), option=option, known=self.image_index(), needed=names
-        )
+        return self.label_files(self.path(folder), option, names, suffixes=(".xml",))
