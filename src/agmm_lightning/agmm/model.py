@@ -9,19 +9,21 @@ lives in :mod:`agmm_lightning.encoders`, the one builder of encoders and their w
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import segmentation_models_pytorch as smp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agmm_lightning.agmm.bands import Fused, fused_pixel_terms
 from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
+from agmm_lightning.agmm.gate import TeacherGate
 from agmm_lightning.agmm.losses import partial_cross_entropy
 from agmm_lightning.agmm.mixtures import ClassMixtures
 from agmm_lightning.agmm.oem import OEMOptions, StepLosses, oem_losses
 from agmm_lightning.agmm.precision import float32_math
 from agmm_lightning.encoders import build_network, check_encoder
-from agmm_lightning.errors import InputError
+from agmm_lightning.errors import InputError, check_choice
 from agmm_lightning.targets import check_target
 
 # build_network and check_encoder live in encoders.py (shared with the CAM model); re-exported
@@ -42,10 +44,13 @@ class AGMMModel(nn.Module):
             (partial cross-entropy).
         oem: OEM mode's options (defaults when None; only read by ``"agmm"``).
         hard_fraction: OHEM fraction of the segmentation loss of ``"baseline"`` and ``"agmm"``.
+        fused: How the kernel block's pixel terms run (``"cvpr"`` and ``"agmm"``): ``"auto"``,
+            ``"eager"`` or ``"compile"`` (:data:`~agmm_lightning.agmm.bands.Fused`).
 
     Attributes:
         embedding_head: The 1x1 convolution into the mixtures' space (OEM mode only).
         mixtures: The class mixtures (OEM mode only).
+        gate: The teacher gate (OEM mode only).
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class AGMMModel(nn.Module):
         method: Method = "agmm",
         oem: OEMOptions | None = None,
         hard_fraction: float = 1.0,
+        fused: Fused = "auto",
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -64,6 +70,8 @@ class AGMMModel(nn.Module):
         self.method = method
         self.oem = oem or OEMOptions()
         self.hard_fraction = hard_fraction
+        check_choice("fused", fused, get_args(Fused))
+        self.fused = fused
         if method == "agmm":
             decoder_channels = network.segmentation_head[0].in_channels
             self.embedding_head = nn.Conv2d(decoder_channels, self.oem.embed_dim, kernel_size=1)
@@ -74,6 +82,7 @@ class AGMMModel(nn.Module):
                 self.oem.oem_momentum,
                 self.oem.min_variance,
             )
+            self.gate = TeacherGate(num_classes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Logits at the input resolution and the decoder features, in one pass.
@@ -150,7 +159,7 @@ class AGMMModel(nn.Module):
         target = batch["target"]
         check_target(target, self.num_classes)
         logits, features = self(batch["image"])
-        with float32_math(logits.device):
+        with float32_math(logits.device), fused_pixel_terms(self.fused):
             if self.method == "baseline":
                 seg = partial_cross_entropy(logits, target, hard_fraction=self.hard_fraction)
                 step_losses = StepLosses({"seg": seg})
@@ -173,6 +182,7 @@ class AGMMModel(nn.Module):
                     embed=self.embed,
                     classify=self.classify,
                     mixtures=self.mixtures,
+                    gate=self.gate,
                     options=self.oem,
                     step=step,
                     hard_fraction=self.hard_fraction,
