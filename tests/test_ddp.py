@@ -221,3 +221,12 @@ def test_validation_under_ddp_counts_every_image_once(tmp_path: Path) -> None:
     assert results[2]["val_miou"] == pytest.approx(results[1]["val_miou"], abs=1e-6)
     for name, value in results[1].items():
         assert results[2][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_ranks_agree_on_batches_of_mixed_forms(tmp_path: Path) -> None:
+    """Point and box images in one batch (box maps on some samples only) keep the ranks equal."""
+    fit(tmp_path, tiny_data(weak_label={"point": 0.5, "box": 0.5}), devices=WORLD_SIZE)
+    ranks = load_ranks(tmp_path)
+    names_seen = {name for rank in ranks for batch in rank["names"] for name in batch}
+    assert len(names_seen) == NUM_TRAIN
+    assert_ranks_agree(ranks)

@@ -231,7 +231,7 @@ def test_a_tag_only_image_is_taught_by_the_absent_and_gmm_terms_alone(method, to
         assert untagged.abs().sum() == 0 and step.pseudo_cells[1].all()
 
 
-@pytest.mark.parametrize("method", ["baseline", "cvpr"])
+@pytest.mark.parametrize("method", ["baseline", "cvpr", "agmm"])
 def test_a_mixed_batch_weighs_each_form_by_its_pixels_and_images(method):
     """A batch of point and box images: the terms of labelled pixels (seg, label_to_gmm) equal
     the per-form terms computed apart, weighted by each form's labelled pixels, so no form counts
