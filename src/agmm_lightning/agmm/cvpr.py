@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from agmm_lightning.agmm.bands import BackwardBand, ForwardBand, ForwardOut, band_functions
 from agmm_lightning.agmm.losses import EPS
 from agmm_lightning.agmm.precision import float32_math, in_float32
 from agmm_lightning.agmm.sampling import bilinear_taps
@@ -88,6 +89,11 @@ def _row_chunks(logits: Tensor, multiple: int = 1) -> list[slice]:
     return [slice(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
+def _forbidden_rows(forbidden: Tensor, rows: slice) -> Tensor:
+    """The ``[B, C]`` classes forbidden in each image, or the ``[B, C, H, W]`` map's band."""
+    return forbidden if forbidden.ndim == 2 else forbidden[:, :, rows]
+
+
 class _PixelLosses(torch.autograd.Function):
     """``seg``, ``gmm_to_pred`` and ``absent`` of METHOD §2 with a hand-written backward.
 
@@ -116,21 +122,19 @@ class _PixelLosses(torch.autograd.Function):
         parts: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         dtype = kernel.dtype
+        bands = band_functions(logits)
         cell_logits = None if cell is None else F.avg_pool2d(logits, cell).to(dtype)
         index = slot_class[..., None, None].expand_as(kernel)
         slot_probs = torch.empty_like(kernel)
         slot_log_not = torch.empty_like(kernel)  # log(1 - P + 1e-6) at each slot's class
         absent_map = kernel.new_empty(target.shape)  # sum_c t_c log(1 - P_c + 1e-6)
         for rows in _row_chunks(logits):
-            probs = logits[:, :, rows].softmax(1, dtype=dtype)
-            log_not_probs = torch.rsub(probs, 1 + EPS).log_()
-            slot_probs[:, :, rows] = probs.gather(1, index[:, :, rows])
-            slot_log_not[:, :, rows] = log_not_probs.gather(1, index[:, :, rows])
-            if forbidden.ndim == 2:
-                absent_rows = torch.bmm(forbidden[:, None], log_not_probs.flatten(2))
-                absent_map[:, rows] = absent_rows.view_as(absent_map[:, rows])
-            else:
-                absent_map[:, rows] = (forbidden[:, :, rows] * log_not_probs).sum(1)
+            band_forbidden = _forbidden_rows(forbidden, rows)
+            bands.forward(
+                ForwardBand(logits[:, :, rows], index[:, :, rows], band_forbidden),
+                ForwardOut(slot_probs[:, :, rows], slot_log_not[:, :, rows], absent_map[:, rows]),
+                dtype,
+            )
         slot_log_probs = torch.add(slot_probs, EPS).log_()
         if parts is None:
             # -BCE(P, G) = L + G (log(P + 1e-6) - L) with L = log(1 - P + 1e-6).
@@ -152,6 +156,7 @@ class _PixelLosses(torch.autograd.Function):
             forbidden, pixel,
         )  # fmt: skip
         ctx.labelled = (image, row, col, labels, pixel_logits)
+        ctx.bands = bands
         ctx.cell = cell
         ctx.parts = parts
         ctx.set_materialize_grads(False)
@@ -191,31 +196,22 @@ class _PixelLosses(torch.autograd.Function):
         cell_rows, cell_cols = ctx.cell or (1, 1)
         if grad_cell is not None:  # each pixel gets its cell's gradient over the cell's area
             grad_cell = grad_cell / (cell_rows * cell_cols)
+        absent_weight = None if grad_absent is None else (pixel * -grad_absent)[:, None]
         for rows in _row_chunks(logits, cell_rows):
-            probs = logits[:, :, rows].softmax(1, dtype=dtype)
-            band = grad_logits[:, :, rows]
-            grad = band if band.dtype == dtype else torch.empty_like(probs)
-            # P_c dL/dP_c, first of absent: P_c (1 - t_c) / (1 - P_c + eps) on each valid pixel,
-            # as P_c / (P_c - 1 - eps) times -(1 - t_c), which takes one pass fewer.
-            if grad_absent is None:
-                grad.zero_()
-            else:
-                torch.div(probs, torch.sub(probs, 1 + EPS, out=grad), out=grad)
-                band_forbidden = (
-                    forbidden[..., None, None] if forbidden.ndim == 2 else forbidden[:, :, rows]
-                )
-                grad.mul_(band_forbidden * -grad_absent).mul_(pixel[:, None, rows])
-            if slot_grad is not None:
-                grad.scatter_add_(1, index[:, :, rows], slot_grad[:, :, rows])
-            # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k.
-            grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
-            if grad_cell is not None:
-                batch, classes, height, width = grad.shape
-                tiles = grad.view(batch, classes, -1, cell_rows, width // cell_cols, cell_cols)
-                cells = slice(rows.start // cell_rows, rows.stop // cell_rows)
-                tiles.add_(grad_cell[:, :, cells, None, :, None])
-            if grad is not band:
-                band.copy_(grad)
+            cells = slice(rows.start // cell_rows, rows.stop // cell_rows)
+            ctx.bands.backward(
+                BackwardBand(
+                    logits[:, :, rows],
+                    index[:, :, rows],
+                    None if slot_grad is None else slot_grad[:, :, rows],
+                    None
+                    if absent_weight is None
+                    else (_forbidden_rows(forbidden, rows), absent_weight[:, :, rows]),
+                    None if grad_cell is None else grad_cell[:, :, cells],
+                ),
+                grad_logits[:, :, rows],
+                dtype,
+            )
         image, row, col, labels, pixel_logits = ctx.labelled
         if grad_seg is not None and labels.numel():
             ce = pixel_logits.softmax(1)
