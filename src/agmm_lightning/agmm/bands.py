@@ -95,8 +95,8 @@ class BackwardBand(NamedTuple):
         slot_grad: ``[B, S, r, W]`` ``P dL/dP`` of the slot terms at each slot's class.
         absent: The absent term's ``forbidden`` (as in :class:`ForwardBand`) and its
             ``[B, 1, r, W]`` weight per pixel, the loss's gradient included.
-        cell_grad: ``[B, C, r / cr, W / cc]`` gradient of each cell's mean logit over the cell's
-            area, added to each of its pixels.
+        cell_grad: ``[B, C, r / cr, W]`` gradient of each cell's mean logit over the cell's
+            area, repeated over the cell's columns: added to each of the cell's rows.
     """
 
     logits: Tensor
@@ -141,14 +141,6 @@ def _plain_forward(band: ForwardBand, out: ForwardOut, dtype: torch.dtype) -> No
     out.absent.copy_((forbidden * log_not_probs).sum(1))
 
 
-def _cell_view(grad: Tensor, cell_grad: Tensor) -> tuple[Tensor, Tensor]:
-    """``grad`` as ``[B, C, h, cr, w, cc]`` tiles and ``cell_grad`` broadcastable to them."""
-    batch, classes, height, width = grad.shape
-    cells_high, cells_wide = cell_grad.shape[-2:]
-    tiles = grad.view(batch, classes, cells_high, height // cells_high, cells_wide, -1)
-    return tiles, cell_grad[:, :, :, None, :, None]
-
-
 def _eager_backward(band: BackwardBand, out: Tensor, dtype: torch.dtype) -> None:
     """The backward in PyTorch operators, in place in ``out`` where its dtype allows."""
     probs = band.logits.softmax(1, dtype=dtype)
@@ -166,8 +158,9 @@ def _eager_backward(band: BackwardBand, out: Tensor, dtype: torch.dtype) -> None
     # Softmax backward: dz_c = P_c dP_c - P_c sum_k P_k dP_k.
     grad.addcmul_(probs, grad.sum(1, keepdim=True), value=-1)
     if band.cell_grad is not None:
-        tiles, cells = _cell_view(grad, band.cell_grad)
-        tiles.add_(cells)
+        batch, classes, _, width = grad.shape
+        cells = band.cell_grad
+        grad.view(batch, classes, cells.shape[2], -1, width).add_(cells[:, :, :, None])
     if grad is not out:
         out.copy_(grad)
 
@@ -183,8 +176,11 @@ def _plain_backward(band: BackwardBand, out: Tensor, dtype: torch.dtype) -> None
         grad = grad.scatter_add(1, band.slot_class, band.slot_grad)
     grad = grad - probs * grad.sum(1, keepdim=True)
     if band.cell_grad is not None:
-        tiles, cells = _cell_view(grad, band.cell_grad)
-        grad = (tiles + cells).view_as(grad)
+        # Each row reads its cells' row: a gather along the rows keeps the columns contiguous,
+        # which Inductor vectorises (a tiled view of the band would need a division per pixel).
+        rows, cell_rows = grad.shape[2], band.cell_grad.shape[2]
+        cell_of_row = torch.arange(rows, device=grad.device) // (rows // cell_rows)
+        grad = grad + band.cell_grad[:, :, cell_of_row]
     out.copy_(grad)
 
 

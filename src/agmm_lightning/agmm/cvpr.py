@@ -207,7 +207,9 @@ class _PixelLosses(torch.autograd.Function):
                     None
                     if absent_weight is None
                     else (_forbidden_rows(forbidden, rows), absent_weight[:, :, rows]),
-                    None if grad_cell is None else grad_cell[:, :, cells],
+                    None
+                    if grad_cell is None
+                    else grad_cell[:, :, cells].repeat_interleave(cell_cols, 3),
                 ),
                 grad_logits[:, :, rows],
                 dtype,
