@@ -170,26 +170,19 @@ def train(job: tuple) -> dict:
 
 def pseudo_history(metrics_csv: Path) -> list[dict[str, float]]:
     """Teacher against student in every epoch, from a run's CSV log: the mIoU and per-class IoU
-    of the GMM's pseudo labels and of the network's prediction on the training crops, the
-    precision of the pixels the pseudo loss supervised, and the teacher gate's latest step
-    values (its open classes, teacher and student mIoU on the held-out labels)."""
+    of the GMM's pseudo labels and of the network's prediction on the training crops, and the
+    precision of the pixels the pseudo loss supervised."""
     history = []
-    gate: dict[str, float] = {}
     with metrics_csv.open() as file:
         for row in csv.DictReader(file):
-            gate |= {k: float(v) for k, v in row.items() if v and k in GATE_KEYS}
             if row.get("train_pseudo_miou"):
                 scores = {
                     k: float(v)
                     for k, v in row.items()
                     if v and k.startswith(("train_pseudo", "train_student"))
                 }
-                history.append({"epoch": int(row["epoch"])} | scores | gate)
+                history.append({"epoch": int(row["epoch"])} | scores)
     return history
-
-
-GATE_KEYS = ("teacher_gate_open", "teacher_holdout_miou", "student_holdout_miou")
-"""The teacher gate's step-level logs (:class:`~agmm_lightning.agmm.TeacherGate`)."""
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

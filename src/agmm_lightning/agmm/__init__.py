@@ -2,11 +2,10 @@
 
 :class:`AGMMModel` holds a segmentation network and computes one method's losses;
 :class:`ClassMixtures` are the class-wise Gaussian mixtures of OEM mode; :func:`cvpr_agmm_losses`
-are CVPR mode's terms; :class:`TeacherGate` decides which classes OEM mode's GMM may teach.
+are CVPR mode's terms.
 """
 
 from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
-from agmm_lightning.agmm.gate import TeacherGate
 from agmm_lightning.agmm.mixtures import ClassMixtures, MixtureStatistics
 from agmm_lightning.agmm.model import METHODS, AGMMModel, Method, build_network
 from agmm_lightning.agmm.oem import OEMOptions, StepLosses
@@ -19,7 +18,6 @@ __all__ = [
     "MixtureStatistics",
     "OEMOptions",
     "StepLosses",
-    "TeacherGate",
     "build_network",
     "cvpr_agmm_losses",
 ]

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from agmm_lightning.agmm.bands import Fused, fused_pixel_terms
 from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
-from agmm_lightning.agmm.gate import TeacherGate
 from agmm_lightning.agmm.losses import partial_cross_entropy
 from agmm_lightning.agmm.mixtures import ClassMixtures
 from agmm_lightning.agmm.oem import OEMOptions, StepLosses, oem_losses
@@ -50,7 +49,6 @@ class AGMMModel(nn.Module):
     Attributes:
         embedding_head: The 1x1 convolution into the mixtures' space (OEM mode only).
         mixtures: The class mixtures (OEM mode only).
-        gate: The teacher gate (OEM mode only).
     """
 
     def __init__(
@@ -82,7 +80,6 @@ class AGMMModel(nn.Module):
                 self.oem.oem_momentum,
                 self.oem.min_variance,
             )
-            self.gate = TeacherGate(num_classes)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Logits at the input resolution and the decoder features, in one pass.
@@ -182,7 +179,6 @@ class AGMMModel(nn.Module):
                     embed=self.embed,
                     classify=self.classify,
                     mixtures=self.mixtures,
-                    gate=self.gate,
                     options=self.oem,
                     step=step,
                     hard_fraction=self.hard_fraction,

@@ -3,10 +3,9 @@
 One training step: the labelled features are embedded (with gradients) and pulled toward their
 class by the maximization loss; one E-step over every pixel at feature resolution (without
 gradients) gives the GMM posterior, with class means adapted to each image's labels, which
-supervises the prediction of each feature cell where its pixels are unlabelled and the teacher gate
-(:mod:`~agmm_lightning.agmm.gate`) trusts its class; CVPR mode's kernel terms shape the decoder
-features; and the statistics of the labelled and trusted unlabelled features are returned for the
-refit that follows the optimizer step, with the gate's evidence from the held-out labels.
+supervises the prediction of each feature cell where its pixels are unlabelled; CVPR mode's kernel
+terms shape the decoder features; and the statistics of the labelled and confident unlabelled
+features are returned for the refit that follows the optimizer step.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agmm_lightning.agmm.cvpr import cvpr_agmm_losses
-from agmm_lightning.agmm.gate import TeacherGate, gate_evidence, held_out_images
 from agmm_lightning.agmm.losses import (
     absent_class_loss,
     maximization_loss,
@@ -78,10 +76,6 @@ class OEMOptions:
             starts, then ramps up over as many); unlabelled pixels join the fitting set after.
         max_labelled_samples: Cap on the labelled features used per step (dense labels),
             shared evenly by the classes.
-        teacher_holdout: Share of the training images (fixed by name) whose labels are held out
-            of every training term to judge teacher against student: G teaches a class, and
-            feeds its mixture, only while its IoU there is at least the network's
-            (:class:`~agmm_lightning.agmm.TeacherGate`). 0 holds nothing out and trusts G always.
 
     Raises:
         InputError: For a value out of its range or an unknown choice, naming the option.
@@ -105,7 +99,6 @@ class OEMOptions:
     unlabelled_mass: float | None = None
     warmup_steps: int = 100
     max_labelled_samples: int = 16384
-    teacher_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("prior", self.prior, ("prediction", "uniform"))
@@ -126,8 +119,6 @@ class OEMOptions:
             raise InputError(f"unlabelled_mass must be None or >= 0, got {self.unlabelled_mass}")
         if self.adaptation is not None and self.adaptation <= 0:
             raise InputError(f"adaptation must be None or > 0, got {self.adaptation}")
-        if not 0 <= self.teacher_holdout < 1:
-            raise InputError(f"teacher_holdout must be in [0, 1), got {self.teacher_holdout}")
 
     @classmethod
     def documentation(cls) -> str:
@@ -151,16 +142,12 @@ class StepLosses(NamedTuple):
         stats: Detached statistics for the mixtures' refit (OEM mode), else None.
         pseudo_cells: ``[B, h, w]`` bool, the feature cells the pseudo loss supervised at this
             step (OEM mode), else None.
-        gate_evidence: ``[2, 3, C]`` teacher and student counts on the step's held-out labels
-            for :meth:`~agmm_lightning.agmm.TeacherGate.update` (OEM mode; zeros when the batch
-            held none out), else None.
     """
 
     terms: dict[str, Tensor]
     posterior: Tensor | None = None
     stats: MixtureStatistics | None = None
     pseudo_cells: Tensor | None = None
-    gate_evidence: Tensor | None = None
 
 
 def oem_losses(
@@ -171,7 +158,6 @@ def oem_losses(
     embed: Callable[[Tensor], Tensor],
     classify: Callable[[Tensor], Tensor],
     mixtures: ClassMixtures,
-    gate: TeacherGate,
     options: OEMOptions,
     step: int,
     hard_fraction: float = 1.0,
@@ -179,28 +165,22 @@ def oem_losses(
     """The loss terms of OEM mode (METHOD §3.5) and the statistics of its refit (§3.4).
 
     Args:
-        batch: ``target`` ``[B, H, W]``, ``image_classes`` ``[B, C]``, ``name`` (the images'
-            names, which choose the held-out images) and, for boxes, ``allowed``
-            ``[B, C, H, W]``.
+        batch: ``target`` ``[B, H, W]``, ``image_classes`` ``[B, C]`` and, for boxes,
+            ``allowed`` ``[B, C, H, W]``.
         logits: ``[B, C, H, W]`` segmentation logits.
         features: ``[B, D0, h, w]`` decoder features.
         embed: Maps ``[..., D0]`` decoder feature vectors to the embedding.
         classify: Maps ``[B, D0, h, w]`` decoder features to logits at their resolution (the
             segmentation head without its upsampling).
         mixtures: The class mixtures (read only here).
-        gate: The teacher gate (read only here).
         options: OEM mode's options.
         step: The optimizer step (the warm-up counts in steps).
         hard_fraction: OHEM fraction of the segmentation loss.
 
     Returns:
-        The terms, the GMM posterior at feature resolution, the refit's statistics and the gate's
-        evidence.
+        The terms, the GMM posterior at feature resolution and the refit's statistics.
     """
-    image_classes, boxes = batch["image_classes"], batch.get("allowed")
-    held_out = held_out_images(batch.get("name") or [], options.teacher_holdout)
-    target, held_out_labels = _hold_out(batch["target"], held_out, logits.shape[1])
-    trusted_classes = gate.open()
+    target, image_classes, boxes = batch["target"], batch["image_classes"], batch.get("allowed")
     labelled = _labelled_embeddings(features, target, logits.shape[1], embed, options)
     maximization = _maximization_term(labelled, image_classes, mixtures, options)
     cells = _feature_cells(features, logits, target, image_classes, boxes, options)
@@ -214,43 +194,12 @@ def oem_losses(
         mixtures=mixtures,
         options=options,
     )
-    trusted = trusted_classes[gmm.posterior.argmax(1)]
-    pseudo, pseudo_cells = _pseudo_term(features, cells, gmm, trusted, classify, options, step)
+    pseudo, pseudo_cells = _pseudo_term(features, cells, gmm, classify, options, step)
     terms = _loss_terms(
         logits, target, image_classes, boxes, cells, maximization, pseudo, options, hard_fraction
     )
-    stats = _refit_statistics(labelled, cells, gmm, trusted, mixtures, options, step)
-    evidence = _gate_evidence(cells, gmm, held_out, held_out_labels)
-    return StepLosses(terms, gmm.posterior, stats, pseudo_cells, evidence)
-
-
-def _hold_out(target: Tensor, held_out: list[int], num_classes: int) -> tuple[Tensor, Tensor]:
-    """The target every training term sees, and the held-out images' labels.
-
-    The labelled pixels of the held-out images become unlabelled (so those images still take the
-    terms of unlabelled pixels); their labels only score teacher and student.
-
-    Returns:
-        The training target ``[B, H, W]`` and the held-out labels ``[n, H, W]``.
-    """
-    rows = torch.tensor(held_out, dtype=torch.long, device=target.device)
-    labels = target.index_select(0, rows)
-    if not held_out:
-        return target, labels
-    hidden = labels.masked_fill(labels < num_classes, num_classes)
-    return target.index_copy(0, rows, hidden), labels
-
-
-def _gate_evidence(
-    cells: _FeatureCells, gmm: _GMMPosterior, held_out: list[int], labels: Tensor
-) -> Tensor:
-    """Teacher and student counts on the held-out labels (:func:`gate_evidence`)."""
-    num_classes = cells.logits.shape[1]
-    rows = torch.tensor(held_out, dtype=torch.long, device=labels.device)
-    confidence, teacher = gmm.posterior.index_select(0, rows).max(1)
-    teacher = teacher.masked_fill(confidence == 0, num_classes)
-    student = cells.logits.detach().index_select(0, rows).argmax(1)
-    return gate_evidence(teacher, student, labels, num_classes)
+    stats = _refit_statistics(labelled, cells, gmm, mixtures, options, step)
+    return StepLosses(terms, gmm.posterior, stats, pseudo_cells)
 
 
 class _LabelledEmbeddings(NamedTuple):
@@ -414,14 +363,11 @@ def _pseudo_term(
     features: Tensor,
     cells: _FeatureCells,
     gmm: _GMMPosterior,
-    trusted: Tensor,
     classify: Callable[[Tensor], Tensor],
     options: OEMOptions,
     step: int,
 ) -> tuple[Tensor, Tensor]:
     """The weighted GMM pseudo supervision of the unlabelled cells, and the cells it supervises.
-
-    Only cells whose GMM class the teacher gate trusts (``trusted``, ``[B, h, w]``) are taught.
 
     Its weight ramps up over ``warmup_steps``; with ``pseudo_mode="agree"`` only after as many
     steps again, since the agreement gate waits for a network worth agreeing with. With
@@ -442,7 +388,7 @@ def _pseudo_term(
     pseudo, pseudo_cells = pseudo_label_loss(
         pseudo_logits,
         gmm.posterior,
-        cells.unlabelled * trusted,
+        cells.unlabelled,
         options.pseudo_mode,
         options.confidence,
         gmm.agrees,
@@ -488,20 +434,18 @@ def _refit_statistics(
     labelled: _LabelledEmbeddings,
     cells: _FeatureCells,
     gmm: _GMMPosterior,
-    gated: Tensor,
     mixtures: ClassMixtures,
     options: OEMOptions,
     step: int,
 ) -> MixtureStatistics:
     """The detached statistics of the refit: every labelled embedding, and trusted cells.
 
-    The labelled embeddings count fully for their class. Unlabelled cells whose GMM class the
-    gate trusts (``gated``, ``[B, h, w]``) join with their posterior by :func:`fitting_weights`,
-    and only after ``warmup_steps``: before that the mixtures would fit their own guesses about an
-    untrained network.
+    The labelled embeddings count fully for their class. Unlabelled cells join with their
+    posterior by :func:`fitting_weights`, and only after ``warmup_steps``: before that the
+    mixtures would fit their own guesses about an untrained network.
     """
     labels = F.one_hot(labelled.pixels.labels, gmm.rows.shape[1]).to(gmm.rows.dtype)
-    trusted = (cells.unlabelled.flatten() > 0.5) & gated.flatten()
+    trusted = cells.unlabelled.flatten() > 0.5
     if gmm.agrees is not None:
         trusted &= gmm.agrees.flatten()
     fitting = fitting_weights(gmm.rows, trusted, labels.sum(0), options)

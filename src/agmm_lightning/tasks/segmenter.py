@@ -180,7 +180,6 @@ class AGMMSegmenter(BaseTask):
         unlabelled_mass: float | None = _OEM.unlabelled_mass,
         warmup_steps: int = _OEM.warmup_steps,
         max_labelled_samples: int = _OEM.max_labelled_samples,
-        teacher_holdout: float = _OEM.teacher_holdout,
         hard_fraction: float = 1.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
@@ -219,7 +218,6 @@ class AGMMSegmenter(BaseTask):
         self.class_names = list(class_names or [])
         # Statistics of the micro-batches since the last optimizer step, refitted at the step.
         self._pending_stats: MixtureStatistics | None = None
-        self._pending_evidence: Tensor | None = None
         self.register_buffer("skipped_refits", torch.zeros((), dtype=torch.long), persistent=False)
         self._skipped_refits_reported = 0
         self._ious: tuple[str, int, list[float], float, list[str]] | None = None
@@ -334,14 +332,8 @@ class AGMMSegmenter(BaseTask):
         checkpoint["class_names"] = self.class_names
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the class names saved with the checkpoint.
-
-        A checkpoint from before the teacher gate starts it without evidence (every class open).
-        """
+        """Restore the class names saved with the checkpoint."""
         self.class_names = list(checkpoint.get("class_names") or self.class_names)
-        gate = getattr(self.model, "gate", None)
-        if gate is not None:
-            checkpoint["state_dict"].setdefault("model.gate.counts", torch.zeros_like(gate.counts))
 
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -355,9 +347,6 @@ class AGMMSegmenter(BaseTask):
         if step.stats is not None:
             pending = self._pending_stats
             self._pending_stats = step.stats if pending is None else pending + step.stats
-        if step.gate_evidence is not None:
-            evidence = self._pending_evidence
-            self._pending_evidence = step.gate_evidence + (0 if evidence is None else evidence)
         output: dict[str, Any] = {"loss": total, "logits": logits.detach()}
         if step.posterior is not None:
             output["posterior"] = step.posterior
@@ -381,17 +370,14 @@ class AGMMSegmenter(BaseTask):
         Non-finite statistics skip it on every rank alike; :attr:`skipped_refits` counts them.
         """
         super().on_before_optimizer_step(optimizer)
-        if self._pending_stats is None or self._pending_evidence is None:
+        if self._pending_stats is None:
             return
         stats, self._pending_stats = self._pending_stats, None
-        evidence, self._pending_evidence = self._pending_evidence, None
         if self.trainer.world_size > 1:
             strategy = self.trainer.strategy
             stats = stats.reduced(
                 lambda t: strategy.reduce(t, reduce_op="sum"), strategy.all_gather
             )
-            evidence = strategy.reduce(evidence, reduce_op="sum")
-        self._update_gate(evidence)
         mixtures = self.model.mixtures
         self.skipped_refits += ~mixtures.update(stats)
         initialized = mixtures.initialized
@@ -401,22 +387,6 @@ class AGMMSegmenter(BaseTask):
         mean_variance = mixtures.variances.mean((1, 2))
         seen = initialized.sum().clamp_min(1)
         self.log("mixture_mean_variance", (mean_variance * initialized).sum() / seen)
-
-    def _update_gate(self, evidence: Tensor) -> None:
-        """Add the step's held-out evidence to the teacher gate and log where it stands.
-
-        ``teacher_gate_open``: the classes with a mixture that the GMM may teach;
-        ``teacher_holdout_miou`` and ``student_holdout_miou``: the running mIoU of GMM and
-        network on the held-out labels, over the classes seen there.
-        """
-        gate = self.model.gate
-        gate.update(evidence)
-        seen = gate.counts[1].sum(0) > 0
-        classes = seen.sum().clamp_min(1)
-        teacher, student = gate.iou()
-        self.log("teacher_gate_open", (gate.open() & self.model.mixtures.initialized).sum().float())
-        self.log("teacher_holdout_miou", (teacher * seen).sum() / classes)
-        self.log("student_holdout_miou", (student * seen).sum() / classes)
 
     def _log_pseudo_label_quality(self, batch: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Teacher against student on the same training pixels (METHOD §3.6).
