@@ -40,6 +40,11 @@ Fused = Literal["auto", "eager", "compile"]
 AUTO_MIN_ELEMENTS = 2**21
 """Elements of the ``[B, C, H, W]`` logits from which ``"auto"`` compiles on a CPU."""
 
+RECOMPILE_LIMIT = 32
+"""Compiled variants each band function may hold. One compiles per dtype, per set of gradients
+asked for and per size 0 or 1 (sizes are dynamic otherwise): a training run needs two or three,
+a process that trains several setups in turn more than dynamo's default limit of 8."""
+
 _mode: ContextVar[Fused] = ContextVar("fused_pixel_terms", default="auto")
 
 
@@ -204,7 +209,8 @@ class _Compiled:
         functions = None if self.failed else self._compiled()
         if functions is not None:
             try:
-                getattr(functions, name)(*args)
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    getattr(functions, name)(*args)
                 return
             except BackendCompilerFailed as error:  # no C++ compiler, no Triton
                 self._fail(error)
