@@ -64,44 +64,45 @@ def several_bands(logits: torch.Tensor, multiple: int = 1) -> bool:
     return len(rows) > 1 and rows[-1].stop - rows[-1].start < rows[0].stop - rows[0].start
 
 
-@needs_compiler
-@pytest.mark.parametrize("terms", [ALL_TERMS, KERNEL_TERMS], ids=["all_terms", "oem_terms"])
-def test_compiled_float32_equals_eager(terms):
-    # OEM mode backpropagates only the kernel terms and the cell logits: no absent gradient.
+def clicks_case():
+    """Clicks and random tags in float32, with the logits averaged per 8-pixel feature cell."""
     features, logits, target = make_case(0, 2, 4, (41, 41), (328, 328), 5, "clicks")
-    features, logits = features.float(), logits.float()
     assert several_bands(logits, multiple=8)
     tags = (torch.rand(2, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
-    assert_compiled_equals_eager(
-        features,
-        logits,
-        target,
-        5,
-        terms,
-        image_classes=tags,
-        with_cell_logits=True,
-        logit_tolerance={"rtol": 1e-5, "atol": 1e-11},
-    )
+    options = {"image_classes": tags, "with_cell_logits": True}
+    return features.float(), logits.float(), target, 5, options
+
+
+def boxes_case():
+    """bfloat16 logits under mixed precision, per-pixel forbidden classes and kept parts."""
+    features, logits, target, allowed = box_case(label_size=(384, 384), feat_size=(48, 48))
+    assert several_bands(logits)
+    tags = allowed.flatten(2).any(2).float()
+    options = {"image_classes": tags, "allowed": allowed}
+    return features.float(), logits.bfloat16(), target, 4, options
+
+
+FLOAT32_LOGITS = {"rtol": 1e-5, "atol": 1e-11}
+# Both paths round float32 gradients equal to float tolerance to bfloat16, whose unit in the last
+# place is up to 2**-7 of a value: rtol as torch's default for bfloat16.
+BFLOAT16_LOGITS = {"rtol": 1.6e-2, "atol": 1e-10}
 
 
 @needs_compiler
-def test_compiled_bfloat16_with_boxes_equals_eager():
-    # bfloat16 logits under mixed precision, per-pixel forbidden classes and kept parts.
-    features, logits, target, allowed = box_case(label_size=(384, 384), feat_size=(48, 48))
-    features, logits = features.float(), logits.bfloat16()
-    assert several_bands(logits)
-    tags = allowed.flatten(2).any(2).float()
-    # Both paths round float32 gradients equal to float tolerance to bfloat16, whose unit in the
-    # last place is up to 2**-7 of a value: rtol as torch's default for bfloat16.
+@pytest.mark.parametrize(
+    ("case", "terms", "logit_tolerance"),
+    [
+        (clicks_case, ALL_TERMS, FLOAT32_LOGITS),
+        # OEM mode backpropagates only the kernel terms and the cell logits: no absent gradient.
+        (clicks_case, KERNEL_TERMS, FLOAT32_LOGITS),
+        (boxes_case, ALL_TERMS, BFLOAT16_LOGITS),
+    ],
+    ids=["float32_all_terms", "float32_oem_terms", "bfloat16_boxes"],
+)
+def test_compiled_equals_eager(case, terms, logit_tolerance):
+    features, logits, target, num_classes, options = case()
     assert_compiled_equals_eager(
-        features,
-        logits,
-        target,
-        4,
-        ALL_TERMS,
-        image_classes=tags,
-        allowed=allowed,
-        logit_tolerance={"rtol": 1.6e-2, "atol": 1e-10},
+        features, logits, target, num_classes, terms, logit_tolerance=logit_tolerance, **options
     )
 
 
