@@ -6,9 +6,8 @@ volumes), then runs ``ablation.py`` with ``experiments/macaque.yaml``: same tabl
 
 Classes: background, other brain tissue and the 7 largest NeuroMaps structures (left and right
 hemisphere merged). Images: coronal slices with at least 300 pixels of the 7 structures, as 8-bit
-greyscale PNGs (builds before the loader took ``in_channels`` wrote each slice as an RGB PNG of
-three equal channels: with ``in_channels: 3``, the config's, both read as the same pixels); masks:
-class-index PNGs; every 4th block of 6 consecutive slices is validation.
+greyscale PNGs, read as one channel (the config's ``in_channels: 1``); masks: class-index PNGs;
+every 4th block of 6 consecutive slices is validation.
 
 Run: ``python benchmarks/macaque.py [--data-root data/macaque] [--build-only] [ablation.py
 options, e.g. --forms point --seeds 0 1 2 --parallel 2 --out results/macaque.md]``.
