@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import time
@@ -24,13 +25,15 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 
     """
     fn()
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(wall_seconds(fn, device) for _ in range(repeats))
+
+
+def wall_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn``, the device's queued work included."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def _status_kib(field: str) -> int:
@@ -63,6 +66,15 @@ def resident_mib(fn: Callable[[], object]) -> float:
     before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed objects back to the system (glibc's ``malloc_trim``, Linux).
+
+    Without it the allocator reuses them, and what runs next no longer grows the resident set.
+    """
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def in_fresh_process(fn: Callable[..., float], *args: object) -> float:

@@ -5,7 +5,10 @@
    peak memory as a ratio to the baseline's, at the shapes users train at: ``demo`` (Unet/resnet18,
    8 × 80², C=6), ``voc`` (DeepLabV3+/resnet101, 16 × 321², C=21) and ``ade`` (DeepLabV3+/resnet101,
    16 × 512², C=150), in float32 (``32``) and ``bf16-mixed``. A CPU runs the same shapes with a
-   smaller batch (the table says which); a GPU also gets absolute times.
+   smaller batch (the table says which). cvpr and agmm run twice, their kernel block's pixel terms
+   eager (``fused="eager"``) and compiled (``fused="compile"``), side by side in the same run, and
+   the table says which of the two ``fused="auto"``, the default, picks at each shape. Every
+   variant takes two steps before it is measured, so compiling is not counted.
 2. The CVPR loss block against the broadcast formulation (``bench_core.py``'s measurement).
 3. Scaling of one OEM step (E-step, posterior, statistics, update) with classes (21→150),
    components (1→8), embedding size (32→256) and image side (256→1024 at stride 4), one at a time
@@ -30,18 +33,35 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from _measure import best_seconds, in_fresh_process, peak_memory_mib, resident_mib
+from _measure import (
+    best_seconds,
+    in_fresh_process,
+    peak_memory_mib,
+    release_freed_memory,
+    resident_mib,
+    wall_seconds,
+)
 from _runs import OTHER_COLOURS, legend_outside, publish
 from bench_core import click_target, loss_block
 from torch.profiler import ProfilerActivity, profile
 
 from agmm_lightning.agmm import AGMMModel, ClassMixtures, OEMOptions, build_network
+from agmm_lightning.agmm.bands import EAGER, Fused, band_functions, fused_pixel_terms
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator  # noqa: E402
 
 METHODS = ("baseline", "cvpr", "agmm")
+# Each method with how its pixel terms run; the baseline has none, so it runs once.
+VARIANTS: tuple[tuple[str, Fused], ...] = (
+    ("baseline", "eager"),
+    ("cvpr", "eager"),
+    ("cvpr", "compile"),
+    ("agmm", "eager"),
+    ("agmm", "compile"),
+)
+WARMUP_STEPS = 2  # the mixtures' first fit, and every compilation (all in the first step)
 PRECISIONS = ("32", "bf16-mixed")
 # Each setup: network, classes, image side, the batch on a GPU and the smaller one on a CPU.
 SETUPS = {
@@ -69,6 +89,16 @@ def shape(name: str, device: torch.device, quick: bool) -> dict:
     return setup | {"batch": batch}
 
 
+def auto_choice(setup: dict, device: torch.device) -> Fused:
+    """What ``fused="auto"`` runs at a setup's ``[B, C, H, W]`` logits: the library's own rule,
+    asked of an expanded scalar of that shape, which takes no memory."""
+    logits = torch.empty((), device=device).expand(
+        setup["batch"], setup["classes"], setup["size"], setup["size"]
+    )
+    with fused_pixel_terms("auto"):
+        return "eager" if band_functions(logits) is EAGER else "compile"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast of a Lightning precision flag (``32`` or ``bf16-mixed``)."""
     if precision == "32":
@@ -76,12 +106,13 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def training_step(method: str, setup: dict, precision: str, device: torch.device):
+def training_step(method: str, fused: Fused, setup: dict, precision: str, device: torch.device):
     """A closure running one full training step of ``method`` on a fixed batch with clicks."""
     gen = torch.Generator().manual_seed(0)
     classes, batch, size = setup["classes"], setup["batch"], setup["size"]
     network = build_network(setup["arch"], setup["encoder"], None, classes)
-    model = AGMMModel(network, classes, method, OEMOptions(warmup_steps=0)).to(device)
+    model = AGMMModel(network, classes, method, OEMOptions(warmup_steps=0), fused=fused)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = click_target(batch, size, classes, 4, gen)
     data = {
@@ -103,48 +134,65 @@ def training_step(method: str, setup: dict, precision: str, device: torch.device
     return step
 
 
-def cpu_training_peak_mib(method: str, setup: dict, precision: str) -> float:
-    """Peak resident memory of three training steps beyond the built model (in a fresh process)."""
-    step = training_step(method, setup, precision, torch.device("cpu"))
+def cpu_training_peak_mib(method: str, fused: Fused, setup: dict, precision: str) -> float:
+    """Peak resident memory of three training steps beyond the built model (in a fresh process).
+
+    A first copy of the model takes the warm-up steps, so that compiling and what it keeps are
+    not counted; it is freed and its pages handed back to the system, then a second copy is
+    measured from its first step (the optimizer's state included), as in training.
+    """
+    cpu = torch.device("cpu")
+    warm = training_step(method, fused, setup, precision, cpu)
+    for _ in range(WARMUP_STEPS):
+        warm()
+    del warm
+    release_freed_memory()
+    step = training_step(method, fused, setup, precision, cpu)
     return resident_mib(lambda: [step() for _ in range(3)])
 
 
 def step_rows(
     device: torch.device, setup: dict, precision: str, repeats: int
-) -> dict[str, tuple[float, float]]:
-    """Seconds and peak MiB of each method's training step.
+) -> dict[tuple[str, Fused], tuple[float, float]]:
+    """Seconds and peak MiB of each variant's training step (:data:`VARIANTS`).
 
-    The methods take turns within every repeat, so a slow spell of a shared machine hits all of
+    The variants take turns within every repeat, so a slow spell of a shared machine hits all of
     them alike; each keeps its fastest time.
     """
-    steps = {method: training_step(method, setup, precision, device) for method in METHODS}
+    steps = {v: training_step(*v, setup, precision, device) for v in VARIANTS}
     memory = {}
-    for method, step in steps.items():
-        step()  # initialise the mixtures before timing
+    for variant, step in steps.items():
+        for _ in range(WARMUP_STEPS):
+            step()
         if device.type == "cuda":
-            memory[method] = peak_memory_mib(step, device)
+            memory[variant] = peak_memory_mib(step, device)
         else:
-            memory[method] = in_fresh_process(cpu_training_peak_mib, method, setup, precision)
-    seconds = {method: math.inf for method in METHODS}
+            memory[variant] = in_fresh_process(cpu_training_peak_mib, *variant, setup, precision)
+    seconds = dict.fromkeys(VARIANTS, math.inf)
     for _ in range(repeats):
-        for method, step in steps.items():
-            seconds[method] = min(seconds[method], best_seconds(step, device, repeats=1))
-    return {method: (seconds[method], memory[method]) for method in METHODS}
+        for variant, step in steps.items():
+            seconds[variant] = min(seconds[variant], wall_seconds(step, device))
+    return {variant: (seconds[variant], memory[variant]) for variant in VARIANTS}
 
 
 def step_table(measured: dict, quick: bool) -> list[str]:
-    """Markdown rows: per setup, precision and device, each method as a ratio to the baseline."""
+    """Markdown rows: per setup, precision and device, each variant's step time and peak memory
+    as ratios to the baseline's."""
+    names = [f"{method} {fused}" for method, fused in VARIANTS[1:]]
     lines = [
-        "| setup | precision | device, batch | baseline step, peak memory | cvpr | agmm |",
-        "|---|---|---|---|---|---|",
+        "| setup | precision | device, batch | auto picks | baseline step, peak memory | "
+        + " | ".join(names)
+        + " |",
+        "|---" * (5 + len(names)) + "|",
     ]
     for (name, precision, kind), rows in measured.items():
         setup = shape(name, torch.device(kind), quick)
-        base_seconds, base_memory = rows["baseline"]
-        cells = [f"{1e3 * base_seconds:.0f} ms, {base_memory:.0f} MiB"]
-        for method in METHODS[1:]:
-            seconds, memory = rows[method]
-            cells.append(f"{seconds / base_seconds:.2f}× time, {memory / base_memory:.2f}× memory")
+        base_seconds, base_memory = rows[VARIANTS[0]]
+        cells = [auto_choice(setup, torch.device(kind))]
+        cells.append(f"{1e3 * base_seconds:.0f} ms, {base_memory:.0f} MiB")
+        for variant in VARIANTS[1:]:
+            seconds, memory = rows[variant]
+            cells.append(f"{seconds / base_seconds:.2f}×, {memory / base_memory:.2f}×")
         lines.append(
             f"| {name}: {setup['arch']}/{setup['encoder']}, {setup['size']}², "
             f"C={setup['classes']} | {precision} | {kind.upper()}, {setup['batch']} | "
@@ -156,7 +204,8 @@ def step_table(measured: dict, quick: bool) -> list[str]:
 
 def op_seconds(step, device: torch.device) -> dict[str, float]:
     """Self time of each operator in one call of ``step`` (device time on a GPU), in seconds."""
-    step()
+    for _ in range(WARMUP_STEPS):
+        step()
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as profiler:
         step()
@@ -167,9 +216,12 @@ def op_seconds(step, device: torch.device) -> dict[str, float]:
 
 
 def profile_table(device: torch.device, name: str, precision: str, quick: bool) -> list[str]:
-    """Markdown rows: the operators that make cvpr's and agmm's extra time over the baseline."""
+    """Markdown rows: the operators that make cvpr's and agmm's extra time over the baseline,
+    their pixel terms as ``fused="auto"`` runs them."""
     setup = shape(name, device, quick)
-    ops = {m: op_seconds(training_step(m, setup, precision, device), device) for m in METHODS}
+    ops = {
+        m: op_seconds(training_step(m, "auto", setup, precision, device), device) for m in METHODS
+    }
     extra = {
         method: {op: t - ops["baseline"].get(op, 0.0) for op, t in ops[method].items()}
         for method in METHODS[1:]
@@ -178,7 +230,8 @@ def profile_table(device: torch.device, name: str, precision: str, quick: bool) 
     top = sorted(extra["agmm"], key=lambda op: -abs(extra["agmm"][op]))[:PROFILE_ROWS]
     lines = [
         f"Extra time per step over the baseline by operator: {name}, {precision}, "
-        f"{device.type.upper()}, batch {setup['batch']} (baseline {1e3 * total['baseline']:.0f} "
+        f"{device.type.upper()}, batch {setup['batch']}, fused=auto "
+        f"({auto_choice(setup, device)}; baseline {1e3 * total['baseline']:.0f} "
         f"ms of operator time; cvpr {1e3 * (total['cvpr'] - total['baseline']):+.0f} ms, "
         f"agmm {1e3 * (total['agmm'] - total['baseline']):+.0f} ms).",
         "",
@@ -304,8 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Training step: forward, backward, SGD step and the OEM refit, 4 clicks per image, the "
         "labelled and the confident unlabelled pixels (posterior >= 0.9) in the OEM fitting set, "
-        "as in training; fastest of "
-        f"{repeats} interleaved rounds. cvpr and agmm as ratios to the baseline of the same run.",
+        f"as in training; after {WARMUP_STEPS} warm-up steps (compiling included), fastest of "
+        f"{repeats} interleaved rounds. Peak memory: on a CPU the resident set's growth over "
+        "three steps of a fresh model in a fresh process, after a first copy's warm-up steps; on "
+        "a GPU the allocator's peak over one step. cvpr and agmm with their pixel terms eager "
+        "and compiled (fused='eager', 'compile'); each cell: step time, peak memory as ratios to "
+        "the baseline of the same run. auto picks: what fused='auto', the default, runs there.",
         "",
         *step_table(steps, args.quick),
         "",
