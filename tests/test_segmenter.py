@@ -159,6 +159,16 @@ def test_oem_options_have_one_home_that_the_segmenter_follows():
         OEMOptions(oem_momentum=1.0)
 
 
+def test_fused_reaches_the_model_and_the_baseline_warns_that_it_has_no_pixel_terms():
+    """``fused`` is a plain init argument (the CLI's --model.init_args.fused)."""
+    assert tiny_segmenter().model.fused == "auto"
+    assert tiny_segmenter(method="cvpr", fused="eager").model.fused == "eager"
+    with pytest.warns(UserWarning, match=r"fused='compile' \(read by cvpr and agmm only\)"):
+        assert tiny_segmenter(method="baseline", fused="compile").model.fused == "compile"
+    with pytest.raises(InputError, match="fused"):
+        tiny_segmenter(fused="jit")
+
+
 @pytest.mark.parametrize("method", ["baseline", "cvpr", "agmm"])
 def test_every_method_trains_on_batches_of_mixed_forms(tmp_path, method):
     mix = {"point": 0.25, "box": 0.25, "image": 0.25, "full": 0.25}

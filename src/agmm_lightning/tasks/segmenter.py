@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from agmm_lightning.agmm import METHODS, AGMMModel, Method, MixtureStatistics, OEMOptions
+from agmm_lightning.agmm.bands import Fused
 from agmm_lightning.agmm.model import build_network
 from agmm_lightning.callbacks import print_line
 from agmm_lightning.data.base import WeakLabelDataset
@@ -36,7 +37,11 @@ _OEM = OEMOptions()
 """The defaults of OEM mode's options, which AGMMSegmenter's signature takes."""
 _OEM_OPTIONS = tuple(field.name for field in dataclasses.fields(OEMOptions))
 # Options a method does not read: OEM mode's for the others; CVPR mode keeps the paper's CE.
-_IGNORED_OPTIONS = {"baseline": _OEM_OPTIONS, "cvpr": (*_OEM_OPTIONS, "hard_fraction"), "agmm": ()}
+_IGNORED_OPTIONS = {
+    "baseline": (*_OEM_OPTIONS, "fused"),
+    "cvpr": (*_OEM_OPTIONS, "hard_fraction"),
+    "agmm": (),
+}
 
 
 def check_inference_options(
@@ -132,6 +137,9 @@ class AGMMSegmenter(BaseTask):
         <OEMOptions>
         hard_fraction: OHEM fraction of the segmentation loss of ``baseline`` and ``agmm`` (1
             disables it; CVPR mode keeps the paper's loss).
+        fused: How the kernel block's pixel terms of ``cvpr`` and ``agmm`` run: ``"eager"``,
+            ``"compile"`` (``torch.compile``; without a compiler one warning, then eager) or
+            ``"auto"`` (compiled on a CPU from 2**21 logits, where that measures faster).
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
         lr: Learning rate of the decoder and heads.
         backbone_lr_multiplier: The encoder's learning rate is ``lr`` times this.
@@ -181,6 +189,7 @@ class AGMMSegmenter(BaseTask):
         warmup_steps: int = _OEM.warmup_steps,
         max_labelled_samples: int = _OEM.max_labelled_samples,
         hard_fraction: float = 1.0,
+        fused: Fused = "auto",
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         backbone_lr_multiplier: float = 0.1,
@@ -214,6 +223,7 @@ class AGMMSegmenter(BaseTask):
             method,
             oem,
             hard_fraction,
+            fused,
         )
         self.class_names = list(class_names or [])
         # Statistics of the micro-batches since the last optimizer step, refitted at the step.
