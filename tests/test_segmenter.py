@@ -10,9 +10,10 @@ import torch
 from helpers import tiny_data, tiny_segmenter, tiny_trainer
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
-from agmm_lightning import AGMMSegmenter
+from agmm_lightning import AGMMSegmenter, CAMClassifier
 from agmm_lightning.agmm import OEMOptions
 from agmm_lightning.errors import InputError
+from agmm_lightning.tasks.base import OptimizerOptions
 
 # The GMM terms start after one step, so that a few steps exercise all of them.
 tiny_model = partial(tiny_segmenter, warmup_steps=1)
@@ -157,6 +158,14 @@ def test_oem_options_have_one_home_that_the_segmenter_follows():
     assert tiny_segmenter(**changed).model.oem == OEMOptions(**changed)
     with pytest.raises(InputError, match="oem_momentum must be in"):
         OEMOptions(oem_momentum=1.0)
+
+
+@pytest.mark.parametrize("task", [AGMMSegmenter, CAMClassifier])
+def test_optimizer_defaults_have_one_home(task):
+    """Every task's optimizer arguments default to OptimizerOptions' values."""
+    parameters = inspect.signature(task.__init__).parameters
+    for field in dataclasses.fields(OptimizerOptions):
+        assert parameters[field.name].default == getattr(OptimizerOptions(), field.name), field.name
 
 
 def test_fused_reaches_the_model_and_the_baseline_warns_that_it_has_no_pixel_terms():

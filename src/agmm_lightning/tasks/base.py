@@ -10,7 +10,7 @@ import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -26,7 +26,9 @@ __all__ = ["BaseTask", "OptimizerOptions"]
 
 @dataclass(frozen=True)
 class OptimizerOptions:
-    """The optimizer and its schedule; each task documents them among its init arguments.
+    """The optimizer and its schedule, with the defaults every task's init arguments take.
+
+    Each task documents the options among its init arguments.
 
     Attributes:
         optimizer: ``"sgd"`` (momentum 0.9) or ``"adamw"``.
@@ -38,10 +40,10 @@ class OptimizerOptions:
         InputError: For an unknown optimizer or a value below 0 (a rate of 0 freezes weights).
     """
 
-    optimizer: str
-    lr: float
-    weight_decay: float
-    poly_power: float
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, ("sgd", "adamw"))

@@ -35,6 +35,8 @@ from agmm_lightning.tasks.base import BaseTask, OptimizerOptions
 
 __all__ = ["CAMClassifier"]
 
+_OPTIMIZER = OptimizerOptions()
+
 # State-dict keys of checkpoints saved before the CAM model moved out of the task.
 _KEYS_BEFORE_THE_MODEL = ("encoder.", "classifier.")
 
@@ -116,11 +118,11 @@ class CAMClassifier(BaseTask):
         encoder_weights: str | None = None,
         output_stride: Literal[8, 16, 32] = 16,
         background_index: int = 0,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.01,
+        optimizer: Literal["sgd", "adamw"] = _OPTIMIZER.optimizer,
+        lr: float = _OPTIMIZER.lr,
         head_lr_multiplier: float = 10.0,
-        weight_decay: float = 1e-4,
-        poly_power: float = 0.9,
+        weight_decay: float = _OPTIMIZER.weight_decay,
+        poly_power: float = _OPTIMIZER.poly_power,
         cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0),
         cam_flip: bool = True,
         foreground_threshold: float = 0.7,

@@ -35,6 +35,8 @@ __all__ = ["AGMMSegmenter", "check_inference_options", "format_iou_table"]
 
 _OEM = OEMOptions()
 """The defaults of OEM mode's options, which AGMMSegmenter's signature takes."""
+_OPTIMIZER = OptimizerOptions()
+"""The optimizer's defaults, shared with the other tasks."""
 _OEM_OPTIONS = tuple(field.name for field in dataclasses.fields(OEMOptions))
 # Options a method does not read: OEM mode's for the others; CVPR mode keeps the paper's CE.
 _IGNORED_OPTIONS = {
@@ -190,11 +192,11 @@ class AGMMSegmenter(BaseTask):
         max_labelled_samples: int = _OEM.max_labelled_samples,
         hard_fraction: float = 1.0,
         fused: Fused = "auto",
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.01,
+        optimizer: Literal["sgd", "adamw"] = _OPTIMIZER.optimizer,
+        lr: float = _OPTIMIZER.lr,
         backbone_lr_multiplier: float = 0.1,
-        weight_decay: float = 1e-4,
-        poly_power: float = 0.9,
+        weight_decay: float = _OPTIMIZER.weight_decay,
+        poly_power: float = _OPTIMIZER.poly_power,
         tile_size: int | None = None,
         tile_stride: int | None = None,
         test_scales: tuple[float, ...] = (1.0,),
