@@ -147,7 +147,8 @@ def train(job: tuple) -> dict:
         return json.loads(record.read_text())
     datamodule_ = datamodule(data, seed, options["root"])
     pl.seed_everything(seed, verbose=False)
-    model = AGMMSegmenter(**model_args, num_classes=datamodule_.num_classes)
+    classes, channels = datamodule_.num_classes, datamodule_.in_channels
+    model = AGMMSegmenter(**model_args, num_classes=classes, in_channels=channels)
     logger = CSVLogger("logs/benchmarks", name=f"{form_name(form)}_{method}_seed{seed}")
     trainer = quiet_trainer(epochs, options["accelerator"], "logs/benchmarks", logger)
     start = time.perf_counter()

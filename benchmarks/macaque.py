@@ -81,7 +81,10 @@ def ensure(root: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    # No abbreviations: ablation.py's --data must not read as --data-root.
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False
+    )
     parser.add_argument("--data-root", type=Path, default=ROOT / "data" / "macaque")
     parser.add_argument("--build-only", action="store_true")
     args, rest = parser.parse_known_args()
