@@ -13,7 +13,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_data, tiny_network
 from test_cvpr_losses import box_case, make_case
+from torch._dynamo.utils import counters
 
 from agmm_lightning.agmm import AGMMModel, bands, cvpr, cvpr_agmm_losses
 from agmm_lightning.agmm.bands import AUTO_MIN_ELEMENTS, EAGER, band_functions, fused_pixel_terms
@@ -165,3 +167,18 @@ def test_without_a_compiler_warns_once_and_runs_eagerly(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "fell back" in result.stdout
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["cvpr", "agmm"])
+def test_the_model_compiles_its_pixel_terms_only_when_fused_says(method):
+    """``AGMMModel(fused=...)`` decides the path of its own losses: compiled frames appear with
+    ``"compile"`` and none with ``"eager"`` (nor with ``"auto"`` at this small size)."""
+    batch = next(iter(tiny_data(augment=False).train_dataloader()))
+    compiled = {}
+    for fused in ("eager", "auto", "compile"):
+        model = AGMMModel(tiny_network(), 6, method, fused=fused)
+        before = counters["frames"]["ok"]
+        sum(model.losses(batch)[0].terms.values()).backward()
+        compiled[fused] = counters["frames"]["ok"] > before
+    assert compiled == {"eager": False, "auto": False, "compile": True}
